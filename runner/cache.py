@@ -1,0 +1,127 @@
+"""The bottleneck cache: content-keyed vectors in atomically written, memory-mapped shards.
+
+Layout: CACHE_DIR/<identity hash>/identity.json, shard-<sha256 prefix>.npy (a structured array of
+(key, vector) rows), and CACHE_DIR/undecodable.json (content hash → reason) for images TensorFlow could
+not decode. A shard appears only when complete, so a kill loses at most the shard being filled.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from runner.atomic import write_atomic, write_text_atomic
+
+log = logging.getLogger("runner")
+
+KEY_BYTES = 64  # hex sha256 of the image bytes
+
+
+def identity_hash(identity: dict) -> str:
+    """The folder name for vectors made by one backbone identity (name, weights hash, size, alpha)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class BottleneckCache:
+    """Vectors for one backbone identity, keyed by image content hash, read memory-mapped."""
+
+    def __init__(self, cache_dir: Path, identity: dict, dim: int, dtype: str = "float16"):
+        self.root = Path(cache_dir)
+        self.dir = self.root / identity_hash(identity)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        identity_file = self.dir / "identity.json"
+        if not identity_file.exists():
+            write_text_atomic(identity_file, json.dumps(dict(identity, dim=dim), indent=1, sort_keys=True))
+        self.dim = dim
+        self.row_dtype = np.dtype([("key", f"S{KEY_BYTES}"), ("vec", dtype, (dim,))])
+        self.shards: list[np.ndarray] = []
+        self.shard_names: list[str] = []
+        self.index: dict[bytes, tuple[int, int]] = {}
+        self.undecodable: dict[str, str] = self._read_undecodable()
+        for path in sorted(self.dir.glob("shard-*.npy")):
+            self._open_shard(path)
+
+    def _read_undecodable(self) -> dict[str, str]:
+        try:
+            return json.loads((self.root / "undecodable.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _open_shard(self, path: Path) -> None:
+        try:
+            shard = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            log.warning("cache shard %s is unreadable (%s); its images will be extracted again", path, e)
+            path.rename(path.with_suffix(".corrupt"))
+            return
+        if shard.dtype != self.row_dtype:
+            log.warning("cache shard %s has an unexpected layout; ignoring it", path)
+            return
+        number = len(self.shards)
+        self.shards.append(shard)
+        self.shard_names.append(path.name)
+        for row, key in enumerate(shard["key"]):
+            self.index[bytes(key)] = (number, row)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def has(self, sha256: str) -> bool:
+        return sha256.encode() in self.index
+
+    def add_shard(self, keys: list[str], vectors: np.ndarray) -> Path:
+        """Write one complete shard atomically and make its vectors readable."""
+        rows = np.empty(len(keys), dtype=self.row_dtype)
+        rows["key"] = [k.encode() for k in keys]
+        rows["vec"] = vectors
+        buffer = io.BytesIO()
+        np.save(buffer, rows)
+        data = buffer.getvalue()
+        path = self.dir / f"shard-{hashlib.sha256(data).hexdigest()[:24]}.npy"
+        write_atomic(path, lambda f: f.write(data))
+        self._open_shard(path)
+        return path
+
+    def mark_undecodable(self, reasons: dict[str, str]) -> None:
+        """Remember images that could not be decoded so they are skipped, not retried, next time."""
+        if reasons:
+            self.undecodable.update(reasons)
+            write_text_atomic(self.root / "undecodable.json", json.dumps(self.undecodable, indent=1))
+
+    def files(self) -> list[str]:
+        """Cache files relative to the cache root (immutable shards and the identity), for sync."""
+        names = ["identity.json"] + self.shard_names
+        return [f"{self.dir.name}/{n}" for n in names]
+
+    def table(self, keys: list[str]) -> "FeatureTable":
+        """The vectors of `keys`, in that order, as a gatherable table."""
+        located = np.array([self.index[k.encode()] for k in keys], dtype=np.int64).reshape(-1, 2)
+        return FeatureTable(self.shards, located[:, 0], located[:, 1], self.dim)
+
+
+class FeatureTable:
+    """Rows of a dataset split, read on demand from memory-mapped shards (no full copy in RAM)."""
+
+    def __init__(self, shards: list[np.ndarray], shard_ids: np.ndarray, rows: np.ndarray, dim: int):
+        self.shards, self.shard_ids, self.rows, self.dim = shards, shard_ids, rows, dim
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """float32 vectors for the given row indices of this table."""
+        out = np.empty((len(indices), self.dim), dtype=np.float32)
+        shard_ids, rows = self.shard_ids[indices], self.rows[indices]
+        for shard in np.unique(shard_ids):
+            mask = shard_ids == shard
+            out[mask] = self.shards[shard]["vec"][rows[mask]]
+        return out
+
+    def all(self, batch: int = 8192) -> np.ndarray:
+        """Every vector as one float32 array (use for the small validation/test splits)."""
+        parts = [self.gather(np.arange(i, min(i + batch, len(self)))) for i in range(0, len(self), batch)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)

@@ -1,0 +1,41 @@
+"""The tf.distribute strategy picked by config, and splitting a host batch across replicas."""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from runner.config import TrainConfig
+from runner.errors import RunnerError
+
+
+def configure_devices(config: TrainConfig) -> None:
+    """Split the CPU into logical devices if asked (must run before TensorFlow initialises devices)."""
+    if config.cpu_devices > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_devices)
+        except RuntimeError as e:
+            raise RunnerError(f"train.cpu_devices = {config.cpu_devices} could not be applied: {e}") from None
+
+
+def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
+    """The default strategy, or MirroredStrategy over all GPUs (or logical CPUs when there are none)."""
+    if config.strategy == "default":
+        return tf.distribute.get_strategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def distribute_batch(strategy: tf.distribute.Strategy, *arrays):
+    """Split host arrays (first axis) into one contiguous slice per replica."""
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return tuple(tf.constant(a) for a in arrays)
+
+    def slice_for(context):
+        n = len(arrays[0])
+        i = context.replica_id_in_sync_group
+        lo, hi = n * i // replicas, n * (i + 1) // replicas
+        return tuple(tf.constant(a[lo:hi]) for a in arrays)
+    return strategy.experimental_distribute_values_from_function(slice_for)

@@ -1,0 +1,25 @@
+"""Session-wide fixtures: the real clothing-small run is trained once and shared by the tests."""
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import CLOTHING, MOBILENET_WEIGHTS, local_mobilenet_args, run_resume
+
+
+@pytest.fixture(scope="session")
+def shared_assets():
+    """../shared must be present (it always is in CI): fail loudly rather than skip."""
+    missing = [p for p in (CLOTHING, MOBILENET_WEIGHTS) if not p.exists()]
+    if missing:
+        pytest.fail(f"shared test assets missing: {missing}; clone the project next to ../shared")
+    return CLOTHING, MOBILENET_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def clothing_run(tmp_path_factory, shared_assets):
+    """One default run on clothing-small with real weights: (run_dir, cache_dir, output)."""
+    root = tmp_path_factory.mktemp("clothing")
+    run_dir, cache_dir = root / "run", root / "cache"
+    result = run_resume(*local_mobilenet_args(run_dir, cache_dir))
+    assert result.returncode == 0, result.stdout
+    return run_dir, cache_dir, result.stdout

@@ -1,0 +1,88 @@
+"""Shared test helpers: run resume.py as a user would, read checkpoints, make small datasets."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CLOTHING = SHARED / "datasets" / "clothing-small"
+MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+
+
+def resume_command(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "resume.py"), *args]
+
+
+def child_env() -> dict:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    env.pop("CI", None)
+    return env
+
+
+def run_resume(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python resume.py ARGS` to completion and return its result (stdout+stderr in .stdout)."""
+    return subprocess.run(resume_command(*args), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def start_resume(*args: str) -> subprocess.Popen:
+    """Start `python resume.py ARGS` in the background, output to a pipe."""
+    return subprocess.Popen(resume_command(*args), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def local_mobilenet_args(run_dir: Path, cache_dir: Path | None = None, *extra: str,
+                         data_dir: Path = CLOTHING) -> list[str]:
+    """resume.py arguments for the real-weights MobileNet config on `data_dir`."""
+    args = ["--config", str(REPO / "configs" / "clothing_local.toml"), "--set", f"run.dir={run_dir}",
+            "--set", f"data.dir={data_dir}", "--set", f"backbone.weights={MOBILENET_WEIGHTS}",
+            "--set", "train.progress=lines"]
+    if cache_dir is not None:
+        args += ["--set", f"cache.dir={cache_dir}"]
+    for item in extra:
+        args += ["--set", item]
+    return args
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def checkpoint_values(prefix: str) -> dict[str, np.ndarray]:
+    """Every variable stored in a checkpoint, by name."""
+    import tensorflow as tf
+    reader = tf.train.load_checkpoint(prefix)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if not name.startswith("_CHECKPOINTABLE") and "save_counter" not in name}
+
+
+def latest_checkpoint_prefix(run_dir: Path) -> str:
+    markers = sorted((Path(run_dir) / "checkpoints").glob("ckpt-*.json"),
+                     key=lambda p: int(p.stem.split("-")[1]))
+    return str(markers[-1].with_suffix(""))
+
+
+def write_synthetic_dataset(root: Path, num_classes: int, per_class: int, size: int = 64,
+                            seed: int = 0) -> Path:
+    """JPEG images whose colour and stripe pattern depend on the class (learnable, not trivial)."""
+    import tensorflow as tf
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for k in range(num_classes):
+        folder = root / f"class_{k:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        hue = np.array([(k * 37) % 256, (k * 91) % 256, (k * 53) % 256], np.float32)
+        period = 4 + k % 13
+        stripes = (np.sin((xx * np.cos(k) + yy * np.sin(k)) * 2 * np.pi / period) > 0)[..., None]
+        for i in range(per_class):
+            noise = rng.normal(0, 20, (size, size, 3))
+            image = np.clip(hue * (0.6 + 0.4 * stripes) + noise, 0, 255).astype(np.uint8)
+            (folder / f"img_{i:03d}.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
+    return root
