@@ -65,10 +65,14 @@ def train(config, debug: bool) -> int:
         print(f"stopped by {summary['stopped_by']} at step {summary['global_step']}: checkpoint saved. "
               f"Run the same command to continue.", flush=True)
         return EXIT_STOPPED
-    print(f"done: step {summary['global_step']}, test accuracy {summary['test_accuracy']:.4f}, "
-          f"validation accuracy {summary['val_accuracy']:.4f}; summary in {config.run_dir}/summary.json",
+    print(f"done: step {summary['global_step']}, test accuracy {_percent(summary['test_accuracy'])}, "
+          f"validation accuracy {_percent(summary['val_accuracy'])}; summary in {config.run_dir}/summary.json",
           flush=True)
     return 0
+
+
+def _percent(value) -> str:
+    return "n/a (empty split)" if value is None else f"{100 * value:.1f} %"
 
 
 def main(argv: list[str]) -> int:

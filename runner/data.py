@@ -44,9 +44,10 @@ class Dataset:
         return Dataset(self.classes, kept, self.skipped + newly)
 
 
-def split_of(name_in_class: str, validation_percent: float, test_percent: float) -> str:
-    """retrain.py's split: hash the file name (ignoring anything after `_nohash_`) into a percentage."""
-    hash_name = re.sub(r"_nohash_.*$", "", name_in_class)
+def split_of(relative_name: str, validation_percent: float, test_percent: float) -> str:
+    """retrain.py's split: hash the file's name relative to data.dir ("class/file.jpg"), ignoring anything
+    after `_nohash_`, into a percentage."""
+    hash_name = re.sub(r"_nohash_.*$", "", relative_name)
     hashed = int(hashlib.sha1(hash_name.encode("utf-8")).hexdigest(), 16)
     percentage = (hashed % (MAX_NUM_IMAGES_PER_CLASS + 1)) * (100.0 / MAX_NUM_IMAGES_PER_CLASS)
     if percentage < validation_percent:
@@ -147,8 +148,7 @@ def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
                 continue
             digest = hashlib.sha256(data).hexdigest()
             hash_index.remember(file, stat, digest)
-        name_in_class = file.relative_to(data_dir / classes[label]).as_posix()
-        split = split_of(name_in_class, validation_percent, test_percent)
+        split = split_of(relpath, validation_percent, test_percent)
         images.append(ImageRecord(str(file), relpath, label, split, digest))
     bar.close()
     hash_index.save()

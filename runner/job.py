@@ -72,7 +72,7 @@ class Job:
     def __init__(self, config: Config, sync, stop: StopFlag | None = None):
         self.config, self.sync = config, sync
         self.run_dir = config.run_dir
-        self.stop = stop or StopFlag()
+        self.stop = stop if stop is not None else StopFlag()
 
     def run(self) -> dict:
         """Train (or continue) to train.steps and return the summary written to summary.json."""

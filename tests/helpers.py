@@ -86,3 +86,34 @@ def write_synthetic_dataset(root: Path, num_classes: int, per_class: int, size: 
             image = np.clip(hue * (0.6 + 0.4 * stripes) + noise, 0, 255).astype(np.uint8)
             (folder / f"img_{i:03d}.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
     return root
+
+
+class OutputWatcher:
+    """Collects a background process's output lines in a thread so a test can wait for one."""
+
+    def __init__(self, process: subprocess.Popen):
+        import threading
+        self.process, self.lines = process, []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 120) -> bool:
+        """True once a line containing `text` has appeared; False if the process ended or time ran out."""
+        import time
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.lines):
+                return True
+            if self.process.poll() is not None:
+                self.thread.join(5)
+                return any(text in line for line in self.lines)
+            time.sleep(0.02)
+        return False
+
+    def output(self) -> str:
+        self.thread.join(30)
+        return "".join(self.lines)

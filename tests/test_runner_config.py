@@ -1,0 +1,73 @@
+"""Configuration: one typed object from TOML + --set; unknown keys and bad values named with the fix."""
+from __future__ import annotations
+
+import pytest
+
+from runner.config import load_config, to_toml
+from runner.errors import RunnerError
+from tests.helpers import REPO, run_resume
+
+LOCAL = REPO / "configs" / "clothing_local.toml"
+
+
+def test_set_overrides_any_key_with_typed_values():
+    config = load_config(LOCAL, ["train.steps=8000", "train.learning_rate=0.01", "head.hidden_units=64",
+                                 "run.dir=/tmp/x y", "backbone.allow_random_weights=true"])
+    assert config.train.steps == 8000 and config.train.learning_rate == 0.01
+    assert config.head.hidden_units == 64 and config.run.dir == "/tmp/x y"
+    assert config.backbone.allow_random_weights is True
+    assert config.backbone.name == "mobilenet" and config.backbone.alpha == 0.25
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stpes=10", "unknown setting 'train.stpes'. Keys of [train] are: steps"),
+    ("trian.steps=10", "unknown setting 'trian.steps'"),
+    ("backbone.name=vgg", "use one of: inception_v3, mobilenet_v2"),
+    ("train.steps=-5", "train.steps = -5 is too small"),
+    ("train.steps=many", "train.steps = 'many': expected a int"),
+    ("train.strategy=tpu", "use one of: default, mirrored"),
+    ("split.test_percent=95", "split.test_percent = 95.0 is too large; it must be at most 90"),
+    ("backbone.weights=none", "backbone.allow_random_weights = true"),
+    ("checkpoint.every_steps=0", None),
+    ("steps", "write it as section.key=value"),
+])
+def test_bad_settings_are_rejected_naming_the_key(override, message):
+    if message is None:  # valid on its own: time-based checkpoints still run
+        load_config(LOCAL, [override])
+        with pytest.raises(RunnerError, match="both 0"):
+            load_config(LOCAL, [override, "checkpoint.every_seconds=0"])
+        return
+    with pytest.raises(RunnerError) as error:
+        load_config(LOCAL, [override])
+    assert message in str(error.value)
+
+
+def test_unknown_key_in_a_toml_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[data]\ndir = "x"\n[train]\nlearning_rat = 0.1\n')
+    with pytest.raises(RunnerError, match=r"bad.toml: unknown setting 'train.learning_rat'"):
+        load_config(bad)
+
+
+def test_printed_config_loads_back_to_the_same_settings(tmp_path):
+    config = load_config(LOCAL, ["train.steps=123", "train.epsilon=1e-7"])
+    saved = tmp_path / "saved.toml"
+    saved.write_text(to_toml(config))
+    assert load_config(saved) == config
+
+
+def test_cli_help_lists_settings_and_errors_have_no_traceback():
+    result = run_resume("--help")
+    assert result.returncode == 0
+    for key in ("data.dir", "backbone.weights", "checkpoint.every_seconds", "sync.backend"):
+        assert key in result.stdout
+    result = run_resume("--config", str(LOCAL), "--set", "train.batch_size=0")
+    assert result.returncode == 2
+    assert "train.batch_size = 0 is too small" in result.stdout and "Traceback" not in result.stdout
+    result = run_resume("--config", str(LOCAL), "--print-config", "--set", "train.steps=77")
+    assert result.returncode == 0 and "steps = 77" in result.stdout
+
+
+def test_split_percentages_must_leave_images_to_train_on():
+    with pytest.raises(RunnerError, match="must be below 100"):
+        load_config(LOCAL, ["split.test_percent=60", "split.validation_percent=40"])

@@ -1,0 +1,141 @@
+"""Kill at any moment, start again with the same command: nothing lost, nothing different."""
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import time
+
+import numpy as np
+
+from tests.helpers import (OutputWatcher, checkpoint_values, latest_checkpoint_prefix, local_mobilenet_args,
+                           run_resume, start_resume, summary)
+
+HEAD_SETTINGS = ("train.steps=2500", "checkpoint.every_steps=100", "eval.every_steps=100",
+                 "head.hidden_units=128", "head.dropout=0.3", "train.label_smoothing=0.1",
+                 "train.class_weights=balanced")
+
+
+def test_sigkill_at_random_steps_then_resume_ends_with_identical_weights(clothing_run, tmp_path):
+    _, cache_dir, _ = clothing_run
+    unbroken = tmp_path / "unbroken"
+    result = run_resume(*local_mobilenet_args(unbroken, cache_dir, *HEAD_SETTINGS))
+    assert result.returncode == 0, result.stdout
+
+    broken = tmp_path / "broken"
+    args = local_mobilenet_args(broken, cache_dir, *HEAD_SETTINGS)
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(3):
+        process = start_resume(*args)
+        watcher = OutputWatcher(process)
+        assert watcher.wait_for("training head"), watcher.output()
+        time.sleep(rng.uniform(0.3, 2.0))
+        if process.poll() is not None:
+            break
+        process.kill()  # SIGKILL: no handler, no final checkpoint
+        process.wait()
+        watcher.output()
+        kills += 1
+    assert kills >= 1
+    result = run_resume(*args)
+    assert result.returncode == 0, result.stdout
+    assert "resumed from step" in result.stdout
+    assert summary(broken)["resumed_from"], "the run should have resumed at least once"
+
+    expected = checkpoint_values(latest_checkpoint_prefix(unbroken))
+    actual = checkpoint_values(latest_checkpoint_prefix(broken))
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert np.array_equal(expected[name], actual[name]), f"{name} differs after kill/resume"
+    assert summary(broken)["test_accuracy"] == summary(unbroken)["test_accuracy"]
+
+
+def test_kill_during_extraction_resumes_without_recomputing(shared_assets, tmp_path):
+    run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
+    args = local_mobilenet_args(run_dir, cache_dir, "cache.shard_size=64", "cache.batch_size=16",
+                                "train.steps=20", "eval.every_steps=10")
+    process = start_resume(*args)
+    watcher = OutputWatcher(process)
+    deadline = time.monotonic() + 300
+    while len(list(cache_dir.glob("*/shard-*.npy"))) < 3 and time.monotonic() < deadline:
+        assert process.poll() is None, watcher.output()
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    watcher.output()
+    shards_before = len(list(cache_dir.glob("*/shard-*.npy")))
+    assert shards_before >= 3
+    assert not list(cache_dir.glob("*/*.tmp")) or True  # a half-written temp file may remain; it is ignored
+
+    result = run_resume(*args)
+    assert result.returncode == 0, result.stdout
+    line = next(x for x in result.stdout.splitlines() if "extracting bottlenecks for" in x)
+    todo = int(line.split("for ")[1].split(" images")[0])
+    cached = int(line.split("(")[1].split(" already")[0])
+    assert cached == 64 * shards_before and todo + cached == 1885
+    from runner.cache import BottleneckCache
+    import json
+    identity = json.loads(next(cache_dir.glob("*/identity.json")).read_text())
+    cache = BottleneckCache(cache_dir, {k: v for k, v in identity.items() if k != "dim"}, identity["dim"])
+    assert len(cache) == 1885
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(clothing_run, tmp_path):
+    _, cache_dir, _ = clothing_run
+    run_dir = tmp_path / "run"
+    result = run_resume(*local_mobilenet_args(run_dir, cache_dir, "train.steps=300",
+                                              "checkpoint.every_steps=100"))
+    assert result.returncode == 0, result.stdout
+    data_file = next((run_dir / "checkpoints").glob("ckpt-300.data-*"))
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+
+    result = run_resume(*local_mobilenet_args(run_dir, cache_dir, "train.steps=400",
+                                              "checkpoint.every_steps=100"))
+    assert result.returncode == 0, result.stdout
+    assert "step 300" in result.stdout and "fell back to step 200" in result.stdout
+    assert "resumed from step 200" in result.stdout
+    assert summary(run_dir)["global_step"] == 400 and summary(run_dir)["resumed_from"] == [200]
+
+
+def test_resuming_with_another_backbone_or_classes_stops_with_a_clear_message(clothing_run, tmp_path):
+    run_dir, cache_dir, _ = clothing_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    result = run_resume(*local_mobilenet_args(copy, cache_dir, "backbone.image_size=192"))
+    assert result.returncode == 2, result.stdout
+    assert "image_size: 224 → 192" in result.stdout and "--set run.dir=" in result.stdout
+    assert "Traceback" not in result.stdout
+
+    fewer = tmp_path / "fewer"
+    from tests.helpers import CLOTHING
+    for name in ("dress", "hat", "pants"):
+        shutil.copytree(CLOTHING / name, fewer / name)
+    result = run_resume(*local_mobilenet_args(copy, cache_dir, data_dir=fewer))
+    assert result.returncode == 2, result.stdout
+    assert "trained on 10 classes, data.dir now has 3" in result.stdout
+    assert "removed: ['longsleeve'" in result.stdout
+    assert len(list((copy / "checkpoints").glob("ckpt-*.json"))) == 3, "nothing may be deleted"
+
+
+def test_sigterm_saves_a_final_checkpoint_and_the_same_command_continues(clothing_run, tmp_path):
+    _, cache_dir, _ = clothing_run
+    run_dir = tmp_path / "run"
+    args = local_mobilenet_args(run_dir, cache_dir, "train.steps=100000", "checkpoint.every_steps=0",
+                                "checkpoint.every_seconds=3600", "head.hidden_units=256")
+    process = start_resume(*args)
+    watcher = OutputWatcher(process)
+    assert watcher.wait_for("training head"), watcher.output()
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 130
+    output = watcher.output()
+    assert "stopped by SIGTERM at step" in output and "checkpoint saved" in output
+    step = int(output.split("stopped by SIGTERM at step ")[1].split(":")[0])
+    assert step > 0 and (run_dir / "checkpoints" / f"ckpt-{step}.json").exists()
+    result = run_resume(*local_mobilenet_args(run_dir, cache_dir, f"train.steps={step + 50}",
+                                              "head.hidden_units=256"))
+    assert result.returncode == 0, result.stdout
+    assert f"resumed from step {step}," in result.stdout
