@@ -48,8 +48,8 @@ def child_arguments(argv: list[str]) -> list[str]:
 
 def train(config, debug: bool) -> int:
     """Run (or resume) the job; returns the exit status."""
-    from runner.distribute import configure_devices
-    configure_devices(config.train)
+    from runner.distribute import configure_tensorflow
+    configure_tensorflow(config.train)
     from runner.job import Job
     from runner.train import StopFlag
     from sync import open_sync

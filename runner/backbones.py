@@ -47,6 +47,7 @@ class Backbone:
     model: keras.Model          # includes preprocessing; input (None, S, S, 3) float32 in [0, 255]
     feature_dim: int
     cache_identity: dict        # everything the cached vectors depend on
+    base: keras.Model           # the keras.applications model inside `model` (its layers, for fine-tuning)
 
 
 def image_size_for(config: BackboneConfig) -> int:
@@ -88,7 +89,7 @@ def build_backbone(config: BackboneConfig) -> Backbone:
     inputs = keras.Input((size, size, 3), dtype="float32")
     features = base(spec.preprocess(inputs), training=False)
     model = keras.Model(inputs, features, name=f"{config.name}_extractor")
-    return Backbone(config.name, size, model, int(features.shape[-1]), identity)
+    return Backbone(config.name, size, model, int(features.shape[-1]), identity, base)
 
 
 def decode_and_resize(image_bytes: tf.Tensor, size: int) -> tf.Tensor:

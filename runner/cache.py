@@ -1,8 +1,10 @@
 """The bottleneck cache: content-keyed vectors in atomically written, memory-mapped shards.
 
-Layout: CACHE_DIR/<identity hash>/identity.json, shard-<sha256 prefix>.npy (a structured array of
-(key, vector) rows), and CACHE_DIR/undecodable.json (content hash → reason) for images TensorFlow could
-not decode. A shard appears only when complete, so a kill loses at most the shard being filled.
+Layout: CACHE_DIR/<identity hash>/identity.json; per shard `shard-<id>.keys` (the image content hashes,
+64 ASCII bytes each) and `shard-<id>.npy` (the vectors, N x dim), the .npy renamed into place last so a
+shard counts only when complete (a kill loses at most the shard being filled); and
+CACHE_DIR/undecodable.json (content hash → reason) for images TensorFlow could not decode. Keys and
+vectors live in separate files so opening the cache never pages the vectors in.
 """
 from __future__ import annotations
 
@@ -36,8 +38,7 @@ class BottleneckCache:
         identity_file = self.dir / "identity.json"
         if not identity_file.exists():
             write_text_atomic(identity_file, json.dumps(dict(identity, dim=dim), indent=1, sort_keys=True))
-        self.dim = dim
-        self.row_dtype = np.dtype([("key", f"S{KEY_BYTES}"), ("vec", dtype, (dim,))])
+        self.dim, self.dtype = dim, np.dtype(dtype)
         self.shards: list[np.ndarray] = []
         self.shard_names: list[str] = []
         self.index: dict[bytes, tuple[int, int]] = {}
@@ -52,19 +53,20 @@ class BottleneckCache:
             return {}
 
     def _open_shard(self, path: Path) -> None:
+        keys_path = path.with_suffix(".keys")
         try:
-            shard = np.load(path, mmap_mode="r")
+            vectors = np.load(path, mmap_mode="r")
+            keys = np.fromfile(keys_path, dtype=f"S{KEY_BYTES}")
+            if vectors.shape != (len(keys), self.dim):
+                raise ValueError(f"{len(keys)} keys but vectors of shape {vectors.shape}")
         except (ValueError, OSError) as e:
             log.warning("cache shard %s is unreadable (%s); its images will be extracted again", path, e)
             path.rename(path.with_suffix(".corrupt"))
             return
-        if shard.dtype != self.row_dtype:
-            log.warning("cache shard %s has an unexpected layout; ignoring it", path)
-            return
         number = len(self.shards)
-        self.shards.append(shard)
-        self.shard_names.append(path.name)
-        for row, key in enumerate(shard["key"]):
+        self.shards.append(vectors)
+        self.shard_names.append(path.stem)
+        for row, key in enumerate(keys):
             self.index[bytes(key)] = (number, row)
 
     def __len__(self) -> int:
@@ -74,17 +76,16 @@ class BottleneckCache:
         return sha256.encode() in self.index
 
     def add_shard(self, keys: list[str], vectors: np.ndarray) -> Path:
-        """Write one complete shard atomically and make its vectors readable."""
-        rows = np.empty(len(keys), dtype=self.row_dtype)
-        rows["key"] = [k.encode() for k in keys]
-        rows["vec"] = vectors
+        """Write one complete shard atomically (keys first, vectors last) and make it readable."""
+        key_bytes = np.array([k.encode() for k in keys], dtype=f"S{KEY_BYTES}").tobytes()
         buffer = io.BytesIO()
-        np.save(buffer, rows)
-        data = buffer.getvalue()
-        path = self.dir / f"shard-{hashlib.sha256(data).hexdigest()[:24]}.npy"
-        write_atomic(path, lambda f: f.write(data))
-        self._open_shard(path)
-        return path
+        np.save(buffer, np.asarray(vectors, dtype=self.dtype))
+        vector_bytes = buffer.getvalue()
+        name = "shard-" + hashlib.sha256(key_bytes + vector_bytes).hexdigest()[:24]
+        write_atomic(self.dir / f"{name}.keys", lambda f: f.write(key_bytes))
+        write_atomic(self.dir / f"{name}.npy", lambda f: f.write(vector_bytes))
+        self._open_shard(self.dir / f"{name}.npy")
+        return self.dir / f"{name}.npy"
 
     def mark_undecodable(self, reasons: dict[str, str]) -> None:
         """Remember images that could not be decoded so they are skipped, not retried, next time."""
@@ -94,7 +95,7 @@ class BottleneckCache:
 
     def files(self) -> list[str]:
         """Cache files relative to the cache root (immutable shards and the identity), for sync."""
-        names = ["identity.json"] + self.shard_names
+        names = ["identity.json"] + [f"{stem}{ext}" for stem in self.shard_names for ext in (".keys", ".npy")]
         return [f"{self.dir.name}/{n}" for n in names]
 
     def table(self, keys: list[str]) -> "FeatureTable":
@@ -118,7 +119,7 @@ class FeatureTable:
         shard_ids, rows = self.shard_ids[indices], self.rows[indices]
         for shard in np.unique(shard_ids):
             mask = shard_ids == shard
-            out[mask] = self.shards[shard]["vec"][rows[mask]]
+            out[mask] = self.shards[shard][rows[mask]]
         return out
 
     def all(self, batch: int = 8192) -> np.ndarray:

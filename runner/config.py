@@ -82,6 +82,8 @@ class TrainConfig:
     strategy: str = _opt("default", "tf.distribute strategy", choices=("default", "mirrored"))
     cpu_devices: int = _opt(0, "split the CPU into N logical devices (to try 'mirrored' without GPUs); 0 = no split",
                             min=0, max=16)
+    deterministic: bool = _opt(False, "deterministic TensorFlow ops (bit-exact resume of fine-tuning; slower "
+                                      "on GPU)")
     progress: str = _opt("auto", "progress display: tqdm bars, plain lines, or auto (bars on a terminal)",
                          choices=("auto", "bar", "lines"))
 
@@ -99,6 +101,30 @@ class CheckpointConfig:
 
 
 @dataclass
+class FineTuneConfig:
+    enabled: bool = _opt(False, "after the head, unfreeze the top of the backbone and train end to end on images")
+    steps: int = _opt(500, "fine-tuning steps", min=0)
+    from_layer: str = _opt("", "name of the first backbone layer to unfreeze; '' = use fraction")
+    fraction: float = _opt(0.2, "share of the backbone's layers (from the top) to unfreeze", min=0.0, max=1.0)
+    learning_rate: float = _opt(0.0, "RMSProp learning rate; 0 = train.learning_rate / 10", min=0.0)
+    batch_size: int = _opt(32, "images per fine-tuning step", min=1)
+    flip: bool = _opt(True, "augment: random horizontal flip")
+    crop_scale: float = _opt(0.8, "augment: random crop keeping at least this share of the side; 1 = off",
+                             min=0.3, max=1.0)
+    brightness: float = _opt(0.1, "augment: random brightness change up to this share of full scale; 0 = off",
+                             min=0.0, max=0.5)
+    rotation: float = _opt(5.0, "augment: random rotation up to this many degrees; 0 = off", min=0.0, max=45.0)
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = _opt(True, "write RUN_DIR/export at the end of training")
+    min_accuracy: float = _opt(0.0, "refuse to export below this test accuracy (0-1)", min=0.0, max=1.0)
+    top_k: int = _opt(5, "classes returned per image by the exported model", min=1)
+    quantize: bool = _opt(True, "also write a dynamic-range quantized TFLite model")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -109,6 +135,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
 
     @property
@@ -127,6 +155,12 @@ class Config:
         b = self.backbone
         return {"backbone": b.name, "weights": b.weights, "image_size": b.image_size,
                 "alpha": b.alpha, "hidden_units": self.head.hidden_units}
+
+    def fine_tune_fingerprint(self) -> dict:
+        """What a fine-tuning checkpoint additionally depends on: which layers are trainable."""
+        f = self.fine_tune
+        return dict(self.compatibility_fingerprint(), from_layer=f.from_layer,
+                    fraction=f.fraction if not f.from_layer else None)
 
 
 def _sections(config: Config) -> dict[str, Any]:

@@ -7,8 +7,10 @@ from runner.config import TrainConfig
 from runner.errors import RunnerError
 
 
-def configure_devices(config: TrainConfig) -> None:
-    """Split the CPU into logical devices if asked (must run before TensorFlow initialises devices)."""
+def configure_tensorflow(config: TrainConfig) -> None:
+    """Deterministic ops and logical CPU devices as configured (before TensorFlow initialises devices)."""
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     if config.cpu_devices > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         try:

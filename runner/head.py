@@ -37,14 +37,14 @@ def build_head(num_classes: int, feature_dim: int, config: HeadConfig, seed: int
     return head
 
 
-def build_optimizer(config: TrainConfig, head: Head) -> keras.optimizers.RMSprop:
-    """RMSProp with the configured schedule, its slot variables created up front (needed for resume
-    and for tf.distribute)."""
+def build_optimizer(config: TrainConfig, variables: list) -> keras.optimizers.RMSprop:
+    """RMSProp with the configured schedule, its slot variables for `variables` created up front (needed
+    for resume and for tf.distribute)."""
     learning_rate = config.learning_rate
     if config.decay_rate < 1.0:
         learning_rate = keras.optimizers.schedules.ExponentialDecay(
             config.learning_rate, config.decay_steps, config.decay_rate, staircase=False)
     optimizer = keras.optimizers.RMSprop(learning_rate=learning_rate, rho=config.rho,
                                          momentum=config.momentum, epsilon=config.epsilon)
-    optimizer.build(head.trainable_variables)
+    optimizer.build(variables)
     return optimizer

@@ -1,12 +1,13 @@
-"""One training job from start to summary: restore → scan → extract → train → evaluate → summarize.
+"""One training job from start to summary: restore → scan → extract → head → fine-tune → evaluate.
 
-The same call starts a new run or resumes the one in `run.dir`.
+The same call starts a new run or resumes the one in `run.dir`, in whichever stage it stopped.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +15,27 @@ import tensorflow as tf
 
 from runner import __version__
 from runner.atomic import write_text_atomic
-from runner.backbones import build_backbone
+from runner.backbones import Backbone, build_backbone
 from runner.cache import BottleneckCache
 from runner.checkpoints import CheckpointStore, latest_marker
 from runner.config import Config, fingerprint_hash, to_toml
-from runner.data import Dataset, HashIndex, check_class_sizes, scan_dataset
+from runner.data import Dataset, HashIndex, ImageRecord, check_class_sizes, scan_dataset
 from runner.distribute import make_strategy
 from runner.errors import IncompatibleRunError
-from runner.evaluate import predict_logits, test_report
+from runner.evaluate import loss_and_accuracy, predict_logits, test_report
 from runner.extract import extract_missing
+from runner.finetune import ImageBatches, ImageFeatures, unfreeze_top
 from runner.head import build_head, build_optimizer
-from runner.train import StopFlag, TrainState, run_loop
+from runner.train import (BatchOrder, Stage, StopFlag, TrainState, class_weight_vector, make_train_step,
+                          run_stage)
 
 log = logging.getLogger("runner")
 
-CHECKPOINT_DIR = "checkpoints"
+HEAD_CHECKPOINTS = "checkpoints"
+FINETUNE_CHECKPOINTS = "finetune/checkpoints"
 
 
-def check_compatible(marker: dict | None, config: Config, classes: list[str], run_dir: Path) -> None:
+def check_compatible(marker: dict | None, fingerprint: dict, classes: list[str], run_dir: Path) -> None:
     """Refuse to continue a run whose checkpoint was made with other classes or another backbone."""
     if marker is None:
         return
@@ -43,15 +47,16 @@ def check_compatible(marker: dict | None, config: Config, classes: list[str], ru
         raise IncompatibleRunError(
             f"{run_dir} was trained on {len(old)} classes, data.dir now has {len(new)} "
             f"(added: {added[:5] or 'none'}, removed: {removed[:5] or 'none'}). {fix}")
-    old_fp, new_fp = marker.get("fingerprint", {}), config.compatibility_fingerprint()
-    if old_fp != new_fp:
-        changed = [f"{k}: {old_fp.get(k)!r} → {new_fp.get(k)!r}" for k in new_fp if old_fp.get(k) != new_fp.get(k)]
+    old_fp = marker.get("fingerprint", {})
+    if old_fp != fingerprint:
+        changed = [f"{k}: {old_fp.get(k)!r} → {fingerprint.get(k)!r}" for k in fingerprint
+                   if old_fp.get(k) != fingerprint.get(k)]
         raise IncompatibleRunError(f"{run_dir} holds a checkpoint made with other settings "
                                    f"({'; '.join(changed)}). {fix}")
 
 
 def trim_metrics(metrics_path: Path, step: int) -> None:
-    """Drop metric lines newer than the restored step (work lost with the crash is redone)."""
+    """Drop metric lines newer than the restored (global) step: work lost with the crash is redone."""
     if not metrics_path.exists():
         return
     kept = [line for line in metrics_path.read_text().splitlines()
@@ -59,118 +64,224 @@ def trim_metrics(metrics_path: Path, step: int) -> None:
     write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
 
 
-def _split_arrays(dataset: Dataset, cache: BottleneckCache, split: str):
-    records = dataset.split(split)
-    table = cache.table([r.sha256 for r in records])
-    labels = np.array([r.label for r in records], np.int32)
-    return records, table, labels
+@dataclass
+class Split:
+    """One split's images, their labels and (for the head) their cached vectors."""
+    records: list[ImageRecord]
+    labels: np.ndarray
+    table: object
+
+    @classmethod
+    def of(cls, dataset: Dataset, cache: BottleneckCache, name: str) -> "Split":
+        records = dataset.split(name)
+        return cls(records, np.array([r.label for r in records], np.int32),
+                   cache.table([r.sha256 for r in records]))
+
+    @property
+    def paths(self) -> list[str]:
+        return [r.path for r in self.records]
 
 
 class Job:
-    """Wires config, data, cache, head, checkpoints and sync for one run directory."""
+    """Wires config, data, cache, stages, checkpoints and sync for one run directory."""
 
     def __init__(self, config: Config, sync, stop: StopFlag | None = None):
         self.config, self.sync = config, sync
         self.run_dir = config.run_dir
         self.stop = stop if stop is not None else StopFlag()
+        self.metrics_path = self.run_dir / "metrics.jsonl"
 
-    def run(self) -> dict:
-        """Train (or continue) to train.steps and return the summary written to summary.json."""
+    # -- preparation -------------------------------------------------------------------------------
+    def _prepare_data(self) -> Dataset:
         config, run_dir = self.config, self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint_dir = run_dir / CHECKPOINT_DIR
-        local_marker = latest_marker(checkpoint_dir)
-        if local_marker is None and self.sync.enabled:
+        if latest_marker(run_dir / HEAD_CHECKPOINTS) is None and self.sync.enabled:
             restored_step = self.sync.restore_latest()
             if restored_step is not None:
-                log.info("downloaded snapshot of step %d from %s", restored_step, config.sync.backend)
-        mode = config.train.progress
+                log.info("downloaded the snapshot of step %d from sync (%s)", restored_step, config.sync.backend)
         dataset = scan_dataset(Path(config.data.dir), config.split.validation_percent, config.split.test_percent,
                                HashIndex(config.cache_dir / "file-hashes.json"),
-                               config.data.min_images_per_class, mode)
-        check_compatible(latest_marker(checkpoint_dir), config, dataset.classes, run_dir)
+                               config.data.min_images_per_class, config.train.progress)
+        check_compatible(latest_marker(run_dir / HEAD_CHECKPOINTS), config.compatibility_fingerprint(),
+                         dataset.classes, run_dir)
+        check_compatible(latest_marker(run_dir / FINETUNE_CHECKPOINTS), config.fine_tune_fingerprint(),
+                         dataset.classes, run_dir)
         write_text_atomic(run_dir / "config.toml", to_toml(config))
         write_text_atomic(run_dir / "labels.json", json.dumps(dataset.classes, indent=1))
+        return dataset
 
+    def _checkpoint_callback(self, store: CheckpointStore, folder: str, base_marker: dict, cache_files):
+        def save(step: int, metrics: dict) -> None:
+            files = store.save(step, dict(base_marker, metrics=metrics))
+            log.info("checkpoint saved at %s step %d", base_marker["stage"], step)
+            self.sync.on_checkpoint(step + base_marker["step_offset"], [f"{folder}/{f}" for f in files] + [
+                "labels.json", "config.toml", "metrics.jsonl"], dict(metrics, step=step), cache_files())
+        return save
+
+    def _restore(self, store: CheckpointStore, step_offset: int) -> list[int]:
+        """Restore the newest usable checkpoint of a stage; returns the run's resume history."""
+        restored = store.restore()
+        if restored is None:
+            if store.steps():
+                raise IncompatibleRunError(f"no checkpoint in {store.dir} could be loaded (see the warnings "
+                                           f"above); move that folder away to start this stage over.")
+            return []
+        age = time.time() - restored.marker.get("saved_at", time.time())
+        where = "" if restored.marker.get("stage", "head") == "head" else "fine-tuning "
+        print(f"resumed from {where}step {restored.step}, checkpoint {_age(age)} old", flush=True)
+        trim_metrics(self.metrics_path, restored.step + step_offset)
+        return list(restored.marker.get("resumed_from", [])) + [restored.step + step_offset]
+
+    # -- the job -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train (or continue) both stages and return the summary written to summary.json."""
+        config, run_dir = self.config, self.run_dir
+        dataset = self._prepare_data()
         strategy = make_strategy(config.train)
         with strategy.scope():
             backbone = build_backbone(config.backbone)
         cache = BottleneckCache(config.cache_dir, backbone.cache_identity, backbone.feature_dim, config.cache.dtype)
-        backbone_info = {"name": backbone.name, "weights": config.backbone.weights,
-                         "image_size": backbone.image_size, "alpha": config.backbone.alpha,
-                         "feature_dim": backbone.feature_dim}
         computed = extract_missing(dataset.images, backbone, cache, strategy, config.cache.batch_size,
-                                   config.cache.shard_size, mode)
+                                   config.cache.shard_size, config.train.progress)
         dataset = dataset.without(cache.undecodable)
         check_class_sizes(dataset, config.data.min_images_per_class)
         for item in dataset.skipped:
             log.warning("skipped %s: %s", item["path"], item["reason"])
-        del backbone
-
-        train_records, train_table, train_labels = _split_arrays(dataset, cache, "train")
-        val_records, val_table, val_labels = _split_arrays(dataset, cache, "validation")
-        test_records, test_table, test_labels = _split_arrays(dataset, cache, "test")
-        num_classes = len(dataset.classes)
+        train, val, test = (Split.of(dataset, cache, name) for name in ("train", "validation", "test"))
+        log.info("%d classes; %d train / %d validation / %d test images; %d skipped; %d vectors computed "
+                 "now, %d cached", len(dataset.classes), len(train.records), len(val.records),
+                 len(test.records), len(dataset.skipped), computed, len(cache))
+        backbone_info = {"name": backbone.name, "weights": config.backbone.weights,
+                         "image_size": backbone.image_size, "alpha": config.backbone.alpha,
+                         "feature_dim": backbone.feature_dim}
+        class_weights = class_weight_vector(train.labels, len(dataset.classes), config.train.class_weights)
         with strategy.scope():
-            head = build_head(num_classes, cache.dim, config.head, config.train.seed)
-            optimizer = build_optimizer(config.train, head)
+            head = build_head(len(dataset.classes), cache.dim, config.head, config.train.seed)
+        marker = {"classes": dataset.classes, "backbone": backbone_info, "runner_version": __version__}
+
+        finetune_store_exists = latest_marker(run_dir / FINETUNE_CHECKPOINTS) is not None
+        resumed_from: list[int] = []
+        if finetune_store_exists:
+            head_result = None  # the head stage finished before fine-tuning began
+        else:
+            head_result, resumed_from = self._head_stage(config, strategy, head, train, val, class_weights,
+                                                         cache, dict(marker, fingerprint=config.compatibility_fingerprint()))
+            if head_result.stopped_by:
+                return {"stopped_by": head_result.stopped_by, "global_step": head_result.step, "stage": "head"}
+            head_only = loss_and_accuracy(predict_logits(head, test.table.all()), test.labels)[1]
+            write_text_atomic(run_dir / "head_stage.json", json.dumps({"test_accuracy": head_only}))
+        last_eval, stage, features_of = (head_result.last_eval if head_result else {}), "head", None
+        global_step = config.train.steps
+        if config.fine_tune.enabled:
+            features_of = ImageFeatures(backbone, config.cache.batch_size)
+            ft_result, history = self._finetune_stage(config, strategy, backbone, head, train, val, class_weights,
+                                                      features_of, cache,
+                                                      dict(marker, fingerprint=config.fine_tune_fingerprint()),
+                                                      resumed_from)
+            resumed_from = history
+            if ft_result.stopped_by:
+                return {"stopped_by": ft_result.stopped_by, "global_step": ft_result.step, "stage": "finetune"}
+            last_eval, stage, global_step = ft_result.last_eval, "finetune", config.train.steps + ft_result.step
+        elif finetune_store_exists:
+            raise IncompatibleRunError(f"{run_dir} was fine-tuned already; keep fine_tune.enabled = true to "
+                                       f"continue it, or use another run.dir for a head-only run.")
+
+        test_features = features_of(test.paths) if features_of else test.table.all()
+        report = test_report(predict_logits(head, test_features), test.labels, dataset.classes,
+                             [r.relpath for r in test.records])
+        write_text_atomic(run_dir / "test_report.json", json.dumps(report, indent=1))
+        summary = {
+            "test_accuracy": report["test_accuracy"], "test_loss": report["test_loss"],
+            "val_accuracy": last_eval.get("val_accuracy"), "val_loss": last_eval.get("val_loss"),
+            "global_step": global_step, "stage": stage, "head_steps": config.train.steps,
+            "finetune_steps": config.fine_tune.steps if config.fine_tune.enabled else 0,
+            "num_classes": len(dataset.classes), "classes": dataset.classes,
+            "num_train": len(train.records), "num_val": len(val.records), "num_test": len(test.records),
+            "head_only_test_accuracy": json.loads((run_dir / "head_stage.json").read_text())["test_accuracy"],
+            "backbone": backbone_info, "resumed_from": resumed_from, "skipped_images": dataset.skipped,
+            "per_class_accuracy": report["per_class_accuracy"], "runner_version": __version__,
+        }
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        return summary
+
+    def _head_stage(self, config: Config, strategy, head, train: Split, val: Split, class_weights,
+                    cache: BottleneckCache, marker: dict):
+        with strategy.scope():
+            optimizer = build_optimizer(config.train, head.trainable_variables)
             state = TrainState(tf.Variable(0, dtype=tf.int64, name="global_step"),
                                tf.Variable(config.train.seed, dtype=tf.int64, name="data_seed"))
         checkpoint = tf.train.Checkpoint(head=head, optimizer=optimizer, global_step=state.step,
                                          data_seed=state.seed)
-        store = CheckpointStore(checkpoint_dir, checkpoint, config.checkpoint.max_to_keep)
-        restored = store.restore()
-        resumed_from = list(restored.marker.get("resumed_from", [])) if restored else []
-        metrics_path = run_dir / "metrics.jsonl"
-        if restored:
-            age = time.time() - restored.marker.get("saved_at", time.time())
-            print(f"resumed from step {restored.step}, checkpoint {_age(age)} old", flush=True)
-            resumed_from.append(restored.step)
-            trim_metrics(metrics_path, restored.step)
-            if int(state.seed.numpy()) != config.train.seed:
-                log.warning("train.seed is %d but this run started with seed %d; keeping %d so the data "
-                            "order continues exactly", config.train.seed, int(state.seed.numpy()),
-                            int(state.seed.numpy()))
-        elif checkpoint_dir.exists() and store.steps():
-            raise IncompatibleRunError(f"no checkpoint in {checkpoint_dir} could be loaded (see the "
-                                       f"warnings above); move that folder away to start over.")
-        else:
-            metrics_path.unlink(missing_ok=True)
-        log.info("%d classes; %d train / %d validation / %d test images; %d skipped; %d vectors computed "
-                 "now, %d cached", num_classes, len(train_records), len(val_records), len(test_records),
-                 len(dataset.skipped), computed, len(cache))
+        store = CheckpointStore(self.run_dir / HEAD_CHECKPOINTS, checkpoint, config.checkpoint.max_to_keep)
+        history = self._restore(store, 0)
+        if not history:
+            self.metrics_path.unlink(missing_ok=True)
+        self._warn_if_seed_changed(state, config.train.seed)
+        base_marker = dict(marker, stage="head", step_offset=0, fingerprint_hash=fingerprint_hash(marker["fingerprint"]),
+                           resumed_from=history)
+        order = BatchOrder(len(train.records), config.train.batch_size, int(state.seed.numpy()))
 
-        base_marker = {"fingerprint": config.compatibility_fingerprint(),
-                       "fingerprint_hash": fingerprint_hash(config.compatibility_fingerprint()),
-                       "classes": dataset.classes, "backbone": backbone_info,
-                       "resumed_from": resumed_from, "runner_version": __version__}
+        def next_batch(step: int):
+            rows = order.indices(step)
+            return train.table.gather(rows), train.labels[rows]
 
-        def save_checkpoint(step: int, metrics: dict) -> None:
-            files = store.save(step, dict(base_marker, metrics=metrics))
-            log.info("checkpoint saved at step %d", step)
-            self.sync.on_checkpoint(step, [f"{CHECKPOINT_DIR}/{f}" for f in files] + [
-                "labels.json", "config.toml", "metrics.jsonl"], dict(metrics, step=step), cache.files())
+        val_features = val.table.all()
+        stage = Stage("head", config.train.steps, 0, state,
+                      make_head_step(head, optimizer, strategy, config, len(class_weights)), next_batch,
+                      lambda: loss_and_accuracy(predict_logits(head, val_features), val.labels),
+                      self._checkpoint_callback(store, HEAD_CHECKPOINTS, base_marker, cache.files))
+        return run_stage(config, stage, strategy, class_weights, self.metrics_path, self.stop), history
 
-        val_features = val_table.all()
-        result = run_loop(config, head, optimizer, strategy, state, train_table, train_labels, val_features,
-                          val_labels, save_checkpoint, metrics_path, self.stop)
-        if result.stopped_by:
-            return {"stopped_by": result.stopped_by, "global_step": result.step}
+    def _finetune_stage(self, config: Config, strategy, backbone: Backbone, head, train: Split, val: Split,
+                        class_weights, features_of: ImageFeatures, cache: BottleneckCache, marker: dict,
+                        earlier_history: list[int]):
+        ft = config.fine_tune
+        unfrozen = unfreeze_top(backbone, ft)
+        variables = backbone.model.trainable_variables + head.trainable_variables
+        with strategy.scope():
+            ft_train = type(config.train)(**{**vars(config.train),
+                                             "learning_rate": ft.learning_rate or config.train.learning_rate / 10})
+            optimizer = build_optimizer(ft_train, variables)
+            state = TrainState(tf.Variable(0, dtype=tf.int64, name="finetune_step"),
+                               tf.Variable(config.train.seed, dtype=tf.int64, name="data_seed"))
+        checkpoint = tf.train.Checkpoint(head=head, backbone=backbone.model, optimizer=optimizer,
+                                         global_step=state.step, data_seed=state.seed)
+        store = CheckpointStore(self.run_dir / FINETUNE_CHECKPOINTS, checkpoint, config.checkpoint.max_to_keep)
+        history = self._restore(store, config.train.steps) or earlier_history
+        self._warn_if_seed_changed(state, config.train.seed)
+        log.info("fine-tuning %d backbone layers (BatchNormalization frozen) at learning rate %g",
+                 unfrozen, ft_train.learning_rate)
+        base_marker = dict(marker, stage="finetune", step_offset=config.train.steps,
+                           fingerprint_hash=fingerprint_hash(marker["fingerprint"]),
+                           resumed_from=history)
+        start = int(state.step.numpy())
+        order = BatchOrder(len(train.records), ft.batch_size, int(state.seed.numpy()))
+        batches = ImageBatches(train.paths, train.labels, order, backbone.image_size, int(state.seed.numpy()),
+                               ft, start, max(ft.steps, start))
 
-        report = test_report(predict_logits(head, test_table.all()), test_labels, dataset.classes,
-                             [r.relpath for r in test_records])
-        write_text_atomic(run_dir / "test_report.json", json.dumps(report, indent=1))
-        summary = {
-            "test_accuracy": report["test_accuracy"], "test_loss": report["test_loss"],
-            "val_accuracy": result.last_eval.get("val_accuracy"), "val_loss": result.last_eval.get("val_loss"),
-            "global_step": result.step, "num_classes": num_classes, "classes": dataset.classes,
-            "num_train": len(train_records), "num_val": len(val_records), "num_test": len(test_records),
-            "backbone": backbone_info, "resumed_from": resumed_from,
-            "skipped_images": dataset.skipped, "per_class_accuracy": report["per_class_accuracy"],
-            "runner_version": __version__,
-        }
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
-        return summary
+        def forward(images, seed):
+            return head(backbone.model(images, training=False), training=True, dropout_seed=seed)
+
+        step_fn = make_train_step(forward, variables, optimizer, strategy, ft.batch_size, len(class_weights),
+                            config.train.label_smoothing)
+        stage = Stage("finetune", ft.steps, config.train.steps, state, step_fn, batches,
+                      lambda: loss_and_accuracy(predict_logits(head, features_of(val.paths)), val.labels),
+                      self._checkpoint_callback(store, FINETUNE_CHECKPOINTS, base_marker, cache.files))
+        return run_stage(config, stage, strategy, class_weights, self.metrics_path, self.stop), history
+
+    @staticmethod
+    def _warn_if_seed_changed(state: TrainState, configured: int) -> None:
+        used = int(state.seed.numpy())
+        if used != configured:
+            log.warning("train.seed is %d but this run started with seed %d; keeping %d so the data order "
+                        "continues exactly", configured, used, used)
+
+
+def make_head_step(head, optimizer, strategy, config: Config, num_classes: int):
+    """The compiled step of the head stage."""
+    return make_train_step(lambda features, seed: head(features, training=True, dropout_seed=seed),
+                     head.trainable_variables, optimizer, strategy, config.train.batch_size, num_classes,
+                     config.train.label_smoothing)
 
 
 def _age(seconds: float) -> str:

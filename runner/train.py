@@ -16,10 +16,8 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from runner.cache import FeatureTable
 from runner.config import Config
 from runner.distribute import distribute_batch
-from runner.evaluate import loss_and_accuracy, predict_logits
 from runner.progress import progress
 
 log = logging.getLogger("runner")
@@ -30,13 +28,14 @@ class BatchOrder:
 
     def __init__(self, num_rows: int, batch_size: int, seed: int):
         self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
-        self._epoch, self._permutation = -1, None
+        self._cached: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
 
     def _perm(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-        return self._permutation
+        cached_epoch, permutation = self._cached  # one tuple: safe to read from tf.data threads
+        if cached_epoch != epoch:
+            permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            self._cached = (epoch, permutation)
+        return permutation
 
     def indices(self, step: int) -> np.ndarray:
         positions = step * self.batch_size + np.arange(self.batch_size)
@@ -85,87 +84,93 @@ class LoopResult:
     last_eval: dict = field(default_factory=dict)
 
 
-def make_train_step(head, optimizer, strategy, config: Config, num_classes: int):
-    """A compiled, distributed training step returning (mean loss, accuracy) of the batch."""
-    smoothing = config.train.label_smoothing
-    batch_size = config.train.batch_size
+@dataclass
+class Stage:
+    """One training stage (the head on cached vectors, or fine-tuning on images) for run_stage."""
+    name: str                                    # "head" | "finetune": progress, metrics, summary
+    total_steps: int
+    step_offset: int                             # added to the stage's step in metrics (one x axis)
+    state: TrainState
+    train_step: Callable                         # compiled (inputs, labels, weights, seed) -> (loss, acc)
+    next_batch: Callable[[int], tuple]           # stage step -> (inputs, int32 labels) as numpy
+    validate: Callable[[], tuple]                # () -> (val_loss, val_accuracy), None when no val split
+    save_checkpoint: Callable[[int, dict], None]
 
-    def replica_step(features, labels, weights, seed):
+
+def make_train_step(forward: Callable, variables: list, optimizer, strategy, batch_size: int,
+                    num_classes: int, label_smoothing: float):
+    """A compiled, distributed step: forward(inputs, seed) → logits; RMSProp on `variables`."""
+
+    def replica_step(inputs, labels, weights, seed):
         with tf.GradientTape() as tape:
-            logits = head(features, training=True, dropout_seed=seed)
+            logits = forward(inputs, seed)
             targets = tf.one_hot(labels, num_classes)
             per_example = tf.keras.losses.categorical_crossentropy(
-                targets, logits, from_logits=True, label_smoothing=smoothing) * weights
+                targets, logits, from_logits=True, label_smoothing=label_smoothing) * weights
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=batch_size)
-        gradients = tape.gradient(loss, head.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, head.trainable_variables))
+        gradients = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(gradients, variables))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1, output_type=tf.int32), labels),
                                         tf.float32))
         return loss, correct
 
     @tf.function
-    def train_step(features, labels, weights, seed):
-        loss, correct = strategy.run(replica_step, args=(features, labels, weights, seed))
+    def train_step(inputs, labels, weights, seed):
+        loss, correct = strategy.run(replica_step, args=(inputs, labels, weights, seed))
         loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
         correct = strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
         return loss, correct / batch_size
     return train_step
 
 
-def run_loop(config: Config, head, optimizer, strategy, state: TrainState, train_table: FeatureTable,
-             train_labels: np.ndarray, val_features: np.ndarray, val_labels: np.ndarray,
-             save_checkpoint: Callable[[int, dict], None], metrics_path: Path, stop: StopFlag) -> LoopResult:
-    """Train from state.step to config.train.steps; checkpoint on cadence, at the end and on a signal."""
-    t = config.train
-    num_classes = head.num_classes
-    seed = int(state.seed.numpy())
-    order = BatchOrder(len(train_table), t.batch_size, seed)
-    class_weights = class_weight_vector(train_labels, num_classes, t.class_weights)
-    train_step = make_train_step(head, optimizer, strategy, config, num_classes)
+def run_stage(config: Config, stage: Stage, strategy, class_weights: np.ndarray, metrics_path: Path,
+              stop: StopFlag) -> LoopResult:
+    """Train a stage from its checkpointed step to its total; checkpoint on cadence, at the end, on a signal."""
+    seed = int(stage.state.seed.numpy())
     writer = tf.summary.create_file_writer(str(Path(config.run.dir) / "tensorboard"))
-    step = int(state.step.numpy())
-    bar = progress(t.steps, "training head", "step", t.progress, initial=step)
+    step = int(stage.state.step.numpy())
+    label = "training head" if stage.name == "head" else "fine-tuning"
+    bar = progress(stage.total_steps, label, "step", config.train.progress, initial=step)
     last_save_time, last_eval, window = time.monotonic(), {}, []
 
     def evaluate(step: int) -> dict:
-        val_loss, val_accuracy = loss_and_accuracy(predict_logits(head, val_features), val_labels)
+        val_loss, val_accuracy = stage.validate()
         recent = np.mean(window, axis=0) if window else (None, None)
-        record = {"step": step, "train_loss": _round(recent[0]), "train_accuracy": _round(recent[1]),
+        record = {"step": step + stage.step_offset, "stage": stage.name, "stage_step": step,
+                  "train_loss": _round(recent[0]), "train_accuracy": _round(recent[1]),
                   "val_loss": _round(val_loss), "val_accuracy": _round(val_accuracy), "time": time.time()}
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        with writer.as_default(step=step):
+        with writer.as_default(step=record["step"]):
             for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
                 if record[key] is not None:
                     tf.summary.scalar(key, record[key])
         window.clear()
         return record
 
-    while step < t.steps and not stop:
-        rows = order.indices(step)
-        labels = train_labels[rows]
-        batch = distribute_batch(strategy, train_table.gather(rows), labels.astype(np.int32),
-                                 class_weights[labels])
-        loss, accuracy = train_step(*batch, tf.constant([seed, step], tf.int64))
+    while step < stage.total_steps and not stop:
+        inputs, labels = stage.next_batch(step)
+        batch = distribute_batch(strategy, inputs, labels, class_weights[labels])
+        loss, accuracy = stage.train_step(*batch, tf.constant([seed, step], tf.int64))
         step += 1
-        state.step.assign(step)
+        stage.state.step.assign(step)
         window.append((float(loss), float(accuracy)))
         bar.update()
-        if step % config.eval.every_steps == 0 or step == t.steps:
+        if step % config.eval.every_steps == 0 or step == stage.total_steps:
             last_eval = evaluate(step)
             bar.set_postfix_str(f"loss {last_eval['train_loss']:.3f} acc {last_eval['train_accuracy']:.3f} "
                                 f"val_acc {_fmt(last_eval['val_accuracy'])}")
         c = config.checkpoint
         due_by_steps = c.every_steps and step % c.every_steps == 0
         due_by_time = c.every_seconds and time.monotonic() - last_save_time >= c.every_seconds
-        if (due_by_steps or due_by_time) and step < t.steps:
-            save_checkpoint(step, last_eval)
+        if (due_by_steps or due_by_time) and step < stage.total_steps:
+            stage.save_checkpoint(step, last_eval)
             last_save_time = time.monotonic()
     bar.close()
     writer.flush()
-    if step == t.steps and (not last_eval or last_eval.get("step") != step):
+    if step == stage.total_steps and (not last_eval or last_eval.get("stage_step") != step):
         last_eval = evaluate(step)
-    save_checkpoint(step, last_eval)
+    stage.save_checkpoint(step, last_eval)
     return LoopResult(step, stop.signal_name, last_eval)
 
 

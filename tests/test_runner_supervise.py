@@ -26,7 +26,7 @@ def test_a_killed_child_is_restarted_from_its_checkpoint(clothing_run, tmp_path)
     process = start_resume(*local_mobilenet_args(run_dir, cache_dir, "train.steps=8000", "head.hidden_units=256",
                                                  "checkpoint.every_steps=200"), "--supervise", "2")
     watcher = OutputWatcher(process)
-    assert watcher.wait_for("checkpoint saved at step"), watcher.output()
+    assert watcher.wait_for("checkpoint saved at head step"), watcher.output()
     os.kill(child_pid(process.pid), signal.SIGKILL)
     assert process.wait(300) == 0
     output = watcher.output()

@@ -1,0 +1,267 @@
+"""Export a run's checkpoint as a SavedModel, a frozen TF1 graph, TFLite models, labels and model.json.
+
+    python -m runner.export --run RUN_DIR [--step N]
+
+Everything is written to a temporary folder beside RUN_DIR/export and renamed into place at the end,
+so a crash never leaves half an export behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2  # noqa: E402
+
+from runner import __version__  # noqa: E402
+from runner.backbones import Backbone, build_backbone, decode_and_resize  # noqa: E402
+from runner.checkpoints import PREFIX, marked_steps  # noqa: E402
+from runner.config import Config, load_config  # noqa: E402
+from runner.errors import RunnerError  # noqa: E402
+from runner.head import Head, build_head  # noqa: E402
+
+log = logging.getLogger("runner")
+
+EXPORT_DIR = "export"
+CHECKPOINT_DIR = "checkpoints"
+TFLITE_FLOAT = "model.tflite"
+TFLITE_QUANTIZED = "model_quantized.tflite"
+FROZEN_GRAPH = "frozen_graph.pb"
+META_GRAPH = "model.meta"
+
+
+@dataclass
+class RunModel:
+    """A run's backbone and head with the weights of one checkpoint."""
+    config: Config
+    classes: list[str]
+    step: int
+    marker: dict
+    backbone: Backbone
+    head: Head
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise RunnerError(f"{path} is not valid JSON ({e}); delete it or re-run training to rewrite it.") from None
+
+
+def _checkpoint_step(run_dir: Path, step: int | None) -> int:
+    steps = marked_steps(run_dir / CHECKPOINT_DIR)
+    if not steps:
+        raise RunnerError(f"{run_dir}/{CHECKPOINT_DIR} holds no complete checkpoint; train first "
+                          f"(python resume.py --set run.dir={run_dir}) or pass the right --run folder.")
+    if step is None:
+        return steps[0]
+    if step not in steps:
+        raise RunnerError(f"--step {step}: {run_dir}/{CHECKPOINT_DIR} has no complete checkpoint of that step; "
+                          f"available steps: {', '.join(map(str, sorted(steps)))}.")
+    return step
+
+
+def _has_backbone_variables(prefix: str) -> bool:
+    return any(name.startswith("backbone/") for name, _ in tf.train.list_variables(prefix))
+
+
+def load_run_state(run_dir: Path, step: int | None = None) -> tuple[Config, int, dict]:
+    """A run's config, the chosen checkpoint step (the newest by default) and that checkpoint's marker."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.toml"
+    if not config_path.is_file():
+        raise RunnerError(f"{config_path} does not exist: --run must be a run directory made by resume.py "
+                          f"(it holds config.toml, labels.json and checkpoints/).")
+    config = load_config(config_path)
+    step = _checkpoint_step(run_dir, step)
+    return config, step, _read_json(run_dir / CHECKPOINT_DIR / f"{PREFIX}-{step}.json")
+
+
+def restore_run_model(run_dir: Path, step: int | None = None) -> RunModel:
+    """Rebuild the backbone and head of a run and load one checkpoint (the newest by default)."""
+    config, step, marker = load_run_state(run_dir, step)
+    classes = marker["classes"]
+    backbone = build_backbone(config.backbone)
+    head = build_head(len(classes), backbone.feature_dim, config.head, config.train.seed)
+    prefix = str(Path(run_dir) / CHECKPOINT_DIR / f"{PREFIX}-{step}")
+    parts = {"head": head}
+    if _has_backbone_variables(prefix):  # a fine-tuned checkpoint carries its own backbone weights
+        parts["backbone"] = backbone.model
+    try:
+        tf.train.Checkpoint(**parts).read(prefix).assert_existing_objects_matched().expect_partial()
+    except (tf.errors.OpError, AssertionError, ValueError) as e:
+        raise RunnerError(f"checkpoint {prefix} could not be loaded into a {config.backbone.name} model with "
+                          f"{len(classes)} classes ({type(e).__name__}: {str(e)[:300]}); is {run_dir}/config.toml "
+                          f"the config this run was trained with?") from None
+    return RunModel(config, classes, step, marker, backbone, head)
+
+
+def run_accuracy(run_dir: Path, step: int, marker: dict) -> tuple[str, float | None]:
+    """The accuracy to report for a checkpoint: test accuracy if the test report is of this step, else
+    the checkpoint's validation accuracy."""
+    summary = _read_json(Path(run_dir) / "summary.json") or {}
+    report = _read_json(Path(run_dir) / "test_report.json") or {}
+    if summary.get("global_step") == step and report.get("test_accuracy") is not None:
+        return "test_accuracy", float(report["test_accuracy"])
+    return "val_accuracy", marker.get("metrics", {}).get("val_accuracy")
+
+
+def check_accuracy_gate(run_dir: Path, step: int, kind: str, accuracy: float | None, minimum: float) -> None:
+    """Refuse to export when the accuracy is below export.min_accuracy (or unknown while a minimum is set)."""
+    if minimum <= 0:
+        return
+    if accuracy is None:
+        raise RunnerError(f"export.min_accuracy = {minimum} but {run_dir} has no accuracy for step {step} "
+                          f"(no test_report.json of that step, no validation metrics); finish training first "
+                          f"or set export.min_accuracy = 0 in {run_dir}/config.toml.")
+    if accuracy < minimum:
+        raise RunnerError(f"refusing to export step {step} of {run_dir}: {kind.replace('_', ' ')} "
+                          f"{accuracy:.4f} is below export.min_accuracy = {minimum}. Train longer or on more "
+                          f"data, or lower export.min_accuracy in {run_dir}/config.toml.")
+
+
+class Classifier(tf.Module):
+    """The exported model: encoded image bytes or decoded pixels → class probabilities and top-k names."""
+
+    def __init__(self, model: RunModel):
+        super().__init__(name="classifier")
+        self.backbone, self.head = model.backbone.model, model.head
+        self.size = model.backbone.image_size
+        self.top_k = min(model.config.export.top_k, len(model.classes))
+        self.class_names = tf.constant(model.classes)
+        self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        self.classify_pixels = tf.function(self._classify_pixels, input_signature=[
+            tf.TensorSpec([None, self.size, self.size, 3], tf.float32, name="pixels")])
+
+    def _probabilities(self, pixels):
+        return tf.nn.softmax(self.head(self.backbone(pixels, training=False), training=False))
+
+    def _classify_pixels(self, pixels):
+        return {"probabilities": tf.identity(self._probabilities(pixels), name="probabilities")}
+
+    def _serve(self, images):
+        pixels = tf.map_fn(lambda b: decode_and_resize(b, self.size), images,
+                           fn_output_signature=tf.TensorSpec([self.size, self.size, 3], tf.float32))
+        probabilities = tf.identity(self._probabilities(pixels), name="probabilities")
+        top = tf.math.top_k(probabilities, k=self.top_k)
+        indices = tf.identity(top.indices, name="top_k_indices")
+        return {"probabilities": probabilities, "top_k_indices": indices,
+                "top_k_classes": tf.gather(self.class_names, indices, name="top_k_classes")}
+
+
+def write_tf1_graphs(classifier: Classifier, out: Path) -> dict:
+    """Freeze the serving function into frozen_graph.pb and model.meta; return the tensor names."""
+    function = classifier.serve.get_concrete_function()
+    frozen = convert_variables_to_constants_v2(function)
+    graph_def = frozen.graph.as_graph_def()
+    (out / FROZEN_GRAPH).write_bytes(graph_def.SerializeToString())
+    with tf.Graph().as_default() as graph:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+        tf.compat.v1.train.export_meta_graph(filename=str(out / META_GRAPH), graph=graph)
+    nodes = {node.name for node in graph_def.node}
+    keys = sorted(function.structured_outputs)  # tf.nest flattens a dict in sorted key order
+    # prefer the ops named inside Classifier._serve ("probabilities:0") over the generated "Identity:0"
+    names = {key: f"{key}:0" if key in nodes else tensor.name for key, tensor in zip(keys, frozen.outputs)}
+    return {"meta_graph": META_GRAPH, "frozen_graph": FROZEN_GRAPH, "input": frozen.inputs[0].name,
+            "probabilities": names["probabilities"], "top_k_indices": names["top_k_indices"],
+            "classes": names["top_k_classes"]}
+
+
+def write_tflite(classifier: Classifier, out: Path, quantize: bool) -> dict:
+    """Convert the decoded-image function ([1, S, S, 3] float32 in 0..255) to TFLite, float and quantized."""
+    # frozen first: converting the live function loses the Keras 3 variables (the model outputs NaN)
+    function = convert_variables_to_constants_v2(classifier.classify_pixels.get_concrete_function(
+        tf.TensorSpec([1, classifier.size, classifier.size, 3], tf.float32, name="pixels")))
+    written = {}
+    for key, name, optimizations in (("float", TFLITE_FLOAT, []),
+                                     ("quantized", TFLITE_QUANTIZED, [tf.lite.Optimize.DEFAULT])):
+        if key == "quantized" and not quantize:
+            continue
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([function], classifier)
+        converter.optimizations = optimizations
+        (out / name).write_bytes(converter.convert())
+        written[key] = name
+    size = classifier.size
+    return dict(written, input=f"float32 [1, {size}, {size}, 3], RGB pixel values 0..255 (resized, not "
+                               f"normalized)", output="probabilities [1, num_classes]")
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Rename a finished folder over `target`, keeping the old one until the new one is in place."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}-old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_run(run_dir: Path, step: int | None = None) -> Path:
+    """Write RUN_DIR/export from a checkpoint (the newest by default) and return its path."""
+    run_dir = Path(run_dir)
+    config, step, marker = load_run_state(run_dir, step)
+    kind, accuracy = run_accuracy(run_dir, step, marker)
+    check_accuracy_gate(run_dir, step, kind, accuracy, config.export.min_accuracy)
+    model = restore_run_model(run_dir, step)
+    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{EXPORT_DIR}-"))
+    try:
+        classifier = Classifier(model)
+        tf.saved_model.save(classifier, str(staging), signatures={
+            "serving_default": classifier.serve.get_concrete_function(),
+            "classify_pixels": classifier.classify_pixels.get_concrete_function()})
+        (staging / "labels.txt").write_text("".join(f"{name}\n" for name in model.classes))
+        info = {
+            "format": 1, "runner_version": __version__, "exported_at": time.time(),
+            "backbone": model.marker.get("backbone", {"name": model.config.backbone.name}),
+            "input_size": model.backbone.image_size, "classes": model.classes,
+            "accuracy": {kind: accuracy}, "step": model.step, "top_k": classifier.top_k,
+            "saved_model": {"dir": ".", "signature": "serving_default", "input": "images: tf.string [None]",
+                            "outputs": ["probabilities", "top_k_indices", "top_k_classes"]},
+            "labels": "labels.txt",
+            "tf1": write_tf1_graphs(classifier, staging),
+            "tflite": write_tflite(classifier, staging, model.config.export.quantize),
+        }
+        (staging / "model.json").write_text(json.dumps(info, indent=1))
+        target = run_dir / EXPORT_DIR
+        _replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("exported step %d of %s to %s", model.step, run_dir, target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: python -m runner.export --run RUN_DIR [--step N]."""
+    parser = argparse.ArgumentParser(prog="python -m runner.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, type=Path, help="the run directory (run.dir)")
+    parser.add_argument("--step", type=int, help="checkpoint step to export (default: the newest)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        path = export_run(args.run, args.step)
+    except RunnerError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"exported to {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

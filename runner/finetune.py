@@ -1,0 +1,114 @@
+"""The optional fine-tuning stage: unfreeze the top of the backbone, train it with the head on images.
+
+BatchNormalization stays in inference mode (frozen statistics). Batches, augmentation and dropout are
+pure functions of (seed, step), so fine-tuning resumes exactly like the head stage.
+"""
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from runner.backbones import Backbone, decode_and_resize
+from runner.config import FineTuneConfig
+from runner.errors import RunnerError
+from runner.extract import image_pipeline
+from runner.train import BatchOrder
+
+
+def unfreeze_top(backbone: Backbone, config: FineTuneConfig) -> int:
+    """Make the top layers trainable (BatchNormalization excepted); return how many layers were unfrozen."""
+    layers = backbone.base.layers
+    if config.from_layer:
+        names = [layer.name for layer in layers]
+        if config.from_layer not in names:
+            raise RunnerError(f"fine_tune.from_layer = {config.from_layer!r} is not a layer of "
+                              f"{backbone.name}; the last layers are: {', '.join(names[-8:])}. Use one of "
+                              f"those names, or set fine_tune.fraction instead.")
+        cut = names.index(config.from_layer)
+    else:
+        cut = int(round(len(layers) * (1 - config.fraction)))
+    backbone.base.trainable = True
+    unfrozen = 0
+    for i, layer in enumerate(layers):
+        layer.trainable = i >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+        unfrozen += int(layer.trainable and bool(layer.weights))
+    return unfrozen
+
+
+def _rotate(image: tf.Tensor, radians: tf.Tensor) -> tf.Tensor:
+    size = tf.cast(tf.shape(image)[0], tf.float32)
+    cos, sin, center = tf.cos(radians), tf.sin(radians), (size - 1) / 2
+    # output (x, y) takes input (a0 x + a1 y + a2, b0 x + b1 y + b2): a rotation about the centre
+    transform = [cos, -sin, center - center * cos + center * sin,
+                 sin, cos, center - center * sin - center * cos, 0.0, 0.0]
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=tf.stack(transform)[None], output_shape=tf.shape(image)[:2],
+        interpolation="BILINEAR", fill_mode="REFLECT", fill_value=0.0)[0]
+
+
+def augment(image: tf.Tensor, seed: tf.Tensor, config: FineTuneConfig, size: int) -> tf.Tensor:
+    """Flip, crop/scale, brightness and rotation, all stateless in `seed` (shape [2], int64)."""
+    seeds = tf.random.experimental.stateless_split(seed, 5)
+    if config.flip:
+        image = tf.image.stateless_random_flip_left_right(image, seed=seeds[0])
+    if config.crop_scale < 1.0:
+        scale = tf.random.stateless_uniform([], seeds[1], config.crop_scale, 1.0)
+        side = tf.cast(tf.round(scale * size), tf.int32)
+        image = tf.image.stateless_random_crop(image, tf.stack([side, side, 3]), seed=seeds[2])
+        image = tf.image.resize(image, (size, size))
+    if config.brightness > 0:
+        image = tf.image.stateless_random_brightness(image, config.brightness * 255.0, seed=seeds[3])
+    if config.rotation > 0:
+        limit = config.rotation * math.pi / 180
+        image = _rotate(image, tf.random.stateless_uniform([], seeds[4], -limit, limit))
+    return tf.ensure_shape(tf.clip_by_value(image, 0.0, 255.0), (size, size, 3))
+
+
+class ImageBatches:
+    """Augmented training batches of images, step by step from `start`, prefetched by tf.data."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, order: BatchOrder, size: int, seed: int,
+                 config: FineTuneConfig, start: int, stop: int):
+        self.labels, self.order = labels, order
+        path_table = tf.constant(paths)
+        batch = order.batch_size
+
+        def load(step):
+            rows = tf.numpy_function(lambda s: order.indices(int(s)).astype(np.int64), [step], tf.int64)
+            rows.set_shape([batch])
+
+            def one(args):
+                row, position = args
+                image = decode_and_resize(tf.io.read_file(tf.gather(path_table, row)), size)
+                return augment(image, tf.stack([tf.constant(seed, tf.int64), step * batch + position]),
+                               config, size)
+            images = tf.map_fn(one, (rows, tf.range(batch, dtype=tf.int64)),
+                               fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32))
+            return step, images
+
+        dataset = tf.data.Dataset.range(start, stop).map(load, num_parallel_calls=tf.data.AUTOTUNE,
+                                                         deterministic=True)
+        self.iterator = iter(dataset.prefetch(2))
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The batch of `step` (steps must be asked for in order)."""
+        produced, images = next(self.iterator)
+        assert int(produced) == step, (int(produced), step)
+        return images.numpy(), self.labels[self.order.indices(step)].astype(np.int32)
+
+
+class ImageFeatures:
+    """Backbone vectors of images (no augmentation) with the backbone's current weights."""
+
+    def __init__(self, backbone: Backbone, batch_size: int):
+        self.backbone, self.batch_size = backbone, batch_size
+        self.forward = tf.function(lambda x: backbone.model(x, training=False), reduce_retracing=True)
+
+    def __call__(self, paths: list[str]) -> np.ndarray:
+        if not paths:
+            return np.zeros((0, self.backbone.feature_dim), np.float32)
+        batches = image_pipeline(paths, self.backbone.image_size, self.batch_size)
+        return np.concatenate([self.forward(images).numpy() for images, _ in batches])

@@ -1,0 +1,169 @@
+"""Plots and text reports of a run: learning curves, confusion matrix, misclassified test images.
+
+    python -m runner.report --run RUN_DIR
+
+Writes RUN_DIR/report/curves.png, confusion.png (up to 50 classes), top_confusions.txt and
+misclassified.txt. Uses matplotlib's Agg canvas (no display needed); does not import TensorFlow.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from runner.atomic import write_atomic, write_text_atomic
+from runner.errors import RunnerError
+
+REPORT_DIR = "report"
+MAX_CONFUSION_CLASSES = 50
+TOP_CONFUSIONS = 30
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The metric lines of metrics.jsonl, in order."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise RunnerError(f"{path} does not exist: there is nothing to plot until training has validated "
+                          f"at least once (every eval.every_steps steps).") from None
+    try:
+        return [json.loads(line) for line in lines if line.strip()]
+    except ValueError as e:
+        raise RunnerError(f"{path} has a line that is not JSON ({e}); delete that line and run again.") from None
+
+
+def curve_steps(metrics: list[dict]) -> tuple[np.ndarray, int | None]:
+    """The x position of each metric line and the x where the fine-tune stage starts (None if it never does).
+
+    Fine-tune lines whose steps restart from zero are placed after the last head step."""
+    steps = np.array([m["step"] for m in metrics], dtype=np.int64)
+    stages = [m.get("stage", "head") for m in metrics]
+    if "finetune" not in stages:
+        return steps, None
+    first = stages.index("finetune")
+    last_head = int(steps[:first].max()) if first else 0
+    if steps[first] <= last_head:
+        steps[first:] = steps[first:] + last_head
+    return steps, int(steps[first])
+
+
+def _series(metrics: list[dict], key: str, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [(x, m[key]) for x, m in zip(steps, metrics) if m.get(key) is not None]
+    return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs], dtype=float)
+
+
+def _save(figure: Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_atomic(path, lambda f: f.write(buffer.getvalue()))
+
+
+def plot_curves(metrics: list[dict], path: Path) -> None:
+    """Training and validation accuracy and loss over steps, with the fine-tune start marked."""
+    steps, finetune_at = curve_steps(metrics)
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    for axes, name in zip(figure.subplots(1, 2), ("accuracy", "loss")):
+        for split, style in (("train", "-"), ("val", "--")):
+            x, y = _series(metrics, f"{split}_{name}", steps)
+            if len(x):
+                axes.plot(x, y, style, marker="." if len(x) < 40 else None,
+                          label="training" if split == "train" else "validation")
+        if finetune_at is not None:
+            axes.axvline(finetune_at, color="grey", linestyle=":", label="fine-tune starts")
+        axes.set(title=name, xlabel="step", ylabel=name)
+        if name == "accuracy":
+            axes.set_ylim(0, 1.02)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    _save(figure, path)
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
+    """The confusion matrix as a heat map (rows: true class, columns: predicted), counts written in."""
+    n = len(classes)
+    side = min(4 + 0.35 * n, 20)
+    figure = Figure(figsize=(side + 1.5, side), layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="test images")
+    axes.set_xticks(range(n), classes, rotation=90, fontsize=8 if n > 20 else 10)
+    axes.set_yticks(range(n), classes, fontsize=8 if n > 20 else 10)
+    axes.set(xlabel="predicted", ylabel="true", title="confusion matrix (test split)")
+    if n <= 20:
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for (i, j), count in np.ndenumerate(matrix):
+            if count:
+                axes.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                          color="white" if count > threshold else "black")
+    _save(figure, path)
+
+
+def top_confusions(matrix: np.ndarray, classes: list[str], limit: int = TOP_CONFUSIONS) -> list[str]:
+    """The most frequent (true → predicted) mistakes, as text lines."""
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:limit]
+    totals = matrix.sum(axis=1)
+    lines = []
+    for flat in order:
+        i, j = np.unravel_index(flat, off.shape)
+        if off[i, j] == 0:
+            break
+        lines.append(f"{off[i, j]:5d}  {classes[i]} → {classes[j]}  ({off[i, j] / totals[i]:.0%} of {classes[i]})")
+    return lines
+
+
+def misclassified_text(misclassified: list[dict]) -> str:
+    """misclassified.txt: the wrong test predictions, most confident first."""
+    rows = sorted(misclassified, key=lambda m: -m["probability"])
+    header = [f"{len(rows)} misclassified test images (most confident mistakes first)",
+              "probability  true → predicted  path"]
+    body = [f"{m['probability']:11.2%}  {m['true']} → {m['predicted']}  {m['path']}" for m in rows]
+    return "\n".join(header + body) + "\n"
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write RUN_DIR/report (curves, confusion, top confusions, misclassified) and return its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunnerError(f"run directory {run_dir} does not exist; pass the run.dir of a run to --run.")
+    out = run_dir / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    plot_curves(read_metrics(run_dir / "metrics.jsonl"), out / "curves.png")
+    report_path = run_dir / "test_report.json"
+    if not report_path.exists():
+        return out  # training has not finished: curves only
+    report = json.loads(report_path.read_text())
+    classes = json.loads((run_dir / "labels.json").read_text())
+    matrix = np.array(report["confusion_matrix"], dtype=np.int64).reshape(len(classes), len(classes))
+    if len(classes) <= MAX_CONFUSION_CLASSES:
+        plot_confusion(matrix, classes, out / "confusion.png")
+    else:
+        (out / "confusion.png").unlink(missing_ok=True)
+    lines = top_confusions(matrix, classes) or ["no test image was misclassified"]
+    write_text_atomic(out / "top_confusions.txt", "count  true → predicted\n" + "\n".join(lines) + "\n")
+    write_text_atomic(out / "misclassified.txt", misclassified_text(report.get("misclassified", [])))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: python -m runner.report --run RUN_DIR."""
+    parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, type=Path, help="the run directory (run.dir)")
+    args = parser.parse_args(argv)
+    try:
+        path = write_report(args.run)
+    except RunnerError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"report written to {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

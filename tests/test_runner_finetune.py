@@ -1,0 +1,56 @@
+"""The fine-tuning stage: own checkpoints, exact resume after SIGKILL, and no loss of accuracy."""
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import numpy as np
+
+from tests.helpers import (OutputWatcher, checkpoint_values, local_mobilenet_args, run_resume, start_resume,
+                           summary)
+
+FINETUNE = ("train.steps=300", "train.deterministic=true", "fine_tune.enabled=true", "fine_tune.steps=36",
+            "fine_tune.batch_size=16", "fine_tune.fraction=0.15", "checkpoint.every_steps=6",
+            "eval.every_steps=12", "head.dropout=0.2")
+
+
+def finetune_prefix(run_dir) -> str:
+    markers = sorted((run_dir / "finetune" / "checkpoints").glob("ckpt-*.json"),
+                     key=lambda p: int(p.stem.split("-")[1]))
+    return str(markers[-1].with_suffix(""))
+
+
+def test_fine_tuning_killed_at_random_steps_resumes_to_identical_weights(clothing_run, tmp_path):
+    _, cache_dir, _ = clothing_run
+    unbroken = tmp_path / "unbroken"
+    result = run_resume(*local_mobilenet_args(unbroken, cache_dir, *FINETUNE))
+    assert result.returncode == 0, result.stdout
+    s = summary(unbroken)
+    assert s["stage"] == "finetune" and s["global_step"] == 336
+    assert s["test_accuracy"] >= s["head_only_test_accuracy"] - 0.03
+    stages = [json.loads(x)["stage"] for x in (unbroken / "metrics.jsonl").read_text().splitlines()]
+    assert stages.count("head") == 300 // 12 and stages.count("finetune") == 3
+
+    broken = tmp_path / "broken"
+    args = local_mobilenet_args(broken, cache_dir, *FINETUNE)
+    rng, kills = random.Random(7), 0
+    for _ in range(2):
+        process = start_resume(*args)
+        watcher = OutputWatcher(process)
+        assert watcher.wait_for("fine-tuning:", timeout=300), watcher.output()
+        time.sleep(rng.uniform(1.0, 4.0))
+        if process.poll() is not None:
+            break
+        process.kill()
+        process.wait()
+        watcher.output()
+        kills += 1
+    assert kills >= 1
+    result = run_resume(*args)
+    assert result.returncode == 0, result.stdout
+    assert "resumed from fine-tuning step" in result.stdout
+    expected, actual = checkpoint_values(finetune_prefix(unbroken)), checkpoint_values(finetune_prefix(broken))
+    assert expected.keys() == actual.keys() and any("backbone" in k for k in expected)
+    for name in expected:
+        assert np.array_equal(expected[name], actual[name]), f"{name} differs after kill/resume"
