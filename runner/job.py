@@ -23,9 +23,11 @@ from runner.data import Dataset, HashIndex, ImageRecord, check_class_sizes, scan
 from runner.distribute import make_strategy
 from runner.errors import IncompatibleRunError
 from runner.evaluate import loss_and_accuracy, predict_logits, test_report
+from runner.export import export_run
 from runner.extract import extract_missing
 from runner.finetune import ImageBatches, ImageFeatures, unfreeze_top
 from runner.head import build_head, build_optimizer
+from runner.report import write_report
 from runner.train import (BatchOrder, Stage, StopFlag, TrainState, class_weight_vector, make_train_step,
                           run_stage)
 
@@ -114,9 +116,22 @@ class Job:
         def save(step: int, metrics: dict) -> None:
             files = store.save(step, dict(base_marker, metrics=metrics))
             log.info("checkpoint saved at %s step %d", base_marker["stage"], step)
-            self.sync.on_checkpoint(step + base_marker["step_offset"], [f"{folder}/{f}" for f in files] + [
+            self._last_snapshot = (step + base_marker["step_offset"], [f"{folder}/{f}" for f in files] + [
                 "labels.json", "config.toml", "metrics.jsonl"], dict(metrics, step=step), cache_files())
+            self.sync.on_checkpoint(*self._last_snapshot)
         return save
+
+    def _finish(self, summary: dict) -> None:
+        """Export and plot, then hand sync the final snapshot with the export and report inside."""
+        config, run_dir = self.config, self.run_dir
+        if config.export.enabled:
+            export_run(run_dir)
+        write_report(run_dir)
+        step, files, metrics, cache_files = self._last_snapshot
+        extras = ["summary.json", "test_report.json"] + [
+            p.relative_to(run_dir).as_posix() for folder in ("export", "report")
+            for p in sorted((run_dir / folder).rglob("*")) if p.is_file()]
+        self.sync.on_checkpoint(step, files + extras, dict(metrics, final=True), cache_files)
 
     def _restore(self, store: CheckpointStore, step_offset: int) -> list[int]:
         """Restore the newest usable checkpoint of a stage; returns the run's resume history."""
@@ -202,6 +217,7 @@ class Job:
             "per_class_accuracy": report["per_class_accuracy"], "runner_version": __version__,
         }
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        self._finish(summary)
         return summary
 
     def _head_stage(self, config: Config, strategy, head, train: Split, val: Split, class_weights,

@@ -20,6 +20,6 @@ def clothing_run(tmp_path_factory, shared_assets):
     """One default run on clothing-small with real weights: (run_dir, cache_dir, output)."""
     root = tmp_path_factory.mktemp("clothing")
     run_dir, cache_dir = root / "run", root / "cache"
-    result = run_resume(*local_mobilenet_args(run_dir, cache_dir))
+    result = run_resume(*local_mobilenet_args(run_dir, cache_dir, export=True))
     assert result.returncode == 0, result.stdout
     return run_dir, cache_dir, result.stdout

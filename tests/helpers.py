@@ -39,11 +39,12 @@ def start_resume(*args: str) -> subprocess.Popen:
 
 
 def local_mobilenet_args(run_dir: Path, cache_dir: Path | None = None, *extra: str,
-                         data_dir: Path = CLOTHING) -> list[str]:
-    """resume.py arguments for the real-weights MobileNet config on `data_dir`."""
+                         data_dir: Path = CLOTHING, export: bool = False) -> list[str]:
+    """resume.py arguments for the real-weights MobileNet config on `data_dir` (export off unless asked:
+    it costs seconds per run and has tests of its own)."""
     args = ["--config", str(REPO / "configs" / "clothing_local.toml"), "--set", f"run.dir={run_dir}",
             "--set", f"data.dir={data_dir}", "--set", f"backbone.weights={MOBILENET_WEIGHTS}",
-            "--set", "train.progress=lines"]
+            "--set", "train.progress=lines", "--set", f"export.enabled={str(export).lower()}"]
     if cache_dir is not None:
         args += ["--set", f"cache.dir={cache_dir}"]
     for item in extra:
@@ -117,3 +118,32 @@ class OutputWatcher:
     def output(self) -> str:
         self.thread.join(30)
         return "".join(self.lines)
+
+
+def sigkill_repeatedly(args: list[str], started_text: str, times: int, seconds: tuple[float, float],
+                       seed: int) -> int:
+    """Start `resume.py ARGS`, SIGKILL it a random time after `started_text` appears; up to `times`
+    times. Returns how many kills happened (the run may finish before a kill)."""
+    import random
+    import time
+    rng, kills = random.Random(seed), 0
+    for _ in range(times):
+        process = start_resume(*args)
+        watcher = OutputWatcher(process)
+        assert watcher.wait_for(started_text, timeout=300), watcher.output()
+        time.sleep(rng.uniform(*seconds))
+        if process.poll() is not None:
+            break
+        process.kill()  # SIGKILL: no handler runs, no final checkpoint
+        process.wait()
+        watcher.output()
+        kills += 1
+    return kills
+
+
+def assert_same_checkpoint(expected_prefix: str, actual_prefix: str) -> None:
+    """Every variable of two checkpoints is bit-identical."""
+    expected, actual = checkpoint_values(expected_prefix), checkpoint_values(actual_prefix)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert np.array_equal(expected[name], actual[name]), f"{name} differs after kill/resume"
