@@ -5,16 +5,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from runner.cli import EXIT_USER_ERROR, configure_logging  # noqa: E402
 from runner.config import describe_settings, load_config, to_toml  # noqa: E402  (no TensorFlow import)
 from runner.errors import RunnerError  # noqa: E402
-from runner.supervise import EXIT_STOPPED, EXIT_USER_ERROR, supervise  # noqa: E402
+from runner.supervise import EXIT_STOPPED, supervise  # noqa: E402
 from sync.errors import SyncError  # noqa: E402
 
 
@@ -77,10 +77,7 @@ def _percent(value) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(args.debug)
     try:
         config = load_config(args.config, args.set)
         if args.print_config:

@@ -22,6 +22,8 @@ from runner.atomic import write_text_atomic
 log = logging.getLogger("runner")
 
 PREFIX = "ckpt"
+HEAD_CHECKPOINTS = "checkpoints"                 # folders inside a run dir
+FINETUNE_CHECKPOINTS = "finetune/checkpoints"
 MARKER = re.compile(rf"^{PREFIX}-(\d+)\.json$")
 
 

@@ -22,11 +22,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from runner.cli import EXIT_USER_ERROR  # noqa: E402
 from runner.data import sniff_format  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
 
 EXIT_NOTHING_CLASSIFIED = 1
-EXIT_USER_ERROR = 2
+
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 
 
@@ -59,7 +60,8 @@ def resolve_model(spec: str, workdir: Path) -> Path:
     """The export folder named by MODEL: a folder, a run folder, or an archive unpacked into `workdir`."""
     if spec.startswith("drive:"):
         raise RunnerError(f"MODEL {spec!r}: downloading from Drive is not supported by classify yet; pull the "
-                          f"snapshot with `python -m sync pull` and pass the downloaded .tar.gz or its export folder.")
+                          f"newest snapshot into its run folder with `python -m sync --config CONFIG pull` and "
+                          f"pass that run folder (or its export/) as MODEL.")
     path = Path(spec)
     if path.is_dir():
         return _find_export(path, str(path))

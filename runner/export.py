@@ -25,7 +25,8 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 
 from runner import __version__  # noqa: E402
 from runner.backbones import Backbone, build_backbone, decode_and_resize  # noqa: E402
-from runner.checkpoints import PREFIX, marked_steps  # noqa: E402
+from runner.checkpoints import FINETUNE_CHECKPOINTS, HEAD_CHECKPOINTS, PREFIX, marked_steps  # noqa: E402
+from runner.cli import configure_logging, exit_status_of  # noqa: E402
 from runner.config import Config, load_config  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
 from runner.head import Head, build_head  # noqa: E402
@@ -33,11 +34,20 @@ from runner.head import Head, build_head  # noqa: E402
 log = logging.getLogger("runner")
 
 EXPORT_DIR = "export"
-CHECKPOINT_DIR = "checkpoints"
+# the fine-tune stage's folder first: on a tie of run-wide steps its checkpoint is the newer one
+CHECKPOINT_FOLDERS = (FINETUNE_CHECKPOINTS, HEAD_CHECKPOINTS)  # newest stage first
 TFLITE_FLOAT = "model.tflite"
 TFLITE_QUANTIZED = "model_quantized.tflite"
 FROZEN_GRAPH = "frozen_graph.pb"
 META_GRAPH = "model.meta"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One complete checkpoint of either stage: its path prefix, run-wide step and marker."""
+    prefix: Path
+    step: int      # run-wide, as in metrics.jsonl and summary.json: fine-tune steps follow the head's
+    marker: dict
 
 
 @dataclass
@@ -45,8 +55,7 @@ class RunModel:
     """A run's backbone and head with the weights of one checkpoint."""
     config: Config
     classes: list[str]
-    step: int
-    marker: dict
+    checkpoint: CheckpointRef
     backbone: Backbone
     head: Head
 
@@ -60,42 +69,54 @@ def _read_json(path: Path) -> dict | None:
         raise RunnerError(f"{path} is not valid JSON ({e}); delete it or re-run training to rewrite it.") from None
 
 
-def _checkpoint_step(run_dir: Path, step: int | None) -> int:
-    steps = marked_steps(run_dir / CHECKPOINT_DIR)
-    if not steps:
-        raise RunnerError(f"{run_dir}/{CHECKPOINT_DIR} holds no complete checkpoint; train first "
-                          f"(python resume.py --set run.dir={run_dir}) or pass the right --run folder.")
+def list_checkpoints(run_dir: Path) -> list[CheckpointRef]:
+    """The complete checkpoints of both stages, newest (highest run-wide step) first."""
+    found = []
+    for folder in CHECKPOINT_FOLDERS:
+        for local_step in marked_steps(Path(run_dir) / folder):
+            prefix = Path(run_dir) / folder / f"{PREFIX}-{local_step}"
+            marker = _read_json(prefix.with_suffix(".json"))
+            if marker is not None:
+                found.append(CheckpointRef(prefix, local_step + int(marker.get("step_offset", 0)), marker))
+    return sorted(found, key=lambda c: c.step, reverse=True)
+
+
+def _pick_checkpoint(run_dir: Path, step: int | None) -> CheckpointRef:
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise RunnerError(f"{run_dir} holds no complete checkpoint (in {' or '.join(CHECKPOINT_FOLDERS[::-1])}); "
+                          f"train first (python resume.py --set run.dir={run_dir}) or pass the right --run folder.")
     if step is None:
-        return steps[0]
-    if step not in steps:
-        raise RunnerError(f"--step {step}: {run_dir}/{CHECKPOINT_DIR} has no complete checkpoint of that step; "
-                          f"available steps: {', '.join(map(str, sorted(steps)))}.")
-    return step
+        return checkpoints[0]
+    for checkpoint in checkpoints:
+        if checkpoint.step == step:
+            return checkpoint
+    raise RunnerError(f"--step {step}: {run_dir} has no complete checkpoint of that step; available steps: "
+                      f"{', '.join(str(c.step) for c in reversed(checkpoints))}.")
 
 
 def _has_backbone_variables(prefix: str) -> bool:
     return any(name.startswith("backbone/") for name, _ in tf.train.list_variables(prefix))
 
 
-def load_run_state(run_dir: Path, step: int | None = None) -> tuple[Config, int, dict]:
-    """A run's config, the chosen checkpoint step (the newest by default) and that checkpoint's marker."""
+def load_run_state(run_dir: Path, step: int | None = None) -> tuple[Config, CheckpointRef]:
+    """A run's config and the checkpoint of run-wide step `step` (the newest by default)."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.toml"
     if not config_path.is_file():
         raise RunnerError(f"{config_path} does not exist: --run must be a run directory made by resume.py "
                           f"(it holds config.toml, labels.json and checkpoints/).")
     config = load_config(config_path)
-    step = _checkpoint_step(run_dir, step)
-    return config, step, _read_json(run_dir / CHECKPOINT_DIR / f"{PREFIX}-{step}.json")
+    return config, _pick_checkpoint(run_dir, step)
 
 
 def restore_run_model(run_dir: Path, step: int | None = None) -> RunModel:
     """Rebuild the backbone and head of a run and load one checkpoint (the newest by default)."""
-    config, step, marker = load_run_state(run_dir, step)
-    classes = marker["classes"]
+    config, checkpoint = load_run_state(run_dir, step)
+    classes = checkpoint.marker["classes"]
     backbone = build_backbone(config.backbone)
     head = build_head(len(classes), backbone.feature_dim, config.head, config.train.seed)
-    prefix = str(Path(run_dir) / CHECKPOINT_DIR / f"{PREFIX}-{step}")
+    prefix = str(checkpoint.prefix)
     parts = {"head": head}
     if _has_backbone_variables(prefix):  # a fine-tuned checkpoint carries its own backbone weights
         parts["backbone"] = backbone.model
@@ -105,17 +126,17 @@ def restore_run_model(run_dir: Path, step: int | None = None) -> RunModel:
         raise RunnerError(f"checkpoint {prefix} could not be loaded into a {config.backbone.name} model with "
                           f"{len(classes)} classes ({type(e).__name__}: {str(e)[:300]}); is {run_dir}/config.toml "
                           f"the config this run was trained with?") from None
-    return RunModel(config, classes, step, marker, backbone, head)
+    return RunModel(config, classes, checkpoint, backbone, head)
 
 
-def run_accuracy(run_dir: Path, step: int, marker: dict) -> tuple[str, float | None]:
+def run_accuracy(run_dir: Path, checkpoint: CheckpointRef) -> tuple[str, float | None]:
     """The accuracy to report for a checkpoint: test accuracy if the test report is of this step, else
     the checkpoint's validation accuracy."""
     summary = _read_json(Path(run_dir) / "summary.json") or {}
     report = _read_json(Path(run_dir) / "test_report.json") or {}
-    if summary.get("global_step") == step and report.get("test_accuracy") is not None:
+    if summary.get("global_step") == checkpoint.step and report.get("test_accuracy") is not None:
         return "test_accuracy", float(report["test_accuracy"])
-    return "val_accuracy", marker.get("metrics", {}).get("val_accuracy")
+    return "val_accuracy", checkpoint.marker.get("metrics", {}).get("val_accuracy")
 
 
 def check_accuracy_gate(run_dir: Path, step: int, kind: str, accuracy: float | None, minimum: float) -> None:
@@ -166,6 +187,8 @@ def write_tf1_graphs(classifier: Classifier, out: Path) -> dict:
     function = classifier.serve.get_concrete_function()
     frozen = convert_variables_to_constants_v2(function)
     graph_def = frozen.graph.as_graph_def()
+    for node in graph_def.node:  # no device pins: a graph exported on a GPU must load on a CPU-only machine
+        node.device = ""
     (out / FROZEN_GRAPH).write_bytes(graph_def.SerializeToString())
     with tf.Graph().as_default() as graph:
         tf.compat.v1.import_graph_def(graph_def, name="")
@@ -213,12 +236,14 @@ def _replace_dir(staging: Path, target: Path) -> None:
 def export_run(run_dir: Path, step: int | None = None) -> Path:
     """Write RUN_DIR/export from a checkpoint (the newest by default) and return its path."""
     run_dir = Path(run_dir)
-    config, step, marker = load_run_state(run_dir, step)
-    kind, accuracy = run_accuracy(run_dir, step, marker)
-    check_accuracy_gate(run_dir, step, kind, accuracy, config.export.min_accuracy)
-    model = restore_run_model(run_dir, step)
+    config, checkpoint = load_run_state(run_dir, step)
+    kind, accuracy = run_accuracy(run_dir, checkpoint)
+    check_accuracy_gate(run_dir, checkpoint.step, kind, accuracy, config.export.min_accuracy)
+    model = restore_run_model(run_dir, checkpoint.step)
+    marker = model.checkpoint.marker
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{EXPORT_DIR}-"))
     try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
         classifier = Classifier(model)
         tf.saved_model.save(classifier, str(staging), signatures={
             "serving_default": classifier.serve.get_concrete_function(),
@@ -226,9 +251,10 @@ def export_run(run_dir: Path, step: int | None = None) -> Path:
         (staging / "labels.txt").write_text("".join(f"{name}\n" for name in model.classes))
         info = {
             "format": 1, "runner_version": __version__, "exported_at": time.time(),
-            "backbone": model.marker.get("backbone", {"name": model.config.backbone.name}),
+            "backbone": marker.get("backbone", {"name": model.config.backbone.name}),
             "input_size": model.backbone.image_size, "classes": model.classes,
-            "accuracy": {kind: accuracy}, "step": model.step, "top_k": classifier.top_k,
+            "accuracy": {kind: accuracy}, "step": checkpoint.step, "stage": marker.get("stage", "head"),
+            "top_k": classifier.top_k,
             "saved_model": {"dir": ".", "signature": "serving_default", "input": "images: tf.string [None]",
                             "outputs": ["probabilities", "top_k_indices", "top_k_classes"]},
             "labels": "labels.txt",
@@ -241,7 +267,7 @@ def export_run(run_dir: Path, step: int | None = None) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("exported step %d of %s to %s", model.step, run_dir, target)
+    log.info("exported step %d of %s to %s", checkpoint.step, run_dir, target)
     return target
 
 
@@ -249,18 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: python -m runner.export --run RUN_DIR [--step N]."""
     parser = argparse.ArgumentParser(prog="python -m runner.export", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path, help="the run directory (run.dir)")
-    parser.add_argument("--step", type=int, help="checkpoint step to export (default: the newest)")
+    parser.add_argument("--step", type=int, help="run-wide checkpoint step to export, as in metrics.jsonl (default: the newest)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        path = export_run(args.run, args.step)
-    except RunnerError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    print(f"exported to {path}", flush=True)
-    return 0
+    configure_logging()
+
+    def command() -> int:
+        print(f"exported to {export_run(args.run, args.step)}", flush=True)
+        return 0
+    return exit_status_of(command)
 
 
 if __name__ == "__main__":

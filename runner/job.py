@@ -17,11 +17,11 @@ from runner import __version__
 from runner.atomic import write_text_atomic
 from runner.backbones import Backbone, build_backbone
 from runner.cache import BottleneckCache
-from runner.checkpoints import CheckpointStore, latest_marker
+from runner.checkpoints import FINETUNE_CHECKPOINTS, HEAD_CHECKPOINTS, CheckpointStore, latest_marker
 from runner.config import Config, fingerprint_hash, to_toml
 from runner.data import Dataset, HashIndex, ImageRecord, check_class_sizes, scan_dataset
 from runner.distribute import make_strategy
-from runner.errors import IncompatibleRunError
+from runner.errors import IncompatibleRunError, RunnerError
 from runner.evaluate import loss_and_accuracy, predict_logits, test_report
 from runner.export import export_run
 from runner.extract import extract_missing
@@ -32,9 +32,6 @@ from runner.train import (BatchOrder, Stage, StopFlag, TrainState, class_weight_
                           run_stage)
 
 log = logging.getLogger("runner")
-
-HEAD_CHECKPOINTS = "checkpoints"
-FINETUNE_CHECKPOINTS = "finetune/checkpoints"
 
 
 def check_compatible(marker: dict | None, fingerprint: dict, classes: list[str], run_dir: Path) -> None:
@@ -125,7 +122,10 @@ class Job:
         """Export and plot, then hand sync the final snapshot with the export and report inside."""
         config, run_dir = self.config, self.run_dir
         if config.export.enabled:
-            export_run(run_dir)
+            try:
+                export_run(run_dir)
+            except RunnerError as e:  # e.g. below export.min_accuracy: training itself succeeded
+                log.error("no export: %s", e)
         write_report(run_dir)
         step, files, metrics, cache_files = self._last_snapshot
         extras = ["summary.json", "test_report.json"] + [

@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from runner.atomic import write_atomic, write_text_atomic
+from runner.cli import exit_status_of
 from runner.errors import RunnerError
 
 REPORT_DIR = "report"
@@ -40,16 +41,19 @@ def read_metrics(path: Path) -> list[dict]:
 def curve_steps(metrics: list[dict]) -> tuple[np.ndarray, int | None]:
     """The x position of each metric line and the x where the fine-tune stage starts (None if it never does).
 
-    Fine-tune lines whose steps restart from zero are placed after the last head step."""
+    Fine-tuning starts where the head stage ended; fine-tune lines whose steps restart from zero are
+    placed after the last head step."""
     steps = np.array([m["step"] for m in metrics], dtype=np.int64)
     stages = [m.get("stage", "head") for m in metrics]
     if "finetune" not in stages:
         return steps, None
     first = stages.index("finetune")
-    last_head = int(steps[:first].max()) if first else 0
+    if first == 0:
+        return steps, int(steps[0])
+    last_head = int(steps[:first].max())
     if steps[first] <= last_head:
         steps[first:] = steps[first:] + last_head
-    return steps, int(steps[first])
+    return steps, last_head
 
 
 def _series(metrics: list[dict], key: str, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,13 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path, help="the run directory (run.dir)")
     args = parser.parse_args(argv)
-    try:
-        path = write_report(args.run)
-    except RunnerError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    print(f"report written to {path}", flush=True)
-    return 0
+
+    def command() -> int:
+        print(f"report written to {write_report(args.run)}", flush=True)
+        return 0
+    return exit_status_of(command)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ import subprocess
 import sys
 import time
 
+from runner.cli import EXIT_USER_ERROR
+
 log = logging.getLogger("runner")
 
 EXIT_OK = 0
-EXIT_USER_ERROR = 2        # bad config or data: a restart cannot fix it
 EXIT_STOPPED = 130         # stopped on request after a final checkpoint
 
 

@@ -23,3 +23,11 @@ def clothing_run(tmp_path_factory, shared_assets):
     result = run_resume(*local_mobilenet_args(run_dir, cache_dir, export=True))
     assert result.returncode == 0, result.stdout
     return run_dir, cache_dir, result.stdout
+
+
+@pytest.fixture(scope="session")
+def exported_run(clothing_run):
+    """The export that training wrote at the end of the shared clothing run: (run_dir, cache_dir, export_dir)."""
+    run_dir, cache_dir, _ = clothing_run
+    assert (run_dir / "export" / "model.json").exists(), "the clothing_run fixture must train with export on"
+    return run_dir, cache_dir, run_dir / "export"

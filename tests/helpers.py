@@ -147,3 +147,18 @@ def assert_same_checkpoint(expected_prefix: str, actual_prefix: str) -> None:
     assert expected.keys() == actual.keys()
     for name in expected:
         assert np.array_equal(expected[name], actual[name]), f"{name} differs after kill/resume"
+
+
+def cached_split(run_dir: Path, cache_dir: Path, split: str):
+    """A run's split read back with the runner's own scan and cache: (vectors, labels, records)."""
+    from runner.cache import BottleneckCache
+    from runner.config import load_config
+    from runner.data import HashIndex, scan_dataset
+    config = load_config(Path(run_dir) / "config.toml")
+    dataset = scan_dataset(Path(config.data.dir), config.split.validation_percent, config.split.test_percent,
+                           HashIndex(Path(cache_dir) / "file-hashes.json"), 1, "lines")
+    identity = json.loads(next(Path(cache_dir).glob("*/identity.json")).read_text())
+    dim = identity.pop("dim")
+    records = dataset.split(split)
+    vectors = BottleneckCache(Path(cache_dir), identity, dim).table([r.sha256 for r in records]).all()
+    return vectors, np.array([r.label for r in records]), records

@@ -2,35 +2,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from tests.helpers import summary
-
-
-def cached_split(run_dir: Path, cache_dir: Path, split: str):
-    """The cached vectors and labels of one split, read back with the runner's own split and cache."""
-    from runner.cache import BottleneckCache
-    from runner.data import HashIndex, scan_dataset
-    from runner.config import load_config
-    config = load_config(run_dir / "config.toml")
-    dataset = scan_dataset(Path(config.data.dir), config.split.validation_percent, config.split.test_percent,
-                           HashIndex(cache_dir / "file-hashes.json"), 1, "lines")
-    identity_file = next(cache_dir.glob("*/identity.json"))
-    identity = json.loads(identity_file.read_text())
-    dim = identity.pop("dim")
-    cache = BottleneckCache(cache_dir, identity, dim)
-    records = dataset.split(split)
-    return cache.table([r.sha256 for r in records]).all(), np.array([r.label for r in records])
+from tests.helpers import cached_split, summary
 
 
 def test_default_head_is_within_3_points_of_logistic_regression_on_clothing(clothing_run):
     run_dir, cache_dir, output = clothing_run
     result = summary(run_dir)
-    train_x, train_y = cached_split(run_dir, cache_dir, "train")
-    test_x, test_y = cached_split(run_dir, cache_dir, "test")
+    train_x, train_y, _ = cached_split(run_dir, cache_dir, "train")
+    test_x, test_y, _ = cached_split(run_dir, cache_dir, "test")
     assert len(test_y) == result["num_test"] and len(train_y) == result["num_train"]
     reference = LogisticRegression(max_iter=5000).fit(train_x, train_y).score(test_x, test_y)
     print(f"runner test accuracy {result['test_accuracy']:.4f}, logistic regression {reference:.4f}")

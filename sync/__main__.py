@@ -1,0 +1,148 @@
+"""python -m sync --config FILE [--set sync.key=value ...] list|pull|push|prune"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+from sync import STATE_DIR, open_sync
+from sync.config import load_toml
+from sync.errors import SyncError
+from sync.remote import list_snapshots, prune, read_pointer
+
+RUN_FILES = ("labels.json", "config.toml", "metrics.jsonl")
+RUN_FOLDERS = ("export", "report")
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def cmd_list(sync, args) -> int:
+    """Print the remote snapshots: step, val accuracy, size, age."""
+    snaps = list_snapshots(sync.backend)
+    pointer = read_pointer(sync.backend)
+    if not snaps:
+        print(f"no snapshots in {sync.backend.description}")
+        return 0
+    scored = [s for s in snaps if s.val_accuracy is not None]
+    best = max(scored, key=lambda s: (s.val_accuracy, s.step)).name if scored else None
+    print(f"{'step':>8}  {'val_acc':>7}  {'size':>9}  {'age':>7}  name")
+    for s in snaps:
+        acc = "-" if s.val_accuracy is None else f"{s.val_accuracy:.4f}"
+        marks = [m for m, on in (("latest", pointer and pointer.name == s.name), ("best", s.name == best)) if on]
+        print(f"{s.step:>8}  {acc:>7}  {s.size / 2**20:>7.2f}MB  {_age(time.time() - s.created):>7}  {s.name}"
+              + (f"  ({', '.join(marks)})" if marks else ""))
+    return 0
+
+
+def cmd_pull(sync, args) -> int:
+    """Download, verify and extract a snapshot (newest, or --step) into the run dir, with its cache."""
+    from sync.restore import fetch_cache, fetch_snapshot, move_into_place, restore_latest
+    if args.step is None:
+        step = restore_latest(sync.backend, sync.run_dir, sync.cache_dir, sync.run_dir / STATE_DIR / "download")
+        if step is None:
+            print(f"no snapshots in {sync.backend.description}")
+            return 1
+    else:
+        match = [s for s in list_snapshots(sync.backend) if s.step == args.step]
+        if not match:
+            raise SyncError(f"no snapshot of step {args.step} in {sync.backend.description}; see `list`.")
+        folder, manifest = fetch_snapshot(sync.backend, match[0], sync.run_dir / STATE_DIR / "download")
+        move_into_place(folder, manifest, sync.run_dir)
+        fetch_cache(sync.backend, manifest, sync.cache_dir)
+        step = args.step
+    print(f"sync: restored snapshot step {step} into {sync.run_dir}")
+    return 0
+
+
+def newest_local_checkpoint(run_dir: Path) -> tuple[int, list[str], dict] | None:
+    """(step, files, metrics) of the newest complete checkpoint in run_dir/checkpoints, or None."""
+    steps = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("ckpt-*.index")
+             if (m := re.fullmatch(r"ckpt-(\d+)\.index", p.name))]
+    if not steps:
+        return None
+    step = max(steps)
+    files = [p.relative_to(run_dir).as_posix() for p in (run_dir / "checkpoints").glob(f"ckpt-{step}.*")]
+    files += [f for f in RUN_FILES if (run_dir / f).is_file()]
+    files += [p.relative_to(run_dir).as_posix() for d in RUN_FOLDERS for p in (run_dir / d).rglob("*")
+              if p.is_file()]
+    metrics = {"step": step}
+    try:
+        metrics.update(json.loads((run_dir / "checkpoints" / f"ckpt-{step}.json").read_text()))
+    except (OSError, ValueError):
+        pass
+    return step, sorted(files), metrics
+
+
+def cmd_push(sync, args) -> int:
+    """Send what is queued now; with nothing queued, snapshot the newest local checkpoint."""
+    if not sync.staging.pending():
+        found = newest_local_checkpoint(sync.run_dir)
+        on_remote = {s.step for s in list_snapshots(sync.backend)}
+        if found is None:
+            print(f"sync: nothing to push: no checkpoint in {sync.run_dir / 'checkpoints'}")
+            sync.close(timeout=0)
+            return 0
+        if found[0] in on_remote:
+            print(f"sync: step {found[0]} is already in {sync.backend.description}")
+            sync.close(timeout=0)
+            return 0
+        step, files, metrics = found
+        sync.on_checkpoint(step, files, metrics, [])
+    outcome = sync.close()
+    print(outcome)
+    return 1 if "pending" in outcome else 0
+
+
+def cmd_prune(sync, args) -> int:
+    """Delete remote snapshots beyond sync.keep (the best by val accuracy is kept)."""
+    victims = prune(sync.backend, sync.config.keep)
+    print(f"sync: deleted {len(victims)} snapshot(s)" + "".join(f"\n  {v.name}" for v in victims))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run one command, print SyncError messages without a traceback."""
+    parser = argparse.ArgumentParser(prog="python -m sync", description="See, fetch, send or prune snapshots.")
+    parser.add_argument("--config", required=True, help="the run's TOML config (its [run] and [sync] tables)")
+    parser.add_argument("--set", action="append", default=[], metavar="sync.KEY=VALUE", help="override a setting")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="show snapshots: step, val accuracy, size, age")
+    pull = sub.add_parser("pull", help="download and extract a snapshot into the run dir")
+    pull.add_argument("--step", type=int, help="which snapshot (default: the newest that verifies)")
+    sub.add_parser("push", help="upload queued snapshots now (or the newest local checkpoint)")
+    sub.add_parser("prune", help="delete old snapshots beyond sync.keep")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(name)s: %(message)s")
+    for noisy in ("googleapiclient", "google_auth_httplib2", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config, run_dir, cache_dir = load_toml(args.config, args.set)
+        if not config.enabled:
+            raise SyncError("sync is off: set sync.folder (a directory) or sync.backend=drive with sync.folder.")
+        sync = open_sync(config, run_dir, cache_dir, run_id=run_dir.name)
+        command = {"list": cmd_list, "pull": cmd_pull, "push": cmd_push, "prune": cmd_prune}[args.command]
+        if args.command != "push":
+            sync.close(timeout=0) if args.command == "list" else None
+        code = command(sync, args)
+        if args.command in ("pull", "prune"):
+            sync.close(timeout=0)
+        return code
+    except SyncError as e:
+        if args.debug:
+            raise
+        print(str(e), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

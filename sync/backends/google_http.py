@@ -1,0 +1,82 @@
+"""Google credentials and the authorized HTTP transport for the Drive backend (tokens never logged)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import google.auth
+import google.auth.exceptions
+import google_auth_httplib2
+import httplib2
+from google.oauth2 import credentials as user_credentials
+from google.oauth2 import service_account
+
+from sync.config import DRIVE_SCOPE, SyncConfig
+from sync.errors import SyncError
+
+log = logging.getLogger("sync")
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+
+
+def load_credentials(config: SyncConfig):
+    """Credentials from sync.credentials (authorized-user or service-account JSON) or the application default."""
+    scopes = [DRIVE_SCOPE]
+    if not config.credentials:
+        try:
+            creds, _ = google.auth.default(scopes=scopes)
+        except google.auth.exceptions.DefaultCredentialsError:
+            raise SyncError("sync.backend = 'drive' but no Google credentials were found: in Colab run "
+                            "`from google.colab import auth; auth.authenticate_user()` first, or set "
+                            "sync.credentials to an authorized-user or service-account JSON file.") from None
+        return creds
+    path = Path(config.credentials).expanduser()
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise SyncError(f"sync.credentials = {config.credentials!r} is not a readable JSON file; point it at an "
+                        f"authorized-user or service-account JSON, or leave it empty in Colab.") from None
+    kind = info.get("type") if isinstance(info, dict) else None
+    try:
+        if kind == "service_account":
+            log.warning("using a service account: it has no Drive storage of its own, so uploads fail "
+                        "with 'storage quota exceeded' unless sync.folder is in a shared drive.")
+            return service_account.Credentials.from_service_account_info(info, scopes=scopes)
+        if kind == "authorized_user":
+            # from_authorized_user_file would replace the file's token_uri with Google's; keep the file's own.
+            return user_credentials.Credentials(
+                token=None, refresh_token=info["refresh_token"], client_id=info["client_id"],
+                client_secret=info["client_secret"], token_uri=info.get("token_uri") or GOOGLE_TOKEN_URI,
+                scopes=scopes, quota_project_id=info.get("quota_project_id"))
+    except (KeyError, ValueError) as e:
+        raise SyncError(f"sync.credentials = {config.credentials!r}: the {kind} JSON lacks a field or has a bad "
+                        f"value ({type(e).__name__} {e.args[0] if e.args else ''}); download it again.") from None
+    raise SyncError(f"sync.credentials = {config.credentials!r} has type {kind!r}; it must be an "
+                    f"'authorized_user' or 'service_account' JSON file.")
+
+
+def ca_bundle(config: SyncConfig, state_dir: Path) -> str | None:
+    """The CA file for TLS: the default bundle plus sync.ca_certs when it is set."""
+    if not config.ca_certs:
+        return None
+    import httplib2.certs
+    state_dir.mkdir(parents=True, exist_ok=True)
+    bundle = state_dir / "ca-bundle.pem"
+    default = Path(httplib2.certs.where()).read_text()
+    bundle.write_text(default.rstrip("\n") + "\n" + Path(config.ca_certs).expanduser().read_text())
+    return str(bundle)
+
+
+def authorized_http(credentials, config: SyncConfig, ca_certs: str | None) -> google_auth_httplib2.AuthorizedHttp:
+    """An httplib2 transport that adds (and refreshes) the bearer token; 308 is a resumable status, not a redirect."""
+    http = httplib2.Http(timeout=config.timeout_s, ca_certs=ca_certs)
+    http.redirect_codes = http.redirect_codes - {308}
+    return google_auth_httplib2.AuthorizedHttp(credentials, http=http)
+
+
+def drive_base_url(endpoint: str) -> str | None:
+    """The Drive v3 base URL for an API root such as https://host:port/ (None = Google's default)."""
+    if not endpoint:
+        return None
+    endpoint = endpoint.rstrip("/") + "/"
+    return endpoint if endpoint.endswith("drive/v3/") else endpoint + "drive/v3/"

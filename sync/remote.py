@@ -1,0 +1,119 @@
+"""The remote catalog: snapshot and cache names, the latest pointer, listing, and retention."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sync.backends.base import Backend, RemoteFile
+from sync.errors import SyncError
+
+log = logging.getLogger("sync")
+POINTER = "latest.json"
+
+
+def snapshot_name(step: int, run_id: str) -> str:
+    """The remote file name of the snapshot of step (run ids are reduced to safe characters)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id)[:40] or "run"
+    return f"snapshot-{step:09d}-{safe}.tar.gz"
+
+
+def cache_name(sha256: str) -> str:
+    """The remote, content-addressed name of a cache shard."""
+    return f"cache-{sha256}"
+
+
+@dataclass
+class SnapshotInfo:
+    """A snapshot on the remote, as described by its properties."""
+    name: str
+    step: int
+    val_accuracy: float | None
+    sha256: str
+    size: int
+    created: float
+    file_id: str = ""
+
+    @classmethod
+    def from_remote(cls, f: RemoteFile) -> "SnapshotInfo":
+        """Read a snapshot's description from its remote properties."""
+        p = f.properties
+        acc = p.get("val_accuracy", "")
+        return cls(f.name, int(p["step"]), float(acc) if acc not in ("", "None") else None,
+                   p.get("sha256", ""), f.size, float(p.get("created", f.modified)), f.id)
+
+    def properties(self) -> dict[str, str]:
+        """The remote properties (Drive appProperties) that describe this snapshot."""
+        return {"kind": "snapshot", "step": str(self.step), "sha256": self.sha256, "created": f"{self.created:.3f}",
+                "val_accuracy": "" if self.val_accuracy is None else repr(float(self.val_accuracy))}
+
+
+def list_snapshots(backend: Backend) -> list[SnapshotInfo]:
+    """Snapshots on the remote (by listing, trashed ones excluded), newest step first."""
+    out = []
+    for f in backend.list():
+        if f.properties.get("kind") == "snapshot":
+            try:
+                out.append(SnapshotInfo.from_remote(f))
+            except (KeyError, ValueError):
+                log.warning("ignoring %s: its properties are incomplete", f.name)
+    return sorted(out, key=lambda s: (s.step, s.created), reverse=True)
+
+
+def read_pointer(backend: Backend) -> SnapshotInfo | None:
+    """The snapshot named by the remote latest pointer, or None if there is no readable pointer."""
+    with tempfile.TemporaryDirectory(prefix="sync-pointer-") as tmp:
+        dest = Path(tmp) / POINTER
+        try:
+            backend.get(POINTER, dest)
+            data = json.loads(dest.read_text())
+            return SnapshotInfo(data["name"], int(data["step"]), data.get("val_accuracy"), data["sha256"],
+                                int(data["size"]), float(data["created"]), str(data.get("file_id", "")))
+        except SyncError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            log.warning("the remote %s is unreadable; using the folder listing instead", POINTER)
+            return None
+
+
+def write_pointer(backend: Backend, snap: SnapshotInfo, work_dir: Path) -> None:
+    """Point the remote latest.json at snap (called only after snap is verified)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    local = work_dir / POINTER
+    local.write_text(json.dumps(snap.__dict__, sort_keys=True))
+    backend.put(POINTER, local, {"kind": "pointer"})
+    local.unlink()
+
+
+def restore_candidates(backend: Backend) -> list[SnapshotInfo]:
+    """Snapshots to try restoring, best first: the pointer's target, then the listing by newest step."""
+    pointer = read_pointer(backend)
+    by_name = {s.name: s for s in list_snapshots(backend)}
+    if pointer and pointer.name not in by_name:
+        by_name[pointer.name] = pointer  # verified and pointed to, but not in the (lagging) listing yet
+    return sorted(by_name.values(), key=lambda s: (s.step, s.created), reverse=True)
+
+
+def retention_victims(snapshots: list[SnapshotInfo], keep: int, verified_step: int) -> list[SnapshotInfo]:
+    """Snapshots to delete: not among the newest `keep`, not the best by val accuracy, older than verified_step."""
+    by_step = sorted(snapshots, key=lambda s: (s.step, s.created), reverse=True)
+    kept = {s.name for s in by_step[:keep]}
+    scored = [s for s in by_step if s.val_accuracy is not None]
+    if scored:
+        kept.add(max(scored, key=lambda s: (s.val_accuracy, s.step)).name)
+    return [s for s in by_step if s.name not in kept and s.step < verified_step]
+
+
+def prune(backend: Backend, keep: int, verified_step: int | None = None) -> list[SnapshotInfo]:
+    """Delete the snapshots retention does not keep; return them."""
+    snapshots = list_snapshots(backend)
+    if verified_step is None:
+        verified_step = snapshots[0].step if snapshots else 0
+    victims = retention_victims(snapshots, keep, verified_step)
+    for snap in victims:
+        backend.delete(snap.name)
+        log.info("deleted old snapshot %s (step %d)", snap.name, snap.step)
+    return victims

@@ -1,0 +1,146 @@
+"""The background uploader: sends staged checkpoints (newest only), verifies, updates the pointer, prunes."""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+from sync.backends.base import Backend
+from sync.errors import SyncError
+from sync.remote import SnapshotInfo, cache_name, prune, snapshot_name, write_pointer
+from sync.snapshot import check_relpath, file_digest, pack
+from sync.staging import Staged, Staging
+
+log = logging.getLogger("sync")
+RETRY_AFTER_FAILURE_S = 300.0
+
+
+class Uploader:
+    """Owns the worker thread; the training thread only calls wake() (after staging) and close()."""
+
+    def __init__(self, backend: Backend, staging: Staging, cache_dir: Path, work_dir: Path, keep: int):
+        self.backend, self.staging, self.cache_dir = backend, staging, cache_dir
+        self.work_dir, self.keep = work_dir, keep
+        self._cond = threading.Condition()
+        self._wakeups = 0
+        self._stopping = False
+        self._remote_cache: set[str] | None = None
+        self._digests: dict[tuple, str] = {}
+        self.last_sent: int | None = None
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="sync-uploader", daemon=True)
+
+    def start(self) -> None:
+        """Start the worker (it first sends what a previous process left staged)."""
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Tell the worker a new checkpoint is staged."""
+        with self._cond:
+            self._wakeups += 1
+            self._cond.notify_all()
+
+    def close(self, timeout: float) -> str:
+        """Let the worker send what is pending for at most timeout seconds; return a one-line outcome."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        pending = self.staging.pending()
+        where = self.backend.description
+        if not pending:
+            if self.last_sent is not None:
+                return f"sync: snapshot step {self.last_sent} uploaded and verified ({where})"
+            return f"sync: nothing new to upload ({where})"
+        reason = "still uploading when the timeout ran out" if self._thread.is_alive() else (
+            (self.last_error or "not sent").removeprefix("sync: "))
+        return (f"sync: {len(pending)} snapshot(s) still pending (newest step {pending[-1].step}; {reason}): "
+                f"they stay queued locally and will be sent on the next run or by `python -m sync push`")
+
+    def _run(self) -> None:
+        failed = False
+        while True:
+            with self._cond:
+                seen = self._wakeups
+                pending = self.staging.pending()
+                if failed and not self._stopping:
+                    # after a failure, wait for a new checkpoint, close(), or the retry interval
+                    self._cond.wait_for(lambda: self._wakeups != seen or self._stopping,
+                                        timeout=RETRY_AFTER_FAILURE_S)
+                    pending = self.staging.pending()
+                if not pending:
+                    if self._stopping:
+                        return
+                    self._cond.wait_for(lambda: self._wakeups != seen or self._stopping)
+                    continue
+                final_try = self._stopping
+            newest = pending[-1]
+            for old in pending[:-1]:
+                log.info("step %d superseded by step %d before it was sent (coalesced)", old.step,
+                         newest.step)
+                self.staging.remove(old)
+            try:
+                self.send(newest)
+                self.staging.remove(newest)
+                self.last_sent, self.last_error, failed = newest.step, None, False
+            except SyncError as e:
+                self.last_error, failed = str(e), True
+                log.error("%s", str(e).removeprefix("sync: "))
+            except Exception as e:  # never let the worker die: training must not notice
+                self.last_error, failed = f"{type(e).__name__}: {e}", True
+                log.exception("unexpected error while sending step %d", newest.step)
+            if final_try and failed:
+                return
+
+    def send(self, staged: Staged) -> SnapshotInfo:
+        """Upload staged's cache shards and snapshot, verify it, move the pointer, then prune older ones."""
+        info = staged.info
+        cache = self._upload_cache(info.get("cache_files", []))
+        name = snapshot_name(staged.step, info.get("run_id", ""))
+        archive = self.work_dir / "outgoing" / f"{staged.path.name}-{int(info['staged'] * 1e6)}.tar.gz"
+        manifest = {k: info.get(k) for k in ("step", "val_accuracy", "val_loss", "metrics", "run_id",
+                                             "created", "runner_version")}
+        manifest["cache"] = cache
+        clear_outgoing(self.work_dir, {archive.name})
+        if not archive.exists():
+            pack(staged.path / "files", info["files"], manifest, archive)
+        snap = SnapshotInfo(name, staged.step, info.get("val_accuracy"), file_digest(archive),
+                            archive.stat().st_size, float(info["created"]))
+        snap.file_id = self.backend.put(name, archive, snap.properties()).id
+        write_pointer(self.backend, snap, self.work_dir / "outgoing")
+        log.info("snapshot step %d uploaded and verified (%s)", snap.step, self.backend.description)
+        archive.unlink(missing_ok=True)
+        prune(self.backend, self.keep, verified_step=snap.step)
+        return snap
+
+    def _upload_cache(self, rels: list[str]) -> dict[str, str]:
+        """Upload each cache shard not yet on the remote (named by its sha256); return {relpath: sha256}."""
+        if rels and self._remote_cache is None:
+            self._remote_cache = {f.name for f in self.backend.list() if f.properties.get("kind") == "cache"}
+        out = {}
+        for rel in sorted(set(rels)):
+            path = self.cache_dir / check_relpath(rel)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                log.warning("cache file %s is gone; the snapshot is sent without it (it would be "
+                            "recomputed after a restore)", rel)
+                continue
+            key = (rel, st.st_size, st.st_mtime_ns)
+            sha = self._digests.get(key) or file_digest(path)
+            self._digests[key] = sha
+            if cache_name(sha) not in self._remote_cache:
+                self.backend.put(cache_name(sha), path, {"kind": "cache", "sha256": sha})
+                self._remote_cache.add(cache_name(sha))
+            out[rel] = sha
+        return out
+
+
+def clear_outgoing(work_dir: Path, keep_names: set[str]) -> None:
+    """Remove packed archives no staged checkpoint needs any more."""
+    outgoing = work_dir / "outgoing"
+    if outgoing.is_dir():
+        for path in outgoing.iterdir():
+            if path.name not in keep_names:
+                path.unlink(missing_ok=True) if path.is_file() else shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,223 @@
+"""Export: the SavedModel, the frozen TF1 graph and TFLite all classify like the training-time head."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import cached_split
+
+TOLERANCE = 2e-3  # cached vectors are float16; the exported graph computes them in float32
+
+
+def copy_run(run_dir: Path, into: Path) -> Path:
+    """A private copy of a run folder (checkpoints, config, reports) that a test may change."""
+    return Path(shutil.copytree(run_dir, into / "run", ignore=shutil.ignore_patterns("tensorboard", "export")))
+
+
+@pytest.fixture(scope="module")
+def test_split(exported_run):
+    """The test split: image bytes, labels, cached vectors, and the restored head's probabilities."""
+    import tensorflow as tf
+    from runner.config import load_config
+    from runner.head import build_head
+    run_dir, cache_dir, _ = exported_run
+    config = load_config(run_dir / "config.toml")
+    vectors, labels, records = cached_split(run_dir, cache_dir, "test")
+    classes = json.loads((run_dir / "labels.json").read_text())
+    head = build_head(len(classes), vectors.shape[1], config.head, config.train.seed)
+    marker = json.loads(max((run_dir / "checkpoints").glob("ckpt-*.json"),
+                            key=lambda p: int(p.stem.split("-")[1])).read_text())
+    tf.train.Checkpoint(head=head).read(str(run_dir / "checkpoints" / f"ckpt-{marker['step']}")).expect_partial()
+    reference = tf.nn.softmax(head(vectors, training=False)).numpy()
+    images = [Path(r.path).read_bytes() for r in records]
+    return images, labels, reference
+
+
+@pytest.fixture(scope="module")
+def saved_model_probabilities(exported_run, test_split):
+    import tensorflow as tf
+    _, _, export_dir = exported_run
+    serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    outputs = serve(images=tf.constant(test_split[0]))
+    return {key: value.numpy() for key, value in outputs.items()}
+
+
+def tf1_session_run(export_dir: Path, images: list[bytes], via_meta_graph: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and top-k class names by tensor name, in a TF1 session, from model.meta or the GraphDef."""
+    import tensorflow as tf
+    names = json.loads((export_dir / "model.json").read_text())["tf1"]
+    with tf.compat.v1.Session(graph=tf.Graph()) as session:
+        if via_meta_graph:
+            tf.compat.v1.train.import_meta_graph(str(export_dir / names["meta_graph"]))
+        else:
+            graph_def = tf.compat.v1.GraphDef()
+            graph_def.ParseFromString((export_dir / names["frozen_graph"]).read_bytes())
+            tf.compat.v1.import_graph_def(graph_def, name="")
+        return tuple(session.run([names["probabilities"], names["classes"]], {names["input"]: images}))
+
+
+def assert_matches_reference(probabilities: np.ndarray, reference: np.ndarray) -> None:
+    assert probabilities.shape == reference.shape
+    np.testing.assert_allclose(probabilities, reference, atol=TOLERANCE)
+    margin = np.diff(np.sort(reference, axis=1)[:, -2:], axis=1)[:, 0]
+    clear = margin > 2 * TOLERANCE
+    assert clear.mean() > 0.95
+    assert np.array_equal(probabilities.argmax(1)[clear], reference.argmax(1)[clear])
+
+
+def test_export_folder_has_every_promised_file(exported_run):
+    run_dir, _, export_dir = exported_run
+    assert export_dir == run_dir / "export"
+    for name in ("saved_model.pb", "labels.txt", "frozen_graph.pb", "model.meta", "model.tflite",
+                 "model_quantized.tflite", "model.json"):
+        assert (export_dir / name).stat().st_size > 0, name
+    info = json.loads((export_dir / "model.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert info["classes"] == summary["classes"] == (export_dir / "labels.txt").read_text().splitlines()
+    assert info["step"] == summary["global_step"]
+    assert info["accuracy"] == {"test_accuracy": summary["test_accuracy"]}
+    assert info["input_size"] == 224 and info["backbone"]["name"] == "mobilenet"
+    assert info["runner_version"]
+    assert set(info["tf1"]) >= {"meta_graph", "frozen_graph", "input", "probabilities", "classes"}
+    assert not list(run_dir.glob(".export-*")), "the staging folder was left behind"
+
+
+def test_saved_model_signature_matches_the_training_head_on_the_test_split(test_split, saved_model_probabilities):
+    images, labels, reference = test_split
+    outputs = saved_model_probabilities
+    assert_matches_reference(outputs["probabilities"], reference)
+    top = outputs["top_k_indices"]
+    assert top.shape == (len(images), 5)
+    assert np.array_equal(top[:, 0], outputs["probabilities"].argmax(1))
+    print(f"exported model test accuracy {np.mean(top[:, 0] == labels):.4f} on {len(labels)} images")
+
+
+def test_top_k_classes_are_the_label_names_of_the_top_k_indices(exported_run, saved_model_probabilities):
+    classes = (exported_run[2] / "labels.txt").read_text().splitlines()
+    names = np.vectorize(lambda i: classes[i].encode())(saved_model_probabilities["top_k_indices"])
+    assert np.array_equal(saved_model_probabilities["top_k_classes"], names)
+
+
+@pytest.mark.parametrize("via_meta_graph", [True, False], ids=["meta_graph", "graph_def"])
+def test_tf1_session_on_raw_jpeg_bytes_gives_the_same_predictions(exported_run, test_split,
+                                                                  saved_model_probabilities, via_meta_graph):
+    images, _, reference = test_split
+    probabilities, classes = tf1_session_run(exported_run[2], images, via_meta_graph)
+    assert_matches_reference(probabilities, reference)
+    np.testing.assert_allclose(probabilities, saved_model_probabilities["probabilities"], atol=1e-5)
+    assert np.array_equal(classes, saved_model_probabilities["top_k_classes"])
+
+
+def tflite_probabilities(model_path: Path, images: list[bytes], size: int) -> np.ndarray:
+    """Run a TFLite model on decoded, resized images, one at a time as a mobile app would."""
+    import tensorflow as tf
+    from runner.backbones import decode_and_resize
+    interpreter = tf.lite.Interpreter(str(model_path))
+    interpreter.allocate_tensors()
+    (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+    assert list(source["shape"]) == [1, size, size, 3] and source["dtype"] == np.float32
+    out = []
+    for data in images:
+        interpreter.set_tensor(source["index"], decode_and_resize(tf.constant(data), size).numpy()[None])
+        interpreter.invoke()
+        out.append(interpreter.get_tensor(target["index"])[0].copy())
+    return np.array(out)
+
+
+def test_tflite_top1_agrees_with_the_saved_model_on_real_test_images(exported_run, test_split,
+                                                                     saved_model_probabilities):
+    images = test_split[0]
+    expected = saved_model_probabilities["probabilities"].argmax(1)
+    float_agreement = np.mean(tflite_probabilities(exported_run[2] / "model.tflite", images, 224).argmax(1)
+                              == expected)
+    quantized_agreement = np.mean(tflite_probabilities(exported_run[2] / "model_quantized.tflite", images, 224)
+                                  .argmax(1) == expected)
+    print(f"TFLite top-1 agreement with the SavedModel on {len(images)} test images: float "
+          f"{float_agreement:.2%}, dynamic-range quantized {quantized_agreement:.2%}")
+    assert float_agreement >= 0.98
+    assert quantized_agreement >= 0.8
+
+
+def test_export_refuses_below_min_accuracy_and_writes_nothing(exported_run, tmp_path, capsys):
+    from runner.errors import RunnerError
+    from runner.export import export_run, main
+    run_dir = copy_run(exported_run[0], tmp_path)
+    config = (run_dir / "config.toml").read_text()
+    assert "min_accuracy = 0.0" in config
+    (run_dir / "config.toml").write_text(config.replace("min_accuracy = 0.0", "min_accuracy = 0.99"))
+    with pytest.raises(RunnerError, match=r"test accuracy 0\.\d+ is below export.min_accuracy = 0.99"):
+        export_run(run_dir)
+    assert main(["--run", str(run_dir)]) == 2
+    assert "lower export.min_accuracy" in capsys.readouterr().err
+    assert not (run_dir / "export").exists() and not list(run_dir.glob(".export-*"))
+
+
+def test_export_of_a_missing_step_names_the_available_ones(exported_run):
+    from runner.errors import RunnerError
+    from runner.export import export_run
+    with pytest.raises(RunnerError, match=r"--step 1234: .* available steps: 3000, 3500, 4000"):
+        export_run(exported_run[0], step=1234)
+
+
+def test_an_older_step_reports_its_validation_accuracy(exported_run):
+    from runner.export import load_run_state, run_accuracy
+    run_dir = exported_run[0]
+    _, checkpoint = load_run_state(run_dir, 3500)
+    assert run_accuracy(run_dir, checkpoint) == ("val_accuracy", checkpoint.marker["metrics"]["val_accuracy"])
+
+
+def test_a_failed_export_keeps_the_previous_export_and_leaves_no_staging_folder(exported_run, tmp_path,
+                                                                                 monkeypatch):
+    from runner import export
+    run_dir = copy_run(exported_run[0], tmp_path)
+    shutil.copytree(exported_run[2], run_dir / "export")
+    before = (run_dir / "export" / "model.json").read_text()
+
+    def crash(*args):
+        raise RuntimeError("simulated crash while freezing the graph")
+    monkeypatch.setattr(export, "write_tf1_graphs", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        export.export_run(run_dir)
+    assert (run_dir / "export" / "model.json").read_text() == before
+    assert not list(run_dir.glob(".export-*"))
+
+
+def test_a_fine_tuned_run_exports_its_fine_tuned_backbone(exported_run, tmp_path):
+    from runner.export import export_run
+    from tests.helpers import checkpoint_values, local_mobilenet_args, run_resume
+    run_dir = tmp_path / "finetuned"
+    result = run_resume(*local_mobilenet_args(run_dir, exported_run[1], "train.steps=200", "fine_tune.enabled=true",
+                                              "fine_tune.steps=6", "fine_tune.batch_size=8", "eval.every_steps=100",
+                                              "checkpoint.every_steps=100"))
+    assert result.returncode == 0, result.stdout
+    info = json.loads((export_run(run_dir) / "model.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert info["step"] == summary["global_step"] == 206 and info["stage"] == "finetune"
+    assert info["accuracy"] == {"test_accuracy": summary["test_accuracy"]}
+
+    # Keras 3 checkpoints store a variable once, under its shortest path: the fine-tuned backbone weights
+    # appear as optimizer/_trainable_variables/N, so compare by value rather than by name
+    trained = checkpoint_values(str(run_dir / "finetune" / "checkpoints" / "ckpt-6"))
+    tuned = [value for name, value in trained.items()
+             if name.startswith(("optimizer/_trainable_variables/", "head/")) and "OPTIMIZER_SLOT" not in name]
+    exported = saved_model_arrays(run_dir / "export")
+    head_only = saved_model_arrays(exported_run[2])
+    assert len(tuned) > 2, "the checkpoint should hold fine-tuned backbone weights besides the head"
+    assert all(contains(exported, value) for value in tuned), "the export lacks a fine-tuned weight"
+    assert sum(not contains(head_only, value) for value in tuned) > 2, "the backbone weights did not change"
+
+
+def saved_model_arrays(export_dir: Path) -> list[np.ndarray]:
+    """Every numeric variable value stored in a SavedModel."""
+    import tensorflow as tf
+    reader = tf.train.load_checkpoint(str(export_dir / "variables" / "variables"))
+    values = (reader.get_tensor(name) for name in reader.get_variable_to_shape_map())
+    return [value for value in values if isinstance(value, np.ndarray) and value.dtype.kind == "f"]
+
+
+def contains(arrays: list[np.ndarray], value: np.ndarray) -> bool:
+    return any(a.shape == value.shape and np.array_equal(a, value) for a in arrays)
