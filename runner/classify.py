@@ -9,6 +9,7 @@ still classified. The exit status is non-zero only when nothing could be classif
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import os
 import sys
@@ -23,8 +24,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from runner.cli import EXIT_USER_ERROR  # noqa: E402
+from runner.config import parse_override  # noqa: E402
 from runner.data import sniff_format  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
+
+log = logging.getLogger("runner")
 
 EXIT_NOTHING_CLASSIFIED = 1
 
@@ -56,12 +60,37 @@ def extract_archive(archive: Path, into: Path) -> Path:
     return _find_export(into, str(archive))
 
 
-def resolve_model(spec: str, workdir: Path) -> Path:
-    """The export folder named by MODEL: a folder, a run folder, or an archive unpacked into `workdir`."""
+def download_from_drive(folder: str, sync_settings: list[str], workdir: Path) -> Path:
+    """The newest verified snapshot of a Drive folder, downloaded through sync into `workdir`."""
+    from sync import SyncConfig, SyncError, open_sync
+    table = {"backend": "drive", "folder": folder}
+    for item in sync_settings:
+        key, value = parse_override(item)
+        if not key.startswith("sync."):
+            raise RunnerError(f"--set {item!r}: only sync.* settings apply here, e.g. --set sync.credentials=FILE.json.")
+        table[key.removeprefix("sync.")] = value
+    run_dir = workdir / "snapshot"
+    try:
+        config = SyncConfig.from_mapping(table)
+        sync = open_sync(config, run_dir, workdir / "cache", run_id="classify")
+        try:
+            step = sync.download_latest(run_dir)
+        finally:
+            sync.close(timeout=0)
+    except SyncError as e:
+        raise RunnerError(str(e).removeprefix("sync: ")) from None
+    if step is None:
+        raise RunnerError(f"Drive folder {folder!r} holds no snapshot; check sync.folder (the same value the "
+                          f"training run used).")
+    log.info("downloaded the snapshot of step %d from Drive folder %s", step, folder)
+    return run_dir
+
+
+def resolve_model(spec: str, workdir: Path, sync_settings: list[str] = ()) -> Path:
+    """The export folder named by MODEL: a folder, a run folder, an archive unpacked into `workdir`, or
+    `drive:FOLDER` (the newest snapshot, downloaded and verified through sync)."""
     if spec.startswith("drive:"):
-        raise RunnerError(f"MODEL {spec!r}: downloading from Drive is not supported by classify yet; pull the "
-                          f"newest snapshot into its run folder with `python -m sync --config CONFIG pull` and "
-                          f"pass that run folder (or its export/) as MODEL.")
+        return _find_export(download_from_drive(spec.removeprefix("drive:"), sync_settings, workdir), spec)
     path = Path(spec)
     if path.is_dir():
         return _find_export(path, str(path))
@@ -150,16 +179,18 @@ def format_text(results: list[Result]) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     """CLI: python -m runner.classify MODEL IMAGE_OR_DIR... [--top-k 5] [--json]."""
     parser = argparse.ArgumentParser(prog="python -m runner.classify", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="export folder, run folder, or snapshot archive (.tar.gz)")
+    parser.add_argument("model", help="export folder, run folder, snapshot archive (.tar.gz), or drive:FOLDER")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--set", action="append", default=[], metavar="sync.KEY=VALUE", dest="sync_settings",
+                        help="for drive:FOLDER: sync settings such as sync.credentials=FILE.json")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
     try:
         with tempfile.TemporaryDirectory(prefix="classify-") as workdir:
-            model = ExportedModel(resolve_model(args.model, Path(workdir)))
+            model = ExportedModel(resolve_model(args.model, Path(workdir), args.sync_settings))
             files = list_inputs(args.inputs)
             if not files:
                 raise RunnerError(f"no files found in {', '.join(args.inputs)}; pass image files or folders.")

@@ -211,7 +211,8 @@ def _apply(config: Config, key: str, value: Any, source: str) -> None:
     setattr(section, name, coerced)
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` → (key, value typed as TOML reads it; a bare string otherwise)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise RunnerError(f"--set {text!r}: write it as section.key=value, e.g. --set train.steps=8000.")
@@ -240,7 +241,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             for name, value in section.items():
                 _apply(config, f"{section_name}.{name}", value, str(path))
     for text in overrides:
-        key, value = _parse_override(text)
+        key, value = parse_override(text)
         _apply(config, key, value, "--set")
     validate(config)
     return config

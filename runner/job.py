@@ -31,6 +31,8 @@ from runner.report import write_report
 from runner.train import (BatchOrder, Stage, StopFlag, TrainState, class_weight_vector, make_train_step,
                           run_stage)
 
+from sync import LAST_SNAPSHOT
+
 log = logging.getLogger("runner")
 
 
@@ -113,10 +115,17 @@ class Job:
         def save(step: int, metrics: dict) -> None:
             files = store.save(step, dict(base_marker, metrics=metrics))
             log.info("checkpoint saved at %s step %d", base_marker["stage"], step)
-            self._last_snapshot = (step + base_marker["step_offset"], [f"{folder}/{f}" for f in files] + [
+            self._hand_to_sync(step + base_marker["step_offset"], [f"{folder}/{f}" for f in files] + [
                 "labels.json", "config.toml", "metrics.jsonl"], dict(metrics, step=step), cache_files())
-            self.sync.on_checkpoint(*self._last_snapshot)
         return save
+
+    def _hand_to_sync(self, step: int, files: list[str], metrics: dict, cache_files: list[str]) -> None:
+        """Give sync a finished checkpoint, and record the hand-over in LAST_SNAPSHOT for `python -m sync push`."""
+        files = [f for f in files if (self.run_dir / f).is_file()]
+        self._last_snapshot = (step, files, metrics, cache_files)
+        write_text_atomic(self.run_dir / LAST_SNAPSHOT, json.dumps(
+            {"step": step, "files": files, "metrics": metrics, "cache_files": cache_files}, indent=1))
+        self.sync.on_checkpoint(step, files, metrics, cache_files)
 
     def _finish(self, summary: dict) -> None:
         """Export and plot, then hand sync the final snapshot with the export and report inside."""
@@ -131,7 +140,7 @@ class Job:
         extras = ["summary.json", "test_report.json"] + [
             p.relative_to(run_dir).as_posix() for folder in ("export", "report")
             for p in sorted((run_dir / folder).rglob("*")) if p.is_file()]
-        self.sync.on_checkpoint(step, files + extras, dict(metrics, final=True), cache_files)
+        self._hand_to_sync(step, files + extras, dict(metrics, final=True), cache_files)
 
     def _restore(self, store: CheckpointStore, step_offset: int) -> list[int]:
         """Restore the newest usable checkpoint of a stage; returns the run's resume history."""

@@ -14,6 +14,8 @@ from sync.errors import SyncError
 __all__ = ["SyncConfig", "SyncError", "Sync", "open_sync"]
 log = logging.getLogger("sync")
 STATE_DIR = ".sync"  # under the run dir; never part of a snapshot
+LAST_SNAPSHOT = "last_snapshot.json"  # written by the runner in the run dir: the last on_checkpoint call's
+                                      # {step, files, metrics, cache_files}, so `python -m sync push` can resend it
 
 
 class Sync:
@@ -43,6 +45,14 @@ class Sync:
             return None
         from sync.restore import restore_latest
         return restore_latest(self.backend, self.run_dir, self.cache_dir, self.state_dir / "download")
+
+    def download_latest(self, dest: Path) -> int | None:
+        """Extract the newest verified remote snapshot into dest, without the bottleneck cache (to use its
+        export elsewhere); return its step, or None if the remote has none."""
+        if not self.enabled:
+            return None
+        from sync.restore import restore_latest
+        return restore_latest(self.backend, Path(dest), None, Path(dest) / STATE_DIR / "download")
 
     def on_checkpoint(self, step: int, files: list[str], metrics: dict, cache_files: list[str]) -> None:
         """Stage a copy of a finished checkpoint now; it is packed and uploaded in the background."""

@@ -4,18 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
 
-from sync import STATE_DIR, open_sync
+from sync import LAST_SNAPSHOT, STATE_DIR, open_sync
 from sync.config import load_toml
 from sync.errors import SyncError
 from sync.remote import list_snapshots, prune, read_pointer
 
-RUN_FILES = ("labels.json", "config.toml", "metrics.jsonl")
-RUN_FOLDERS = ("export", "report")
 
 
 def _age(seconds: float) -> str:
@@ -63,23 +60,14 @@ def cmd_pull(sync, args) -> int:
     return 0
 
 
-def newest_local_checkpoint(run_dir: Path) -> tuple[int, list[str], dict] | None:
-    """(step, files, metrics) of the newest complete checkpoint in run_dir/checkpoints, or None."""
-    steps = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("ckpt-*.index")
-             if (m := re.fullmatch(r"ckpt-(\d+)\.index", p.name))]
-    if not steps:
-        return None
-    step = max(steps)
-    files = [p.relative_to(run_dir).as_posix() for p in (run_dir / "checkpoints").glob(f"ckpt-{step}.*")]
-    files += [f for f in RUN_FILES if (run_dir / f).is_file()]
-    files += [p.relative_to(run_dir).as_posix() for d in RUN_FOLDERS for p in (run_dir / d).rglob("*")
-              if p.is_file()]
-    metrics = {"step": step}
+def newest_local_checkpoint(run_dir: Path) -> tuple[int, list[str], dict, list[str]] | None:
+    """(step, files, metrics, cache_files) of the last checkpoint the runner handed to sync, or None."""
     try:
-        metrics.update(json.loads((run_dir / "checkpoints" / f"ckpt-{step}.json").read_text()))
+        record = json.loads((run_dir / LAST_SNAPSHOT).read_text())
     except (OSError, ValueError):
-        pass
-    return step, sorted(files), metrics
+        return None
+    files = [f for f in record["files"] if (run_dir / f).is_file()]
+    return int(record["step"]), files, record.get("metrics", {}), record.get("cache_files", [])
 
 
 def cmd_push(sync, args) -> int:
@@ -88,15 +76,16 @@ def cmd_push(sync, args) -> int:
         found = newest_local_checkpoint(sync.run_dir)
         on_remote = {s.step for s in list_snapshots(sync.backend)}
         if found is None:
-            print(f"sync: nothing to push: no checkpoint in {sync.run_dir / 'checkpoints'}")
+            print(f"sync: nothing to push: {sync.run_dir / LAST_SNAPSHOT} is missing (no checkpoint was saved "
+                  f"in this run dir yet)")
             sync.close(timeout=0)
             return 0
         if found[0] in on_remote:
             print(f"sync: step {found[0]} is already in {sync.backend.description}")
             sync.close(timeout=0)
             return 0
-        step, files, metrics = found
-        sync.on_checkpoint(step, files, metrics, [])
+        step, files, metrics, cache_files = found
+        sync.on_checkpoint(step, files, metrics, cache_files)
     outcome = sync.close()
     print(outcome)
     return 1 if "pending" in outcome else 0

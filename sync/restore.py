@@ -56,8 +56,9 @@ def fetch_cache(backend: Backend, manifest: dict, cache_dir: Path) -> int:
     return fetched
 
 
-def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path, work_dir: Path) -> int | None:
-    """Restore the newest snapshot that verifies into run_dir and its cache into cache_dir; return its step."""
+def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work_dir: Path) -> int | None:
+    """Restore the newest snapshot that verifies into run_dir and its cache into cache_dir (None: leave the
+    cache on the remote); return its step."""
     candidates = restore_candidates(backend)
     for snap in candidates:
         try:
@@ -71,6 +72,9 @@ def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path, work_dir: P
             log.warning("snapshot %s skipped: %s", snap.name, str(e).removeprefix("sync: "))
             continue
         move_into_place(extracted, manifest, run_dir)
+        if cache_dir is None:
+            log.info("restored step %d from %s", snap.step, snap.name)
+            return int(manifest["step"])
         try:
             n = fetch_cache(backend, manifest, cache_dir)
             log.info("restored step %d from %s (%d cache shards downloaded)", snap.step, snap.name, n)

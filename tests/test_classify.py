@@ -89,7 +89,7 @@ def test_archive_with_a_path_escaping_the_folder_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("model, message", [
-    ("drive:my-runs", "not supported by classify yet"),
+    ("drive:my-runs", "no Google credentials were found"),  # drive:FOLDER itself: tests/sync/test_end_to_end.py
     ("no/such/folder", "neither an export folder nor a .tar.gz snapshot"),
 ])
 def test_unusable_model_argument_gets_a_clear_error(model, message, capsys):

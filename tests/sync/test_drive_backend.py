@@ -251,3 +251,20 @@ def test_download_continues_from_a_partial_file_left_by_a_killed_process(backend
     backend.get("big.bin", dest)
     assert dest.read_bytes() == big.read_bytes()
     assert sum(1 for c, _, _ in fake_drive.log if c == "media") - before == 1  # only the last half chunk
+
+
+def test_no_credentials_at_all_says_how_to_authenticate(drive_config, tmp_path, monkeypatch):
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))  # no application-default file
+    monkeypatch.setenv("NO_GCE_CHECK", "True")  # not on Google Compute Engine
+    drive_config.credentials = ""
+    with pytest.raises(SyncError, match=r"no Google credentials were found.*authenticate_user\(\).*sync.credentials"):
+        make_backend(drive_config, tmp_path / "s")
+
+
+def test_credentials_file_of_the_wrong_kind_names_the_setting(drive_config, tmp_path):
+    bad = tmp_path / "client_secret.json"
+    bad.write_text(json.dumps({"installed": {"client_id": "x"}}))
+    drive_config.credentials = str(bad)
+    with pytest.raises(SyncError, match="sync.credentials = .*'authorized_user' or 'service_account'"):
+        make_backend(drive_config, tmp_path / "s")
