@@ -162,3 +162,16 @@ def cached_split(run_dir: Path, cache_dir: Path, split: str):
     records = dataset.split(split)
     vectors = BottleneckCache(Path(cache_dir), identity, dim).table([r.sha256 for r in records]).all()
     return vectors, np.array([r.label for r in records]), records
+
+
+def sigterm_after_start(args: list[str], started_text: str, seconds: float) -> tuple[int, str]:
+    """Start `resume.py ARGS`, send SIGTERM `seconds` after `started_text` appears; (exit status, output)."""
+    import signal
+    import time
+    process = start_resume(*args)
+    watcher = OutputWatcher(process)
+    assert watcher.wait_for(started_text), watcher.output()
+    time.sleep(seconds)
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(60)
+    return code, watcher.output()

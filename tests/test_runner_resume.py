@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import time
 
 from tests.helpers import (OutputWatcher, assert_same_checkpoint, latest_checkpoint_prefix, local_mobilenet_args,
-                           run_resume, sigkill_repeatedly, start_resume, summary)
+                           run_resume, sigkill_repeatedly, sigterm_after_start, start_resume, summary)
 
 HEAD_SETTINGS = ("train.steps=2500", "checkpoint.every_steps=100", "eval.every_steps=100",
                  "head.hidden_units=128", "head.dropout=0.3", "train.label_smoothing=0.1",
@@ -103,13 +102,8 @@ def test_sigterm_saves_a_final_checkpoint_and_the_same_command_continues(clothin
     run_dir = tmp_path / "run"
     args = local_mobilenet_args(run_dir, cache_dir, "train.steps=100000", "checkpoint.every_steps=0",
                                 "checkpoint.every_seconds=3600", "head.hidden_units=256")
-    process = start_resume(*args)
-    watcher = OutputWatcher(process)
-    assert watcher.wait_for("training head"), watcher.output()
-    time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(60) == 130
-    output = watcher.output()
+    code, output = sigterm_after_start(args, "training head", 1.0)
+    assert code == 130
     assert "stopped by SIGTERM at step" in output and "checkpoint saved" in output
     step = int(output.split("stopped by SIGTERM at step ")[1].split(":")[0])
     assert step > 0 and (run_dir / "checkpoints" / f"ckpt-{step}.json").exists()

@@ -7,7 +7,8 @@ import signal
 import subprocess
 import time
 
-from tests.helpers import CLOTHING, OutputWatcher, local_mobilenet_args, run_resume, start_resume, summary
+from tests.helpers import (CLOTHING, OutputWatcher, local_mobilenet_args, run_resume, sigterm_after_start,
+                           start_resume, summary)
 
 
 def child_pid(parent: int, timeout: float = 60) -> int:
@@ -48,15 +49,10 @@ def test_bad_data_is_not_retried(shared_assets, tmp_path):
 def test_sigterm_to_the_supervisor_stops_the_child_gracefully(clothing_run, tmp_path):
     _, cache_dir, _ = clothing_run
     run_dir = tmp_path / "run"
-    process = start_resume(*local_mobilenet_args(run_dir, cache_dir, "train.steps=1000000",
-                                                 "checkpoint.every_steps=0", "checkpoint.every_seconds=3600"),
-                           "--supervise", "3")
-    watcher = OutputWatcher(process)
-    assert watcher.wait_for("training head"), watcher.output()
-    time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(60) == 130
-    output = watcher.output()
+    args = local_mobilenet_args(run_dir, cache_dir, "train.steps=1000000", "checkpoint.every_steps=0",
+                                "checkpoint.every_seconds=3600") + ["--supervise", "3"]
+    code, output = sigterm_after_start(args, "training head", 0.5)
+    assert code == 130
     assert "stopped by SIGTERM at step" in output and "supervisor: stopped on SIGTERM" in output
     assert "restart" not in output
     assert list((run_dir / "checkpoints").glob("ckpt-*.json"))
