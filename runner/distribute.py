@@ -1,5 +1,8 @@
-"""The tf.distribute strategy picked by config, and splitting a host batch across replicas."""
+"""The tf.distribute strategy picked by config, the thread budget, and splitting a host batch across replicas."""
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import tensorflow as tf
 
@@ -7,8 +10,44 @@ from runner.config import TrainConfig
 from runner.errors import RunnerError
 
 
+@dataclass(frozen=True)
+class ThreadBudget:
+    """How the cores are shared between image decoding (tf.data) and TensorFlow's compute (the forward pass)."""
+    decode: int      # threads of extraction's private tf.data pool
+    intra_op: int    # TensorFlow's intra-op pool (one op, e.g. a convolution, split across threads)
+    inter_op: int    # TensorFlow's inter-op pool (independent ops side by side)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's share), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_budget(cores: int, accelerator: bool) -> ThreadBudget:
+    """Split `cores` so that decoding and the forward pass do not oversubscribe them.
+
+    On a GPU the forward pass runs on the accelerator and every core decodes. On a CPU both share the
+    cores: half decode, the rest compute, and each op keeps to its share (one inter-op thread, since the
+    backbone is one chain of ops), instead of both pools sizing themselves to every core."""
+    if accelerator:
+        return ThreadBudget(decode=cores, intra_op=cores, inter_op=2)
+    decode = max(1, cores // 2)
+    return ThreadBudget(decode=decode, intra_op=max(1, cores - decode), inter_op=1)
+
+
+def current_thread_budget() -> ThreadBudget:
+    """The budget for this machine: its cores, and whether TensorFlow sees a GPU."""
+    return thread_budget(available_cores(), bool(tf.config.list_physical_devices("GPU")))
+
+
 def configure_tensorflow(config: TrainConfig) -> None:
-    """Deterministic ops and logical CPU devices as configured (before TensorFlow initialises devices)."""
+    """Thread budget, deterministic ops and logical CPU devices (before TensorFlow initialises devices)."""
+    budget = current_thread_budget()
+    tf.config.threading.set_intra_op_parallelism_threads(budget.intra_op)
+    tf.config.threading.set_inter_op_parallelism_threads(budget.inter_op)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     if config.cpu_devices > 1:

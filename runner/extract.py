@@ -3,13 +3,15 @@ frozen backbone under a tf.distribute strategy; finished shards go to the cache 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import tensorflow as tf
 
-from runner.backbones import Backbone, decode_and_resize
+from runner.backbones import Backbone, decode_and_resize, extraction_model
 from runner.cache import BottleneckCache
 from runner.data import ImageRecord
+from runner.distribute import current_thread_budget
 from runner.progress import progress
 
 log = logging.getLogger("runner")
@@ -17,21 +19,48 @@ log = logging.getLogger("runner")
 UNDECODABLE = "undecodable: TensorFlow could not decode the image (corrupt or unsupported variant)"
 
 
-def image_pipeline(paths: list[str], image_size: int, batch_size: int) -> tf.data.Dataset:
-    """(image, position) batches; images that fail to decode are dropped, their positions missing."""
+def image_pipeline(paths: list[str], image_size: int, batch_size: int,
+                   decode_threads: int | None = None) -> tf.data.Dataset:
+    """(image, position) batches; images that fail to decode are dropped, their positions missing.
+
+    Decoding runs on its own pool of `decode_threads` (default: the thread budget's share), one thread per
+    image, so it never competes with the forward pass for more cores than its share."""
     positions = np.arange(len(paths), dtype=np.int64)
     ds = tf.data.Dataset.from_tensor_slices((paths, positions))
     ds = ds.map(lambda p, i: (decode_and_resize(tf.io.read_file(p), image_size), i),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = decode_threads or current_thread_budget().decode
+    options.threading.max_intra_op_parallelism = 1
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def to_devices(dataset: tf.data.Dataset, strategy: tf.distribute.Strategy, device: str | None = None):
+    """The batches placed where the forward pass runs: MirroredStrategy distributes them itself; otherwise
+    they are prefetched onto the accelerator (`device`, default the first GPU) so it never waits for a copy."""
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return strategy.experimental_distribute_dataset(dataset)
+    gpus = tf.config.list_logical_devices("GPU")
+    device = device or (gpus[0].name if gpus else None)
+    if device is None:
+        return dataset
+    return dataset.apply(tf.data.experimental.prefetch_to_device(device, buffer_size=2))
 
 
 def make_forward(backbone: Backbone, strategy: tf.distribute.Strategy):
-    """A compiled function: a distributed image batch → (all vectors, all positions) on the host."""
+    """A compiled function: a distributed image batch → (all vectors, all positions) on the host.
+
+    With backbone.mixed_precision it computes in float16, with backbone.xla it is compiled by XLA."""
+    model = extraction_model(backbone)
+
+    @tf.function(jit_compile=True if backbone.config.xla else None)
+    def replica_forward(images):
+        return model(images, training=False)
+
     @tf.function
     def forward(images, positions):
-        vectors = strategy.run(lambda x: backbone.model(x, training=False), args=(images,))
+        vectors = strategy.run(replica_forward, args=(images,))
         return (strategy.gather(vectors, axis=0), strategy.gather(positions, axis=0))
     return forward
 
@@ -48,8 +77,7 @@ def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: Bottl
     if not todo:
         return 0
     log.info("extracting bottlenecks for %d images (%d already cached)", len(todo), len(cache))
-    dataset = strategy.experimental_distribute_dataset(
-        image_pipeline([r.path for r in todo], backbone.image_size, batch_size))
+    dataset = to_devices(image_pipeline([r.path for r in todo], backbone.image_size, batch_size), strategy)
     forward = make_forward(backbone, strategy)
     pending_keys, pending_vectors, next_expected = [], [], 0
     bar = progress(len(todo), "extracting bottlenecks", "img", progress_mode)

@@ -22,7 +22,7 @@ from runner.config import Config, fingerprint_hash, to_toml
 from runner.data import Dataset, HashIndex, ImageRecord, check_class_sizes, scan_dataset
 from runner.distribute import make_strategy
 from runner.errors import IncompatibleRunError, RunnerError
-from runner.evaluate import loss_and_accuracy, predict_logits, test_report
+from runner.evaluate import loss_and_accuracy, predict_logits, report_json, test_report
 from runner.export import export_run
 from runner.extract import extract_missing
 from runner.finetune import ImageBatches, ImageFeatures, unfreeze_top
@@ -100,9 +100,9 @@ class Job:
             restored_step = self.sync.restore_latest()
             if restored_step is not None:
                 log.info("downloaded the snapshot of step %d from sync (%s)", restored_step, config.sync.backend)
+        self.hash_index = HashIndex(config.cache_dir / "file-hashes.json")
         dataset = scan_dataset(Path(config.data.dir), config.split.validation_percent, config.split.test_percent,
-                               HashIndex(config.cache_dir / "file-hashes.json"),
-                               config.data.min_images_per_class, config.train.progress)
+                               self.hash_index, config.data.min_images_per_class, config.train.progress)
         check_compatible(latest_marker(run_dir / HEAD_CHECKPOINTS), config.compatibility_fingerprint(),
                          dataset.classes, run_dir)
         check_compatible(latest_marker(run_dir / FINETUNE_CHECKPOINTS), config.fine_tune_fingerprint(),
@@ -118,6 +118,10 @@ class Job:
             self._hand_to_sync(step + base_marker["step_offset"], [f"{folder}/{f}" for f in files] + [
                 "labels.json", "config.toml", "metrics.jsonl"], dict(metrics, step=step), cache_files())
         return save
+
+    def _cache_files(self, cache: BottleneckCache):
+        """What sync ships of the cache: its immutable shards and the file-hash index's content-named copy."""
+        return lambda: cache.files() + [self.hash_index.shipped_name]
 
     def _hand_to_sync(self, step: int, files: list[str], metrics: dict, cache_files: list[str]) -> None:
         """Give sync a finished checkpoint, and record the hand-over in LAST_SNAPSHOT for `python -m sync push`."""
@@ -213,7 +217,7 @@ class Job:
         test_features = features_of(test.paths) if features_of else test.table.all()
         report = test_report(predict_logits(head, test_features), test.labels, dataset.classes,
                              [r.relpath for r in test.records])
-        write_text_atomic(run_dir / "test_report.json", json.dumps(report, indent=1))
+        write_text_atomic(run_dir / "test_report.json", report_json(report))
         summary = {
             "test_accuracy": report["test_accuracy"], "test_loss": report["test_loss"],
             "val_accuracy": last_eval.get("val_accuracy"), "val_loss": last_eval.get("val_loss"),
@@ -254,7 +258,7 @@ class Job:
         stage = Stage("head", config.train.steps, 0, state,
                       make_head_step(head, optimizer, strategy, config, len(class_weights)), next_batch,
                       lambda: loss_and_accuracy(predict_logits(head, val_features), val.labels),
-                      self._checkpoint_callback(store, HEAD_CHECKPOINTS, base_marker, cache.files))
+                      self._checkpoint_callback(store, HEAD_CHECKPOINTS, base_marker, self._cache_files(cache)))
         return run_stage(config, stage, strategy, class_weights, self.metrics_path, self.stop), history
 
     def _finetune_stage(self, config: Config, strategy, backbone: Backbone, head, train: Split, val: Split,
@@ -291,7 +295,7 @@ class Job:
                             config.train.label_smoothing)
         stage = Stage("finetune", ft.steps, config.train.steps, state, step_fn, batches,
                       lambda: loss_and_accuracy(predict_logits(head, features_of(val.paths)), val.labels),
-                      self._checkpoint_callback(store, FINETUNE_CHECKPOINTS, base_marker, cache.files))
+                      self._checkpoint_callback(store, FINETUNE_CHECKPOINTS, base_marker, self._cache_files(cache)))
         return run_stage(config, stage, strategy, class_weights, self.metrics_path, self.stop), history
 
     @staticmethod
