@@ -30,12 +30,13 @@ def thread_budget(cores: int, accelerator: bool) -> ThreadBudget:
     """Split `cores` so that decoding and the forward pass do not oversubscribe them.
 
     On a GPU the forward pass runs on the accelerator and every core decodes. On a CPU both share the
-    cores: half decode, the rest compute, and each op keeps to its share (one inter-op thread, since the
-    backbone is one chain of ops), instead of both pools sizing themselves to every core."""
+    cores: half decode, the rest compute, instead of both pools sizing themselves to every core. Two
+    inter-op threads, not one: the backbone is one chain of ops, but a single inter-op thread can
+    deadlock an op that waits for another (tensorflow/tensorflow#29937, #10369)."""
     if accelerator:
         return ThreadBudget(decode=cores, intra_op=cores, inter_op=2)
     decode = max(1, cores // 2)
-    return ThreadBudget(decode=decode, intra_op=max(1, cores - decode), inter_op=1)
+    return ThreadBudget(decode=decode, intra_op=max(1, cores - decode), inter_op=2)
 
 
 def current_thread_budget() -> ThreadBudget:

@@ -48,21 +48,22 @@ def to_devices(dataset: tf.data.Dataset, strategy: tf.distribute.Strategy, devic
     return dataset.apply(tf.data.experimental.prefetch_to_device(device, buffer_size=2))
 
 
-def make_forward(backbone: Backbone, strategy: tf.distribute.Strategy):
+def make_forward(backbone: Backbone, strategy: tf.distribute.Strategy, element_spec=None):
     """A compiled function: a distributed image batch → (all vectors, all positions) on the host.
 
-    With backbone.mixed_precision it computes in float16, with backbone.xla it is compiled by XLA."""
+    Traced once for `element_spec` (the dataset's, any batch size) so the last, smaller batch costs no
+    second trace; with backbone.mixed_precision it computes in float16, with backbone.xla it is compiled
+    by XLA."""
     model = extraction_model(backbone)
 
     @tf.function(jit_compile=True if backbone.config.xla else None)
     def replica_forward(images):
         return model(images, training=False)
 
-    @tf.function
     def forward(images, positions):
         vectors = strategy.run(replica_forward, args=(images,))
         return (strategy.gather(vectors, axis=0), strategy.gather(positions, axis=0))
-    return forward
+    return tf.function(forward, input_signature=None if element_spec is None else list(element_spec))
 
 
 def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: BottleneckCache,
@@ -78,7 +79,7 @@ def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: Bottl
         return 0
     log.info("extracting bottlenecks for %d images (%d already cached)", len(todo), len(cache))
     dataset = to_devices(image_pipeline([r.path for r in todo], backbone.image_size, batch_size), strategy)
-    forward = make_forward(backbone, strategy)
+    forward = make_forward(backbone, strategy, dataset.element_spec)
     pending_keys, pending_vectors, next_expected = [], [], 0
     bar = progress(len(todo), "extracting bottlenecks", "img", progress_mode)
 
