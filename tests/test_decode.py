@@ -103,7 +103,7 @@ def test_export_and_cached_vectors_agree_on_large_jpegs(backbone, large_photos, 
     outputs (up to the cache's float16 storage)."""
     import tensorflow as tf
     from runner.config import Config
-    from runner.export import Classifier, RunModel
+    from runner.export import Classifier, RunModel, write_tf1_graphs
     from runner.head import build_head
     cache, keys = extract_into_cache(large_photos, backbone, tmp_path / "cache")
     cached = cache.table(keys).all()
@@ -113,10 +113,17 @@ def test_export_and_cached_vectors_agree_on_large_jpegs(backbone, large_photos, 
     tf.saved_model.save(classifier, str(tmp_path / "export"),
                         signatures={"serving_default": classifier.serve.get_concrete_function()})
     serve = tf.saved_model.load(str(tmp_path / "export")).signatures["serving_default"]
-    served = serve(images=tf.constant([p.read_bytes() for p in large_photos]))["probabilities"].numpy()
+    images = [p.read_bytes() for p in large_photos]
+    served = serve(images=tf.constant(images))["probabilities"].numpy()
     from_cache = tf.nn.softmax(head(cached)).numpy()
     assert served.std(axis=0).max() > 0.05, "the probabilities should differ from image to image"
     np.testing.assert_allclose(served, from_cache, atol=5e-3)
+    names = write_tf1_graphs(classifier, tmp_path / "export")  # the frozen graph decodes the same way
+    graph_def = tf.compat.v1.GraphDef.FromString((tmp_path / "export" / names["frozen_graph"]).read_bytes())
+    with tf.compat.v1.Session(graph=tf.Graph()) as session:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+        tf1 = session.run(names["probabilities"], {names["input"]: images})
+    np.testing.assert_allclose(tf1, from_cache, atol=5e-3)
     # and the check is sharp: the naive full-size decode gives other vectors than the cache holds
     naive = np.stack([backbone.model(tf.image.resize(tf.io.decode_image(p.read_bytes(), channels=3,
                                                                         expand_animations=False)[None], (224, 224)))[0]
