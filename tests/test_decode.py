@@ -163,3 +163,13 @@ def test_xla_forward_and_device_prefetch_give_the_same_vectors(backbone, large_p
     assert [p.tolist() for _, p in compiled] == [p.tolist() for _, p in plain] == [[0, 1], [2, 3]]
     for (a, _), (b, _) in zip(compiled, plain):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_a_slow_end_of_extraction_is_reported_with_its_phase(caplog):
+    from runner.extract import report_slow_end
+    report_slow_end(0.1, 0.2)
+    assert not caplog.records
+    report_slow_end(14.0, 0.1)
+    report_slow_end(0.1, 21.0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "pipeline took 14.0 s" in messages[0] and "last cache shard took 21.0 s" in messages[1]
