@@ -12,10 +12,9 @@ from runner.errors import RunnerError
 
 @dataclass(frozen=True)
 class ThreadBudget:
-    """How the cores are shared between image decoding (tf.data) and TensorFlow's compute (the forward pass)."""
-    decode: int      # threads of extraction's private tf.data pool
-    intra_op: int    # TensorFlow's intra-op pool (one op, e.g. a convolution, split across threads)
-    inter_op: int    # TensorFlow's inter-op pool (independent ops side by side)
+    """TensorFlow's thread pools for this machine."""
+    intra_op: int    # one op (a convolution, a matmul) split across threads
+    inter_op: int    # independent ops side by side
 
 
 def available_cores() -> int:
@@ -27,16 +26,14 @@ def available_cores() -> int:
 
 
 def thread_budget(cores: int) -> ThreadBudget:
-    """Share `cores` between decoding and the forward pass without oversubscribing them.
+    """The pools for `cores`: intra-op over every core, two inter-op threads.
 
-    Each decode runs on one thread of extraction's own tf.data pool (no op inside tf.data spreads over the
-    intra-op pool as well), the forward pass has the intra-op pool, and the inter-op pool is two threads
-    (the backbone is one chain of ops; one thread can deadlock an op that waits for another,
-    tensorflow/tensorflow#29937). Both pools may use every core: when one stage waits, the other gets the
-    whole machine. A fixed split (half the cores decoding, half computing) measured worse on 2 shared cores
-    and the CPU time per image was the same either way, so the cores are shared, not partitioned. On a GPU
-    the forward pass runs on the accelerator and the same budget lets every core decode."""
-    return ThreadBudget(decode=cores, intra_op=cores, inter_op=2)
+    The backbone is one chain of ops, so more inter-op threads only add runnable threads that compete with
+    the decoders; one would risk an op waiting for another (tensorflow/tensorflow#29937). Decoding stays on
+    tf.data's autotuned pool. Measured on 2 shared cores: a fixed split (half the cores decoding, half
+    computing) and a private decode pool were both slower, and the CPU time per image was the same in every
+    arrangement, so the cores are shared, not partitioned: when one stage waits, the other has the machine."""
+    return ThreadBudget(intra_op=cores, inter_op=2)
 
 
 def current_thread_budget() -> ThreadBudget:
