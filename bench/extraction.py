@@ -12,7 +12,8 @@
   decode_naive tf.io.decode_image + resize alone (what the runner did before), every core
   keras_peer   keras.utils.image_dataset_from_directory + model.predict with the same backbone and weights,
                in a child process with TensorFlow's default settings (the user's own program)
-With --json the last line is one JSON object {"small": {...}, "large": {...}} of these rates.
+Every rate is the best of 2 runs after a warm-up (no timing includes tracing); per_image is timed on the
+first 400 small photos. With --json the last line is one JSON object {"small": {...}, "large": {...}}.
 """
 from __future__ import annotations
 
@@ -98,13 +99,15 @@ def child_pipeline(paths: list[str], args) -> float:
     from runner.backbones import build_backbone
     from runner.cache import BottleneckCache
     from runner.data import ImageRecord
-    from runner.extract import extract_missing
+    from runner.extract import extract_missing, extraction_forward
     backbone = build_backbone(backbone_config(args))
     records = [ImageRecord(p, p, 0, "train", hashlib.sha256(p.encode()).hexdigest()) for p in paths]
+    strategy = tf.distribute.get_strategy()
+    forward = extraction_forward(backbone, strategy, BATCH)  # traced once, by the warm-up: no timing includes it
     with tempfile.TemporaryDirectory() as tmp:
         def extract(chosen) -> int:
             cache = BottleneckCache(Path(tempfile.mkdtemp(dir=tmp)), backbone.cache_identity, backbone.feature_dim)
-            return extract_missing(chosen, backbone, cache, tf.distribute.get_strategy(), BATCH, 512, "lines")
+            return extract_missing(chosen, backbone, cache, strategy, BATCH, 512, "lines", forward)
         extract(records[:BATCH * 2])  # tracing and thread pools, as the parent's warm-up
         return timed(extract, records)
 

@@ -24,7 +24,7 @@ def image_pipeline(paths: list[str], image_size: int, batch_size: int) -> tf.dat
     Decoding runs on tf.data's own autotuned pool; pinning it to a private pool of a fixed size, with
     single-threaded ops, halved the decode rate on 2 shared cores, so it is left to tf.data."""
     positions = np.arange(len(paths), dtype=np.int64)
-    ds = tf.data.Dataset.from_tensor_slices((paths, positions))
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), positions))
     ds = ds.map(lambda p, i: (decode_and_resize(tf.io.read_file(p), image_size), i),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()
@@ -61,6 +61,12 @@ def make_forward(backbone: Backbone, strategy: tf.distribute.Strategy, element_s
     return tf.function(forward, input_signature=None if element_spec is None else list(element_spec))
 
 
+def extraction_forward(backbone: Backbone, strategy: tf.distribute.Strategy, batch_size: int):
+    """The compiled forward for extraction's batches (make one to reuse it over several extractions)."""
+    spec = to_devices(image_pipeline([], backbone.image_size, batch_size), strategy).element_spec
+    return make_forward(backbone, strategy, spec)
+
+
 SLOW_END_S = 2.0
 
 
@@ -74,8 +80,11 @@ def report_slow_end(pipeline_end_s: float, last_write_s: float) -> None:
 
 def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: BottleneckCache,
                     strategy: tf.distribute.Strategy, batch_size: int, shard_size: int,
-                    progress_mode: str = "auto") -> int:
-    """Compute and cache the vectors of images not cached yet; returns how many were computed."""
+                    progress_mode: str = "auto", forward=None) -> int:
+    """Compute and cache the vectors of images not cached yet; returns how many were computed.
+
+    `forward` is an extraction_forward of the same backbone, strategy and batch size (default: a new one,
+    traced on the first batch)."""
     todo, seen = [], set()
     for r in records:
         if not cache.has(r.sha256) and r.sha256 not in cache.undecodable and r.sha256 not in seen:
@@ -85,7 +94,7 @@ def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: Bottl
         return 0
     log.info("extracting bottlenecks for %d images (%d already cached)", len(todo), len(cache))
     dataset = to_devices(image_pipeline([r.path for r in todo], backbone.image_size, batch_size), strategy)
-    forward = make_forward(backbone, strategy, dataset.element_spec)
+    forward = forward or extraction_forward(backbone, strategy, batch_size)
     pending_keys, pending_vectors, next_expected = [], [], 0
     bar = progress(len(todo), "extracting bottlenecks", "img", progress_mode)
 
