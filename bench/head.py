@@ -229,6 +229,9 @@ def resume_latency(files: int, classes: int = 1000) -> dict:
                 time.sleep(0.01)
             raise SystemExit(f"resume.py never printed {text!r}:\n" + "".join(line for _, line in lines))
 
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import tensorflow, keras"], env=env, check=True)
+        import_seconds = time.perf_counter() - began
         first, lines = start([])
         wait_for(lines, "checkpoint saved", first)
         first.send_signal(signal.SIGTERM)
@@ -248,13 +251,15 @@ def resume_latency(files: int, classes: int = 1000) -> dict:
         resumed.send_signal(signal.SIGTERM)
         resumed.wait(120)
         scanned = next((at for at, line in lines if f"checking images: {len(dataset.images)}/" in line), None)
-    return {"files": len(dataset.images), "step": step, "scan_done": None if scanned is None else scanned - began,
+    return {"files": len(dataset.images), "step": step, "import": import_seconds,
+            "scan_done": None if scanned is None else scanned - began,
             "restored": at_resumed - began, "first_step": at_first_step - began}
 
 
 def print_resume_latency(latency: dict) -> None:
     print(f"\nresume latency: resume.py restarted on a run whose data.dir has {latency['files']} images, all "
           f"cached ({latency['files']} vectors), resuming at step {latency['step']}")
+    print(f"  (a bare `python -c 'import tensorflow, keras'` takes {latency['import']:.2f} s here)")
     if latency["scan_done"] is not None:
         print(f"  scan done (stat cache)              {latency['scan_done']:6.2f} s after process start")
     print(f"  checkpoint restored                 {latency['restored']:6.2f} s")
