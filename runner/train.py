@@ -77,9 +77,10 @@ class TrainingDiverged(RunnerError):
     def __init__(self, stage: str, step: int, loss: float):
         setting = "train.learning_rate" if stage == "head" else "fine_tune.learning_rate"
         super().__init__(f"{stage} training diverged at step {step}: the loss is {loss}. Nothing from this step on "
-                         f"was checkpointed or exported (the checkpoints on disk are intact). Lower {setting} "
-                         f"(or use head.search = auto, which drops diverging candidates) and run again; a retry "
-                         f"with the same settings diverges the same way.")
+                         f"was checkpointed or exported (the checkpoints on disk are intact). Lower {setting} and "
+                         f"run again (a retry with the same settings diverges the same way); if every candidate "
+                         f"of head.search = auto diverged, the cached vectors hold non-finite values: move "
+                         f"cache.dir away to extract them again.")
 
 
 @dataclass

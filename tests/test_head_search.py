@@ -175,3 +175,20 @@ def test_the_default_grid_spans_a_100x_learning_rate_range_and_includes_no_weigh
     rates = sorted({c.learning_rate for c in grid})
     assert rates[-1] / rates[0] >= 30
     assert 0.0 in {c.weight_decay for c in grid} and len({c.weight_decay for c in grid}) >= 3
+
+
+def test_a_diverging_configured_head_stops_with_exit_2_and_nothing_non_finite_is_saved(clothing_run, tmp_path):
+    from tests.helpers import checkpoint_values, local_mobilenet_args, run_resume
+    _, cache_dir, _ = clothing_run
+    run_dir = tmp_path / "run"
+    result = run_resume(*local_mobilenet_args(run_dir, cache_dir, "head.search=off", "train.learning_rate=1e30",
+                                              "train.steps=200", "checkpoint.every_steps=1", "export.enabled=true"))
+    assert result.returncode == 2, result.stdout
+    assert "head training diverged at step" in result.stdout and "Lower train.learning_rate" in result.stdout
+    step = int(result.stdout.split("diverged at step ")[1].split(":")[0])
+    markers = sorted((run_dir / "checkpoints").glob("ckpt-*.json"))
+    assert all(int(m.stem.split("-")[1]) < step for m in markers)
+    for marker in markers:
+        for name, value in checkpoint_values(str(marker.with_suffix(""))).items():
+            assert np.isfinite(value).all() if value.dtype.kind == "f" else True, name
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "export").exists()
