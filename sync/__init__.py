@@ -44,7 +44,8 @@ class Sync:
         if not self.enabled:
             return None
         from sync.restore import restore_latest
-        return restore_latest(self.backend, self.run_dir, self.cache_dir, self.state_dir / "download")
+        return restore_latest(self.backend, self.run_dir, self.cache_dir, self.state_dir / "download",
+                              listener=self._uploader)
 
     def download_latest(self, dest: Path) -> int | None:
         """Extract the newest verified remote snapshot into dest, without the bottleneck cache (to use its

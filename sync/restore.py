@@ -5,6 +5,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 from sync.backends.base import Backend
 from sync.errors import IntegrityError, SyncError, TransferError
@@ -37,47 +38,68 @@ def move_into_place(src: Path, manifest: dict, run_dir: Path) -> None:
     shutil.rmtree(src, ignore_errors=True)
 
 
-def fetch_cache(backend: Backend, manifest: dict, cache_dir: Path) -> int:
-    """Download the manifest's cache shards missing from cache_dir, each verified by sha256; return the count."""
-    fetched = 0
+def fetch_cache(backend: Backend, manifest: dict, cache_dir: Path) -> tuple[int, set[str]]:
+    """Download the manifest's cache shards missing from cache_dir, each verified by sha256; a corrupt or
+    missing remote shard is skipped (the runner recomputes it). Return (count fetched, remote names skipped)."""
+    fetched, bad = 0, set()
     for rel, sha in sorted(manifest.get("cache", {}).items()):
         target = cache_dir / check_relpath(rel)
         if target.exists():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.download")
-        backend.get(cache_name(sha), tmp)
-        if file_digest(tmp) != sha:
+        try:
+            backend.get(cache_name(sha), tmp)
+            if file_digest(tmp) != sha:
+                raise IntegrityError(f"sync: {cache_name(sha)} has the wrong sha256")
+        except TransferError:
             tmp.unlink(missing_ok=True)
-            raise IntegrityError(f"sync: cache shard {rel} downloaded with the wrong sha256; not used (it will "
-                                 f"be recomputed).")
+            raise
+        except SyncError as e:
+            tmp.unlink(missing_ok=True)
+            log.warning("cache shard %s skipped (%s): it will be recomputed and uploaded again", rel,
+                        str(e).removeprefix("sync: "))
+            bad.add(cache_name(sha))
+            continue
         os.replace(tmp, target)
         fetched += 1
-    return fetched
+    return fetched, bad
 
 
-def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work_dir: Path) -> int | None:
+class RestoreListener(Protocol):
+    """Told what a restore found: the run it continues, and remote cache shards to send again."""
+
+    def adopt(self, run_id: str) -> None: ...
+
+    def reupload(self, names: set[str]) -> None: ...
+
+
+def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work_dir: Path,
+                   listener: RestoreListener | None = None) -> int | None:
     """Restore the newest snapshot that verifies into run_dir and its cache into cache_dir (None: leave the
-    cache on the remote); return its step."""
+    cache on the remote); return its step. The listener learns the restored run's id and the remote cache
+    shards that were corrupt or missing."""
     candidates = restore_candidates(backend)
     for snap in candidates:
         try:
             extracted, manifest = fetch_snapshot(backend, snap, work_dir)
-        except IntegrityError as e:
-            log.warning("snapshot %s skipped: %s", snap.name, str(e).removeprefix("sync: "))
-            continue
         except TransferError:
             raise
-        except SyncError as e:  # e.g. listed but deleted meanwhile
+        except SyncError as e:  # corrupt (IntegrityError), or listed but deleted meanwhile
             log.warning("snapshot %s skipped: %s", snap.name, str(e).removeprefix("sync: "))
             continue
         move_into_place(extracted, manifest, run_dir)
+        if listener is not None:
+            listener.adopt(snap.run_id or str(manifest.get("run_id", "")))
         if cache_dir is None:
             log.info("restored step %d from %s", snap.step, snap.name)
             return int(manifest["step"])
         try:
-            n = fetch_cache(backend, manifest, cache_dir)
-            log.info("restored step %d from %s (%d cache shards downloaded)", snap.step, snap.name, n)
+            n, bad = fetch_cache(backend, manifest, cache_dir)
+            log.info("restored step %d from %s (%d cache shards downloaded%s)", snap.step, snap.name, n,
+                     f", {len(bad)} corrupt or missing ones skipped" if bad else "")
+            if bad and listener is not None:
+                listener.reupload(bad)
         except SyncError as e:
             log.warning("restored step %d but not all of its cache: %s", snap.step, str(e).removeprefix("sync: "))
         return int(manifest["step"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 @dataclass
 class RemoteFile:
-    """One stored file: name, size, properties (Drive appProperties), modification time, backend id."""
+    """One stored file: name, size, properties (Drive's public properties), modification time, backend id."""
     name: str
     size: int
     properties: dict[str, str] = field(default_factory=dict)
@@ -20,6 +20,7 @@ class Backend(abc.ABC):
     """A flat remote folder. put verifies the stored copy; all names are plain file names."""
 
     description: str = ""
+    note: str = ""  # what "uploaded and verified" means on this backend, when it needs saying
 
     @abc.abstractmethod
     def put(self, name: str, local: Path, properties: dict[str, str]) -> RemoteFile:
