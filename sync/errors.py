@@ -18,6 +18,10 @@ class RemoteError(SyncError):
         self.status, self.reasons = status, reasons
 
 
+class NotFound(SyncError):
+    """The named file is not on the remote (or not visible to these credentials)."""
+
+
 class QuotaExceeded(RemoteError):
     """The remote has no space left for this upload."""
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sync.backends.base import Backend, RemoteFile
-from sync.errors import SyncError
+from sync.errors import IntegrityError, NotFound, SyncError
 
 log = logging.getLogger("sync")
 POINTER = "latest.json"
@@ -86,9 +86,9 @@ def read_pointer(backend: Backend) -> SnapshotInfo | None:
             return SnapshotInfo(data["name"], int(data["step"]), data.get("val_accuracy"), data["sha256"],
                                 int(data["size"]), float(data["created"]), str(data.get("file_id", "")),
                                 str(data.get("run_id", "")))
-        except SyncError:
+        except NotFound:
             return None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, IntegrityError):
             log.warning("the remote %s is unreadable; using the folder listing instead", POINTER)
             return None
 

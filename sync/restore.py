@@ -8,11 +8,18 @@ from pathlib import Path
 from typing import Protocol
 
 from sync.backends.base import Backend
-from sync.errors import IntegrityError, SyncError, TransferError
+from sync.errors import IntegrityError, NotFound, RemoteError, SyncError
 from sync.remote import SnapshotInfo, cache_name, restore_candidates
 from sync.snapshot import check_relpath, extract, file_digest
 
 log = logging.getLogger("sync")
+
+
+def unusable(e: SyncError) -> bool:
+    """True when this one file cannot be used (corrupt, gone, refused by Drive) but others may be."""
+    if isinstance(e, (IntegrityError, NotFound)):
+        return True
+    return isinstance(e, RemoteError) and (e.status == 404 or "cannotDownloadAbusiveFile" in e.reasons)
 
 
 def fetch_snapshot(backend: Backend, snap: SnapshotInfo, work_dir: Path) -> tuple[Path, dict]:
@@ -52,11 +59,10 @@ def fetch_cache(backend: Backend, manifest: dict, cache_dir: Path) -> tuple[int,
             backend.get(cache_name(sha), tmp)
             if file_digest(tmp) != sha:
                 raise IntegrityError(f"sync: {cache_name(sha)} has the wrong sha256")
-        except TransferError:
-            tmp.unlink(missing_ok=True)
-            raise
         except SyncError as e:
             tmp.unlink(missing_ok=True)
+            if not unusable(e):
+                raise
             log.warning("cache shard %s skipped (%s): it will be recomputed and uploaded again", rel,
                         str(e).removeprefix("sync: "))
             bad.add(cache_name(sha))
@@ -83,9 +89,9 @@ def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work
     for snap in candidates:
         try:
             extracted, manifest = fetch_snapshot(backend, snap, work_dir)
-        except TransferError:
-            raise
-        except SyncError as e:  # corrupt (IntegrityError), or listed but deleted meanwhile
+        except SyncError as e:
+            if not unusable(e):
+                raise
             log.warning("snapshot %s skipped: %s", snap.name, str(e).removeprefix("sync: "))
             continue
         move_into_place(extracted, manifest, run_dir)

@@ -16,11 +16,13 @@ from googleapiclient.http import MediaUpload
 from sync.backends.base import Backend, RemoteFile
 from sync.backends.google_http import authorized_http, ca_bundle, drive_base_url, load_credentials
 from sync.config import SyncConfig
-from sync.errors import IntegrityError, RemoteError, SyncError
+from sync.errors import IntegrityError, NotFound, RemoteError, SyncError
 from sync.retry import RetryPolicy
 from sync.snapshot import file_digest
 
 log = logging.getLogger("sync")
+# googleapiclient logs each 4xx/5xx it sees; our retry policy already reports each failure once.
+logging.getLogger("googleapiclient.http").setLevel(logging.ERROR)
 FOLDER_MIME = "application/vnd.google-apps.folder"
 # Public `properties`, not `appProperties`: those are "private to the requesting app" (drive.v3.json, File),
 # so a second machine with another OAuth client would see the files but not what they are.
@@ -371,7 +373,7 @@ class DriveBackend(Backend):
         """Download name in ranged chunks (resuming a partial file) and check its md5 before renaming it to dest."""
         found = self._by_id(file_id, name) if file_id else self._find(name)
         if found is None:
-            raise SyncError(f"sync: {name} is not in the Drive folder {self.config.folder}.")
+            raise NotFound(f"sync: {name} is not in the Drive folder {self.config.folder}.")
         size, md5 = int(found.get("size", 0)), found.get("md5Checksum", "")
         part = dest.with_name(f"{dest.name}.{md5[:12]}.partial")
         uri = self._files.get_media(fileId=found["id"], **ALL_DRIVES).uri

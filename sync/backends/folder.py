@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from sync.backends.base import Backend, RemoteFile
-from sync.errors import IntegrityError, SyncError
+from sync.errors import IntegrityError, NotFound, SyncError
 from sync.snapshot import file_digest
 
 CATALOG = ".catalog.json"
@@ -78,7 +78,7 @@ class FolderBackend(Backend):
         try:
             shutil.copyfile(self.root / name, tmp)
         except FileNotFoundError:
-            raise SyncError(f"sync: {name} is not in {self.root}.") from None
+            raise NotFound(f"sync: {name} is not in {self.root}.") from None
         os.replace(tmp, dest)
 
     def list(self) -> list[RemoteFile]:

@@ -467,7 +467,7 @@ class _Handler(BaseHTTPRequestHandler):
         item only to callers that say supportsAllDrives=true [REF_SHARED]."""
         if res.get("driveId") and query.get("supportsAllDrives") != "true":
             return False
-        if DRIVE not in self.grant.scopes:
+        if DRIVE not in self.grant.scopes and res["id"] != "root":
             return DRIVE_FILE in self.grant.scopes and res.get("creator") == self.grant.client
         return True
 

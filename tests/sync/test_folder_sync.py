@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from sync import SyncConfig, open_sync, Sync
+from sync import Sync, SyncConfig, SyncError, open_sync
 from sync.backends.folder import FolderBackend
 from sync.remote import POINTER, list_snapshots
 from tests.sync.helpers import tree, write_cache, write_checkpoint
@@ -101,13 +101,10 @@ def test_checkpoints_faster_than_the_network_are_coalesced_to_the_newest(tmp_pat
 
 
 class _FullFolder(FolderBackend):
-    """A folder whose disk is full: every write fails with ENOSPC."""
+    """A folder whose disk is full: every write fails."""
 
     def put(self, name, local, properties):
-        import errno
-        raise_from = OSError(errno.ENOSPC, "No space left on device")
-        from sync.backends.folder import _write_error
-        raise _write_error(raise_from, name, self.root)
+        raise SyncError(f"sync: cannot write {name} to {self.root}: no space left there")
 
 
 def test_snapshots_queued_by_a_failed_run_are_sent_by_the_next_one_newest_only(tmp_path):
