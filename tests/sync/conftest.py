@@ -62,3 +62,7 @@ def other_machine_config(fake_drive, drive_config, tmp_path):
     path = credentials_file(tmp_path / "machine-b.json", fake_drive, "machine-b.apps.googleusercontent.com",
                             "b-refresh")
     return dataclasses.replace(drive_config, credentials=str(path))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: subprocess-heavy tests (real training runs)")
