@@ -13,7 +13,8 @@ from sync.errors import IntegrityError, NotFound, SyncError
 
 log = logging.getLogger("sync")
 POINTER = "latest.json"
-CACHE_PREFIX = "cache-"
+CACHE_FOLDER = "cache"  # cache shards live in this subfolder, out of the way of the snapshots
+PUBLISHED = ("export", "report")  # a snapshot's top-level files in these folders are also copied as plain files
 _SNAPSHOT_NAME = re.compile(r"snapshot-(\d{9,})-.*\.tar\.gz")
 
 
@@ -25,12 +26,23 @@ def snapshot_name(step: int, run_id: str) -> str:
 
 def cache_name(sha256: str) -> str:
     """The remote, content-addressed name of a cache shard."""
-    return f"{CACHE_PREFIX}{sha256}"
+    return f"{CACHE_FOLDER}/cache-{sha256}"
 
 
-def is_cache(name: str) -> bool:
-    """True for the remote name of a cache shard."""
-    return name.startswith(CACHE_PREFIX)
+def legacy_cache_name(sha256: str) -> str:
+    """Where cache shards were stored before the cache/ subfolder (still read, never written)."""
+    return f"cache-{sha256}"
+
+
+def remote_cache(backend: Backend) -> set[str]:
+    """The sha256 of every cache shard on the remote, in cache/ or (older remotes) at the top."""
+    names = [f.name for f in backend.list(CACHE_FOLDER)] + [f.name for f in backend.list()]
+    return {n.rpartition("cache-")[2] for n in names if n.rpartition("/")[2].startswith("cache-")}
+
+
+def published_files(files: list[str]) -> list[str]:
+    """The files of a snapshot that are also copied as plain files: the top level of export/ and report/."""
+    return [f for f in files if f.count("/") == 1 and f.split("/")[0] in PUBLISHED]
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from sync.backends.base import Backend
 from sync.errors import IntegrityError, NotFound, RemoteError, SyncError
-from sync.remote import SnapshotInfo, cache_name, restore_candidates
+from sync.remote import SnapshotInfo, cache_name, legacy_cache_name, restore_candidates
 from sync.snapshot import check_relpath, extract, file_digest
 
 log = logging.getLogger("sync")
@@ -47,7 +47,7 @@ def move_into_place(src: Path, manifest: dict, run_dir: Path) -> None:
 
 def fetch_cache(backend: Backend, manifest: dict, cache_dir: Path) -> tuple[int, set[str]]:
     """Download the manifest's cache shards missing from cache_dir, each verified by sha256; a corrupt or
-    missing remote shard is skipped (the runner recomputes it). Return (count fetched, remote names skipped)."""
+    missing remote shard is skipped (the runner recomputes it). Return (count fetched, sha256 of those skipped)."""
     fetched, bad = 0, set()
     for rel, sha in sorted(manifest.get("cache", {}).items()):
         target = cache_dir / check_relpath(rel)
@@ -56,7 +56,10 @@ def fetch_cache(backend: Backend, manifest: dict, cache_dir: Path) -> tuple[int,
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.download")
         try:
-            backend.get(cache_name(sha), tmp)
+            try:
+                backend.get(cache_name(sha), tmp)
+            except NotFound:
+                backend.get(legacy_cache_name(sha), tmp)
             if file_digest(tmp) != sha:
                 raise IntegrityError(f"sync: {cache_name(sha)} has the wrong sha256")
         except SyncError as e:
@@ -65,7 +68,7 @@ def fetch_cache(backend: Backend, manifest: dict, cache_dir: Path) -> tuple[int,
                 raise
             log.warning("cache shard %s skipped (%s): it will be recomputed and uploaded again", rel,
                         str(e).removeprefix("sync: "))
-            bad.add(cache_name(sha))
+            bad.add(sha)
             continue
         os.replace(tmp, target)
         fetched += 1
@@ -77,7 +80,7 @@ class RestoreListener(Protocol):
 
     def adopt(self, run_id: str) -> None: ...
 
-    def reupload(self, names: set[str]) -> None: ...
+    def reupload(self, shas: set[str]) -> None: ...
 
 
 def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work_dir: Path,

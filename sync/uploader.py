@@ -10,8 +10,8 @@ from pathlib import Path
 
 from sync.backends.base import Backend
 from sync.errors import RemoteError, SyncError
-from sync.remote import (SnapshotInfo, cache_name, check_owner, is_cache, prune, read_pointer, snapshot_name,
-                         write_pointer)
+from sync.remote import (SnapshotInfo, cache_name, check_owner, prune, published_files, read_pointer,
+                         remote_cache, snapshot_name, write_pointer)
 from sync.snapshot import check_relpath, file_digest, pack
 from sync.staging import Staged, Staging
 
@@ -81,10 +81,10 @@ class Uploader:
         except (OSError, ValueError):
             return own
 
-    def reupload(self, names: set[str]) -> None:
-        """Send these remote cache files again at the next upload (a restore found them corrupt or missing)."""
+    def reupload(self, shas: set[str]) -> None:
+        """Send these cache shards again at the next upload (a restore found their remote copy corrupt or gone)."""
         with self._cond:
-            self._reupload |= set(names)
+            self._reupload |= set(shas)
             if self._remote_cache is not None:
                 self._remote_cache -= self._reupload
             _write_names(self._reupload_path, self._reupload)
@@ -149,6 +149,7 @@ class Uploader:
         write_pointer(self.backend, snap, self.work_dir / "outgoing")
         log.info("snapshot step %d uploaded and verified (%s)", snap.step, self.backend.description)
         archive.unlink(missing_ok=True)
+        self._publish(staged)
         try:
             prune(self.backend, self.keep, verified_step=snap.step)
         except SyncError as e:  # the snapshot is safe; retention is retried after the next one
@@ -156,10 +157,21 @@ class Uploader:
                         str(e).removeprefix("sync: "))
         return snap
 
+    def _publish(self, staged: Staged) -> None:
+        """Copy the snapshot's export and report files as plain files next to it (readable in Drive's web page);
+        a failure here costs only the copies, never the snapshot."""
+        for rel in published_files(staged.info["files"]):
+            try:
+                self.backend.put(rel, staged.path / "files" / rel, {})
+            except SyncError as e:
+                log.warning("snapshot step %d is safe, but its plain copy of %s failed: %s", staged.step, rel,
+                            str(e).removeprefix("sync: "))
+                return
+
     def _upload_cache(self, rels: list[str]) -> dict[str, str]:
         """Upload each cache shard not yet on the remote (named by its sha256); return {relpath: sha256}."""
         if rels and self._remote_cache is None:
-            self._remote_cache = {f.name for f in self.backend.list() if is_cache(f.name)} - self._reupload
+            self._remote_cache = remote_cache(self.backend) - self._reupload
         out = {}
         for rel in sorted(set(rels)):
             path = self.cache_dir / check_relpath(rel)
@@ -172,13 +184,12 @@ class Uploader:
             key = (rel, st.st_size, st.st_mtime_ns)
             sha = self._digests.get(key) or file_digest(path)
             self._digests[key] = sha
-            name = cache_name(sha)
-            if name not in self._remote_cache:
-                self.backend.put(name, path, {})  # the name is its sha256: it needs no properties
-                self._remote_cache.add(name)
-                if name in self._reupload:
+            if sha not in self._remote_cache:
+                self.backend.put(cache_name(sha), path, {})  # the name is its sha256: it needs no properties
+                self._remote_cache.add(sha)
+                if sha in self._reupload:
                     with self._cond:
-                        self._reupload.discard(name)
+                        self._reupload.discard(sha)
                         _write_names(self._reupload_path, self._reupload)
             out[rel] = sha
         return out

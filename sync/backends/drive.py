@@ -13,7 +13,7 @@ from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 from googleapiclient.http import MediaUpload
 
-from sync.backends.base import Backend, RemoteFile
+from sync.backends.base import Backend, RemoteFile, split_name
 from sync.backends.google_http import authorized_http, ca_bundle, drive_base_url, load_credentials
 from sync.config import SyncConfig
 from sync.errors import IntegrityError, NotFound, RemoteError, SyncError
@@ -121,11 +121,12 @@ class DriveBackend(Backend):
         self._folder_lock = threading.Lock()
         self._folder_id: str | None = None
         self._drive_id: str | None = None  # set when sync.folder is in a shared drive
+        self._subfolders: dict[str, str] = {}
         self._forget_stale_uploads()
 
     def _forget_stale_uploads(self) -> None:
         """Delete saved upload sessions too old to resume (e.g. of snapshots superseded before they were sent)."""
-        for path in (self.state_dir / "uploads").glob("*.json"):
+        for path in (self.state_dir / "uploads").rglob("*.json"):
             try:
                 if time.time() - path.stat().st_mtime > STALE_STATE_S:
                     path.unlink()
@@ -179,19 +180,36 @@ class DriveBackend(Backend):
             return fid
         parent = "root"
         for part in [p for p in folder.strip("/").split("/") if p]:
-            q = (f"name = {_q(part)} and {_q(parent)} in parents and mimeType = {_q(FOLDER_MIME)} "
-                 f"and trashed = false")
-            find = lambda: self._execute(lambda: self._files.list(  # noqa: E731
-                q=q, fields="files(id,createdTime)", pageSize=100, spaces="drive", **ALL_DRIVES),
-                "looking up the Drive folder")["files"]
-            found = find()
-            if not found and not create:
+            parent = self._child_folder(parent, part, create, f"folder {part!r} of sync.folder = {folder!r}")
+            if parent is None:
                 return None  # read-only commands never create folders
-            if not found:
-                created = self._create_folder(part, parent)
-                found = find() or [{"id": created}]  # another process may have created one at the same time
-            parent = _oldest(found, f"folder {part!r} of sync.folder = {folder!r}")["id"]
         return parent
+
+    def _child_folder(self, parent: str, name: str, create: bool, what: str) -> str | None:
+        """The id of folder name in parent (the oldest of duplicates), created if missing and create."""
+        q = f"name = {_q(name)} and {_q(parent)} in parents and mimeType = {_q(FOLDER_MIME)} and trashed = false"
+        find = lambda: self._execute(lambda: self._files.list(  # noqa: E731
+            q=q, fields="files(id,createdTime)", pageSize=100, **self._list_args()), "looking up the Drive folder")
+        found = find()["files"]
+        if not found and not create:
+            return None
+        if not found:
+            created = self._create_folder(name, parent)
+            found = find()["files"] or [{"id": created}]  # another process may have created one at the same time
+        return _oldest(found, what)["id"]
+
+    def _parent(self, subfolder: str, create: bool) -> str | None:
+        """The id of the configured folder, or of its subfolder (None if missing and not create)."""
+        folder = self.folder_id(create)
+        if folder is None or not subfolder:
+            return folder
+        with self._folder_lock:
+            if subfolder not in self._subfolders:
+                found = self._child_folder(folder, subfolder, create, f"folder {subfolder!r} in sync.folder")
+                if found is None:
+                    return None
+                self._subfolders[subfolder] = found
+            return self._subfolders[subfolder]
 
     def _create_folder(self, name: str, parent: str) -> str:
         """Create a folder with a pre-generated id, so a retry after a lost response makes no second folder."""
@@ -213,10 +231,11 @@ class DriveBackend(Backend):
         return args
 
     def _find(self, name: str, create: bool = False) -> dict | None:
-        folder = self.folder_id(create)
+        sub, base = split_name(name)
+        folder = self._parent(sub, create)
         if folder is None:
             return None
-        q = f"name = {_q(name)} and {_q(folder)} in parents and trashed = false"
+        q = f"name = {_q(base)} and {_q(folder)} in parents and trashed = false"
         found = self._execute(lambda: self._files.list(q=q, fields=f"files({FIELDS})", pageSize=100,
                                                        **self._list_args()), f"looking up {name}")["files"]
         return _oldest(found, name) if found else None
@@ -232,24 +251,26 @@ class DriveBackend(Backend):
             raise
         return None if res.get("trashed") else res
 
-    def _remote_file(self, res: dict) -> RemoteFile:
+    def _remote_file(self, res: dict, name: str) -> RemoteFile:
         modified = res.get("modifiedTime")
         ts = datetime.fromisoformat(modified.replace("Z", "+00:00")).timestamp() if modified else 0.0
-        return RemoteFile(res["name"], int(res.get("size", 0)), dict(res.get("properties") or {}), ts, res["id"])
+        return RemoteFile(name, int(res.get("size", 0)), dict(res.get("properties") or {}), ts, res["id"])
 
     # ---- the interface ---------------------------------------------------------------------------------
-    def list(self) -> list[RemoteFile]:
-        """Every non-trashed file in the folder, following nextPageToken."""
-        folder = self.folder_id(create=False)
+    def list(self, subfolder: str = "") -> list[RemoteFile]:
+        """Every non-trashed file in the folder (or its subfolder), following nextPageToken."""
+        folder = self._parent(subfolder, create=False)
         if folder is None:
             return []
+        prefix = f"{subfolder}/" if subfolder else ""
         q = f"{_q(folder)} in parents and trashed = false"
         out, token = [], None
         while True:
             page = self._execute(lambda: self._files.list(q=q, fields=f"nextPageToken,files({FIELDS})",
                                                           pageSize=1000, pageToken=token, **self._list_args()),
                                  "listing the Drive folder")
-            out += [self._remote_file(f) for f in page.get("files", []) if f.get("mimeType") != FOLDER_MIME]
+            out += [self._remote_file(f, prefix + f["name"]) for f in page.get("files", [])
+                    if f.get("mimeType") != FOLDER_MIME]
             token = page.get("nextPageToken")
             if not token:
                 return out
@@ -283,7 +304,7 @@ class DriveBackend(Backend):
                         fileId=existing["id"], body={"properties": properties}, fields=FIELDS, **ALL_DRIVES),
                         f"updating the properties of {name}")
                 state.clear()
-                return self._remote_file(existing)
+                return self._remote_file(existing, name)
             if attempt == MD5_ATTEMPTS:
                 break
             if attempt:
@@ -306,7 +327,9 @@ class DriveBackend(Backend):
             if fresh_id or not state.get("file_id"):
                 ids = self._execute(lambda: self._files.generateIds(count=1, space="drive"), "generating a file id")
                 state.save(file_id=ids["ids"][0], uri=None, offset=0)
-            body = {"id": state.get("file_id"), "name": name, "parents": [self.folder_id()], "properties": properties}
+            sub, base = split_name(name)
+            body = {"id": state.get("file_id"), "name": base, "parents": [self._parent(sub, create=True)],
+                    "properties": properties}
             try:
                 return self._send(name, local, state, lambda media: self._files.create(
                     body=body, media_body=media, fields=FIELDS, **ALL_DRIVES))
@@ -314,7 +337,7 @@ class DriveBackend(Backend):
                 if e.status not in (400, 409):
                     raise
                 mine = self._by_id(body["id"], name) if e.status == 409 else None
-                if mine is not None and mine.get("name") == name:
+                if mine is not None and mine.get("name") == base:
                     return mine  # an earlier try created it and its response was lost (put() checks the md5)
                 log.warning("the saved file id for %s is not usable any more (HTTP %d); using a new one",
                             name, e.status)

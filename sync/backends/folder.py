@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from sync.backends.base import Backend, RemoteFile
+from sync.backends.base import Backend, RemoteFile, split_name
 from sync.errors import IntegrityError, NotFound, SyncError
 from sync.snapshot import file_digest
 
@@ -54,8 +54,10 @@ class FolderBackend(Backend):
     def put(self, name: str, local: Path, properties: dict[str, str]) -> RemoteFile:
         """Copy local to root/name through a temp file + fsync + rename, then verify its sha256."""
         self._ensure()
+        split_name(name)
         dest = self.root / name
         try:
+            dest.parent.mkdir(exist_ok=True)
             if self.mounted_drive and local.stat().st_size <= IN_PLACE_MAX and dest.is_file():
                 _write(dest, local.read_bytes(), in_place=True)  # a rename would trash the old copy on Drive
             else:
@@ -81,23 +83,26 @@ class FolderBackend(Backend):
             raise NotFound(f"sync: {name} is not in {self.root}.") from None
         os.replace(tmp, dest)
 
-    def list(self) -> list[RemoteFile]:
-        """Every complete file in root with its properties (one catalog read, one stat per file)."""
-        if not self.root.is_dir():
+    def list(self, subfolder: str = "") -> list[RemoteFile]:
+        """Every complete file in root (or root/subfolder) with its properties (one catalog read, one stat per
+        file)."""
+        folder = self.root / subfolder
+        if not folder.is_dir():
             return []
         catalog = self._catalog()
+        prefix = f"{subfolder}/" if subfolder else ""
         out = []
-        with os.scandir(self.root) as entries:
+        with os.scandir(folder) as entries:
             for entry in entries:
                 if not entry.name.startswith(".") and entry.is_file():
-                    st = entry.stat()
-                    out.append(RemoteFile(entry.name, st.st_size, dict(catalog.get(entry.name, {})), st.st_mtime,
-                                          entry.name))
+                    name, st = prefix + entry.name, entry.stat()
+                    out.append(RemoteFile(name, st.st_size, dict(catalog.get(name, {})), st.st_mtime, name))
         return sorted(out, key=lambda f: f.name)
 
     def delete(self, name: str) -> None:
         """Remove root/name and its properties; the file is emptied first, so on a mounted Drive its copy in
         the Drive trash holds (almost) no quota."""
+        split_name(name)
         path = self.root / name
         try:
             if self.mounted_drive and path.is_file():

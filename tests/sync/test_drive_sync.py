@@ -32,7 +32,7 @@ def test_snapshot_and_cache_go_to_drive_and_restore_into_a_new_vm(drive_config, 
     assert sync.close(timeout=60) == "sync: snapshot step 200 uploaded and verified (Google Drive folder runs/flowers)"
     names = sorted(fake_drive.path_of(f) for f in fake_drive.live_files())
     assert "runs/flowers/latest.json" in names and "runs/flowers/snapshot-000000200-r1.tar.gz" in names
-    assert sum(n.startswith("runs/flowers/cache-") for n in names) == 2  # each shard once
+    assert sum(n.startswith("runs/flowers/cache/cache-") for n in names) == 2  # each shard once, in cache/
 
     vm2 = open_sync(drive_config, tmp_path / "vm2/run", tmp_path / "vm2/cache", "r2")
     assert vm2.restore_latest() == 200

@@ -115,7 +115,8 @@ def test_properties_live_in_one_catalog_and_listing_reads_only_it(tmp_path, monk
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: opened.append(self.name) or real_open(self, *a, **k))
     [snap] = list_snapshots(FolderBackend(remote))
     assert snap.val_accuracy == 0.75 and len(snap.sha256) == 64
-    assert opened == [CATALOG]  # one file read for 22 files listed
+    assert len(FolderBackend(remote).list("cache")) == 20
+    assert opened == [CATALOG, CATALOG]  # one small file per listing, not one sidecar per file
 
 
 def test_on_a_mounted_drive_the_outcome_says_what_verified_means_and_deletes_free_the_quota(tmp_path, monkeypatch):
