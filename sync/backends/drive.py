@@ -194,6 +194,8 @@ class DriveBackend(Backend):
         if not found and not create:
             return None
         if not found:
+            log.info("creating the Drive folder %r: none is visible to these credentials (with the drive.file "
+                     "scope, folders made by other apps are invisible)", name)
             created = self._create_folder(name, parent)
             found = find()["files"] or [{"id": created}]  # another process may have created one at the same time
         return _oldest(found, what)["id"]
