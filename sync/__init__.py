@@ -45,7 +45,7 @@ class Sync:
             return None
         from sync.restore import restore_latest
         return restore_latest(self.backend, self.run_dir, self.cache_dir, self.state_dir / "download",
-                              listener=self._uploader)
+                              run_id=self.run_id, on_bad_cache=self._uploader.reupload)
 
     def download_latest(self, dest: Path) -> int | None:
         """Extract the newest verified remote snapshot into dest, without the bottleneck cache (to use its

@@ -45,7 +45,7 @@ def cmd_pull(sync, args) -> int:
     from sync.restore import fetch_cache, fetch_snapshot, move_into_place, restore_latest
     if args.step is None:
         step = restore_latest(sync.backend, sync.run_dir, sync.cache_dir, sync.run_dir / STATE_DIR / "download",
-                              listener=sync._uploader)
+                              on_bad_cache=sync._uploader.reupload)
         if step is None:
             print(f"no snapshots in {sync.backend.description}")
             return 1

@@ -115,19 +115,22 @@ def write_pointer(backend: Backend, snap: SnapshotInfo, work_dir: Path) -> None:
 
 
 def check_owner(backend: Backend, run_id: str, pointer: SnapshotInfo | None) -> None:
-    """Refuse a remote whose latest pointer belongs to another run (a run that restored from it continues that
-    run and carries its id): two runs in one folder would move each other's pointer and prune each other's
-    snapshots."""
+    """Refuse a remote whose latest pointer belongs to another run (run ids are run dir names): two runs in one
+    folder would move each other's pointer and prune each other's snapshots."""
     if pointer is not None and pointer.run_id and pointer.run_id != run_id:
         raise SyncError(f"sync: {backend.description} already holds the snapshots of another run "
                         f"({pointer.run_id!r}, newest step {pointer.step}); this run is {run_id!r}. Two runs in "
                         f"one folder would overwrite each other's {POINTER} and prune each other's snapshots: "
-                        f"give this run its own sync.folder (e.g. one named after its run dir).")
+                        f"give this run its own sync.folder, or, to continue that run here, name the run dir "
+                        f"{pointer.run_id!r} as it was.")
 
 
-def restore_candidates(backend: Backend) -> list[SnapshotInfo]:
-    """Snapshots to try restoring, best first: the pointer's target, then the listing by newest step."""
+def restore_candidates(backend: Backend, run_id: str | None = None) -> list[SnapshotInfo]:
+    """Snapshots to try restoring, best first: the pointer's target, then the listing by newest step.
+    With run_id, a remote whose pointer belongs to another run is refused."""
     pointer = read_pointer(backend)
+    if run_id is not None:
+        check_owner(backend, run_id, pointer)
     by_name = {s.name: s for s in list_snapshots(backend)}
     if pointer and pointer.name not in by_name:
         by_name[pointer.name] = pointer  # verified and pointed to, but not in the (lagging) listing yet

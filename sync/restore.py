@@ -5,7 +5,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Protocol
+from typing import Callable
 
 from sync.backends.base import Backend
 from sync.errors import IntegrityError, NotFound, RemoteError, SyncError
@@ -75,20 +75,12 @@ def fetch_cache(backend: Backend, manifest: dict, cache_dir: Path) -> tuple[int,
     return fetched, bad
 
 
-class RestoreListener(Protocol):
-    """Told what a restore found: the run it continues, and remote cache shards to send again."""
-
-    def adopt(self, run_id: str) -> None: ...
-
-    def reupload(self, shas: set[str]) -> None: ...
-
-
 def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work_dir: Path,
-                   listener: RestoreListener | None = None) -> int | None:
+                   run_id: str | None = None, on_bad_cache: Callable[[set[str]], None] | None = None) -> int | None:
     """Restore the newest snapshot that verifies into run_dir and its cache into cache_dir (None: leave the
-    cache on the remote); return its step. The listener learns the restored run's id and the remote cache
-    shards that were corrupt or missing."""
-    candidates = restore_candidates(backend)
+    cache on the remote); return its step. With run_id, a remote that holds another run is refused;
+    on_bad_cache gets the sha256 of cache shards whose remote copy was corrupt or missing."""
+    candidates = restore_candidates(backend, run_id)
     for snap in candidates:
         try:
             extracted, manifest = fetch_snapshot(backend, snap, work_dir)
@@ -98,8 +90,6 @@ def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work
             log.warning("snapshot %s skipped: %s", snap.name, str(e).removeprefix("sync: "))
             continue
         move_into_place(extracted, manifest, run_dir)
-        if listener is not None:
-            listener.adopt(snap.run_id or str(manifest.get("run_id", "")))
         if cache_dir is None:
             log.info("restored step %d from %s", snap.step, snap.name)
             return int(manifest["step"])
@@ -107,8 +97,8 @@ def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work
             n, bad = fetch_cache(backend, manifest, cache_dir)
             log.info("restored step %d from %s (%d cache shards downloaded%s)", snap.step, snap.name, n,
                      f", {len(bad)} corrupt or missing ones skipped" if bad else "")
-            if bad and listener is not None:
-                listener.reupload(bad)
+            if bad and on_bad_cache is not None:
+                on_bad_cache(bad)
         except SyncError as e:
             log.warning("restored step %d but not all of its cache: %s", snap.step, str(e).removeprefix("sync: "))
         return int(manifest["step"])

@@ -18,7 +18,6 @@ from sync.staging import Staged, Staging
 log = logging.getLogger("sync")
 RETRY_AFTER_FAILURE_S = 300.0
 REUPLOAD = "reupload.json"  # under the state dir: remote cache files found corrupt, to be sent again
-LINEAGE = "lineage.json"  # under the state dir: the id of the run this one continues (set by a restore)
 
 
 class Uploader:
@@ -34,7 +33,6 @@ class Uploader:
         self._owner_checked = False
         self._reupload_path = work_dir / REUPLOAD
         self._reupload = _read_names(self._reupload_path)
-        self._lineage_path = work_dir / LINEAGE
         self._digests: dict[tuple, str] = {}
         self.last_sent: int | None = None
         self.last_error: str | None = None
@@ -67,19 +65,6 @@ class Uploader:
             (self.last_error or "not sent").removeprefix("sync: "))
         return (f"sync: {len(pending)} snapshot(s) still pending (newest step {pending[-1].step}; {reason}): "
                 f"they stay queued locally and will be sent on the next run or by `python -m sync push`")
-
-    def adopt(self, run_id: str) -> None:
-        """This run continues run_id (it restored its snapshot): upload under that id from now on."""
-        if run_id:
-            self._lineage_path.parent.mkdir(parents=True, exist_ok=True)
-            self._lineage_path.write_text(json.dumps(run_id))
-            self._owner_checked = False
-
-    def _lineage(self, own: str) -> str:
-        try:
-            return str(json.loads(self._lineage_path.read_text()))
-        except (OSError, ValueError):
-            return own
 
     def reupload(self, shas: set[str]) -> None:
         """Send these cache shards again at the next upload (a restore found their remote copy corrupt or gone)."""
@@ -130,9 +115,9 @@ class Uploader:
     def send(self, staged: Staged) -> SnapshotInfo:
         """Upload staged's cache shards and snapshot, verify it, move the pointer, then prune older ones."""
         info = staged.info
-        lineage = self._lineage(str(info.get("run_id", "")))
+        run_id = str(info.get("run_id", ""))
         if not self._owner_checked:
-            check_owner(self.backend, lineage, read_pointer(self.backend))
+            check_owner(self.backend, run_id, read_pointer(self.backend))
             self._owner_checked = True
         cache = self._upload_cache(info.get("cache_files", []))
         name = snapshot_name(staged.step, info.get("run_id", ""))
@@ -144,7 +129,7 @@ class Uploader:
         if not archive.exists():
             pack(staged.path / "files", info["files"], manifest, archive)
         snap = SnapshotInfo(name, staged.step, info.get("val_accuracy"), file_digest(archive),
-                            archive.stat().st_size, float(info["created"]), run_id=lineage)
+                            archive.stat().st_size, float(info["created"]), run_id=run_id)
         snap.file_id = self.backend.put(name, archive, snap.properties()).id
         write_pointer(self.backend, snap, self.work_dir / "outgoing")
         log.info("snapshot step %d uploaded and verified (%s)", snap.step, self.backend.description)

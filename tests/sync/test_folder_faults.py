@@ -89,18 +89,18 @@ def test_a_second_run_in_the_same_sync_folder_is_refused(tmp_path):
     assert [s.step for s in list_snapshots(FolderBackend(remote))] == [100]
 
 
-def test_a_run_that_restored_from_the_folder_continues_it_under_its_id(tmp_path):
+def test_a_new_run_does_not_restore_another_runs_snapshot_from_its_sync_folder(tmp_path):
     remote = tmp_path / "remote"
     first = _open(tmp_path, remote, run="a", run_id="flowers")
     _checkpoint(first, 100)
     first.close(timeout=30)
-    vm2 = _open(tmp_path, remote, run="vm2/run-renamed", run_id="run-renamed")
-    assert vm2.restore_latest() == 100
-    _checkpoint(vm2, 200)
-    assert "step 200 uploaded" in vm2.close(timeout=30)
-    again = _open(tmp_path, remote, run="vm2/run-renamed", run_id="run-renamed")  # the next process too
-    _checkpoint(again, 300)
-    assert "step 300 uploaded" in again.close(timeout=30)
+    other = _open(tmp_path, remote, run="b/daisies", run_id="daisies")
+    with pytest.raises(SyncError, match=r"another run \('flowers'.*its own sync.folder.*name the run dir 'flowers'"):
+        other.restore_latest()
+    other.close(timeout=1)
+    same_run_new_vm = _open(tmp_path, remote, run="vm2/flowers", run_id="flowers")
+    assert same_run_new_vm.restore_latest() == 100
+    same_run_new_vm.close(timeout=5)
 
 
 def test_properties_live_in_one_catalog_and_listing_reads_only_it(tmp_path, monkeypatch):
