@@ -250,10 +250,9 @@ class FakeDrive:
         if file_id is None:
             file_id = meta.get("id") or self.new_id()
             parents = list(meta["parents"]) if "parents" in meta else ["root"]  # [] = a shared drive's root
-            res = {"id": file_id, "name": meta.get("name", "Untitled"),
-                   "mimeType": meta.get("mimeType", "application/octet-stream"), "parents": parents, "trashed": False,
-                   "appProperties": {}, "properties": {}, "createdTime": now, "creator": creator}
-            parent = self.files.get(res["parents"][0]) if res["parents"] else None
+            res = {"id": file_id, "name": "Untitled", "mimeType": "application/octet-stream", "parents": parents,
+                   "trashed": False, "appProperties": {}, "properties": {}, "createdTime": now, "creator": creator}
+            parent = self.files.get(parents[0]) if parents else None
             if parent is not None and parent.get("driveId"):
                 res["driveId"] = parent["driveId"]
             self.files[file_id] = res
@@ -261,7 +260,7 @@ class FakeDrive:
                 self.unindexed.add(file_id)
         res = self.files[file_id]
         for key in ("name", "mimeType", "trashed"):
-            if key in meta and file_id in self.files:
+            if key in meta:
                 res[key] = meta[key]
         private = res["appProperties"].setdefault(creator, {})
         for store, given in ((private, meta.get("appProperties")), (res["properties"], meta.get("properties"))):
