@@ -295,7 +295,20 @@ class DriveBackend(Backend):
                 raise
 
     def put(self, name: str, local: Path, properties: dict[str, str]) -> RemoteFile:
-        """Upload local as name without duplicates, then check Drive's md5Checksum; re-upload on mismatch."""
+        """Upload local as name without duplicates, then check Drive's md5Checksum; re-upload on mismatch.
+        If the folder was deleted meanwhile (404 on the parent), it is looked up (or created) again once."""
+        try:
+            return self._put(name, local, properties)
+        except RemoteError as e:
+            if e.status != 404:
+                raise
+            log.warning("the Drive folder of %s is gone (HTTP 404); looking it up again", name)
+            with self._folder_lock:
+                self._folder_id, self._drive_id = None, None
+                self._subfolders.clear()
+            return self._put(name, local, properties)
+
+    def _put(self, name: str, local: Path, properties: dict[str, str]) -> RemoteFile:
         md5, size = file_digest(local, "md5"), local.stat().st_size
         state = UploadState(self.state_dir / "uploads" / f"{name}.json", md5, size)
         existing = self._find(name, create=True)

@@ -242,3 +242,16 @@ def test_unexpected_http_errors_never_escape_raw(drive_config, fake_drive, tmp_p
         sync.restore_latest()
     assert not isinstance(info.value, HttpError) and "HTTP 400 (INVALID_ARGUMENT, invalidParameter)" in str(info.value)
     sync.close(timeout=1)
+
+
+def test_a_sync_folder_deleted_during_the_run_is_made_again(drive_config, fake_drive, tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x")
+    backend = make_backend(drive_config, tmp_path / "s")
+    backend.put("a.bin", path, {})
+    folder = fake_drive.live_files("a.bin")[0]["parents"][0]
+    with fake_drive.lock:  # deleted in the Drive web page (with its content)
+        for fid in [f["id"] for f in fake_drive.files.values() if folder in f["parents"]] + [folder]:
+            del fake_drive.files[fid]
+    backend.put("b.bin", path, {})
+    assert fake_drive.path_of(fake_drive.live_files("b.bin")[0]) == "runs/flowers/b.bin"
