@@ -17,7 +17,7 @@ from sync.staging import Staged, Staging
 
 log = logging.getLogger("sync")
 RETRY_AFTER_FAILURE_S = 300.0
-REUPLOAD = "reupload.json"  # under the state dir: remote cache files found corrupt, to be sent again
+REUPLOAD = "reupload.json"  # under the state dir: sha256 of cache shards whose remote copy must be sent again
 
 
 class Uploader:
