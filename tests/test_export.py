@@ -86,6 +86,24 @@ def test_export_folder_has_every_promised_file(exported_run):
     assert not list(run_dir.glob(".export-*")), "the staging folder was left behind"
 
 
+def test_default_export_formats_are_one_saved_model_one_float_tflite_and_labels(exported_run, tmp_path):
+    from runner.config import ExportConfig
+    from runner.export import export_run
+    run_dir = copy_run(exported_run[0], tmp_path)
+    info = json.loads((export_run(run_dir, formats=ExportConfig().formats) / "model.json").read_text())
+    written = {p.name for p in (run_dir / "export").iterdir()} - {"assets", "fingerprint.pb"}  # SavedModel extras
+    assert written == {"saved_model.pb", "variables", "model.tflite", "labels.txt", "model.json"}
+    assert info["formats"] == ["saved_model", "tflite", "labels"] and "tf1" not in info
+    assert set(info["tflite"]) == {"float", "input", "output"}
+
+
+def test_an_unknown_export_format_is_refused_when_the_config_is_loaded():
+    from runner.config import load_config
+    from runner.errors import RunnerError
+    with pytest.raises(RunnerError, match=r"export.formats = 'saved_model,onnx': unknown 'onnx'; use .*tf1"):
+        load_config(None, ["data.dir=x", "export.formats=saved_model,onnx"])
+
+
 def test_saved_model_signature_matches_the_training_head_on_the_test_split(test_split, saved_model_probabilities):
     images, labels, reference = test_split
     outputs = saved_model_probabilities
