@@ -1,9 +1,9 @@
 """Export a run's checkpoint in the formats of export.formats (SavedModel, TFLite float by default; frozen TF1
 graph and quantized TFLite on request), with labels.txt and model.json.
 
-    python -m runner.export --run RUN_DIR [--step N] [--formats saved_model,tflite,labels]
+    python -m runner.export --run RUN_DIR [--step N] [--formats saved_model,tflite,labels] [--out FOLDER]
 
-Everything is written to a temporary folder beside RUN_DIR/export and renamed into place at the end,
+Everything is written to a temporary folder beside RUN_DIR/export (or --out) and renamed into place at the end,
 so a crash never leaves half an export behind.
 """
 from __future__ import annotations
@@ -237,10 +237,11 @@ def _replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_run(run_dir: Path, step: int | None = None, formats: str | None = None) -> Path:
-    """Write RUN_DIR/export from a checkpoint (the newest by default) in the run's export.formats (or
-    `formats`, same syntax) and return its path."""
+def export_run(run_dir: Path, step: int | None = None, formats: str | None = None, out: Path | None = None) -> Path:
+    """Write RUN_DIR/export (or `out`) from a checkpoint (the newest by default) in the run's export.formats
+    (or `formats`, same syntax) and return its path."""
     run_dir = Path(run_dir)
+    target = Path(out) if out is not None else run_dir / EXPORT_DIR
     config, checkpoint = load_run_state(run_dir, step)
     if formats is not None:
         config.export.formats = formats
@@ -249,7 +250,8 @@ def export_run(run_dir: Path, step: int | None = None, formats: str | None = Non
     check_accuracy_gate(run_dir, checkpoint.step, kind, accuracy, config.export.min_accuracy)
     model = restore_run_model(run_dir, checkpoint.step)
     marker = model.checkpoint.marker
-    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{EXPORT_DIR}-"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
         classifier = Classifier(model)
@@ -274,7 +276,6 @@ def export_run(run_dir: Path, step: int | None = None, formats: str | None = Non
         if {"tflite", "tflite_quantized"} & set(names):
             info["tflite"] = write_tflite(classifier, staging, names)
         (staging / "model.json").write_text(json.dumps(info, indent=1))
-        target = run_dir / EXPORT_DIR
         _replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -290,11 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, help="run-wide checkpoint step to export, as in metrics.jsonl (default: the newest)")
     parser.add_argument("--formats", help="comma-separated formats, as export.formats (default: the run's "
                                           "export.formats): " + ", ".join(EXPORT_FORMATS))
+    parser.add_argument("--out", type=Path, help="folder to write (default: RUN_DIR/export)")
     args = parser.parse_args(argv)
     configure_logging()
 
     def command() -> int:
-        print(f"exported to {export_run(args.run, args.step, args.formats)}", flush=True)
+        print(f"exported to {export_run(args.run, args.step, args.formats, args.out)}", flush=True)
         return 0
     return exit_status_of(command)
 

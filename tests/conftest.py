@@ -5,6 +5,10 @@ import pytest
 
 from tests.helpers import CLOTHING, MOBILENET_WEIGHTS, local_mobilenet_args, run_resume
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs real training subprocesses (minutes); deselect with -m 'not slow'")
+
+
 ALL_EXPORT_FORMATS = "saved_model,tflite,tflite_quantized,tf1,labels"  # the shared run's export has every format
 
 
