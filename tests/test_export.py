@@ -239,3 +239,41 @@ def saved_model_arrays(export_dir: Path) -> list[np.ndarray]:
 
 def contains(arrays: list[np.ndarray], value: np.ndarray) -> bool:
     return any(a.shape == value.shape and np.array_equal(a, value) for a in arrays)
+
+
+def docs_tflite_snippets() -> list[str]:
+    """The ```python blocks of docs/export.md's TFLite section, in order."""
+    import re
+    from tests.helpers import REPO
+    text = (REPO / "docs" / "export.md").read_text()
+    section = text[text.index("## TFLite\n"):]
+    section = section[:section.index("\n## ", 1)]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_the_documented_tflite_snippet_gives_the_probabilities_of_a_training_like_resize(exported_run):
+    from tests.helpers import CLOTHING
+    _, _, export_dir = exported_run
+    photo = sorted((CLOTHING / "hat").glob("*.jpg"))[0]
+    code = docs_tflite_snippets()[0].replace("RUN_DIR/export", str(export_dir)).replace("photo.jpg", str(photo))
+    namespace: dict = {}
+    exec(code, namespace)
+    expected = tflite_probabilities(export_dir / "model.tflite", [photo.read_bytes()], 224)[0]
+    np.testing.assert_allclose(namespace["probabilities"], expected, atol=1e-6)
+    assert "Image.BILINEAR" not in code and "antialias=True" not in code
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (100, 37), (224, 224)], ids=["down", "up-and-down", "same"])
+def test_the_documented_numpy_resize_matches_tf_image_resize(shape):
+    import tensorflow as tf
+    code = docs_tflite_snippets()[1]
+    definitions = code[:code.index("\nimage = ")]
+    namespace: dict = {}
+    exec(definitions, namespace)
+    pixels = np.random.default_rng(0).integers(0, 256, (*shape, 3)).astype(np.uint8)
+    expected = tf.image.resize(pixels, (224, 224), method="bilinear").numpy()
+    np.testing.assert_allclose(namespace["resize_like_training"](pixels, 224), expected, atol=0.05)  # float32 rounding
+    if shape == (480, 640):  # what the docs used to do: PIL's bilinear antialiases when it shrinks
+        from PIL import Image
+        antialiased = np.asarray(Image.fromarray(pixels).resize((224, 224), Image.BILINEAR), np.float32)
+        assert np.abs(antialiased - expected).max() > 20

@@ -182,3 +182,27 @@ def test_run_all_twice_in_a_kernel_streams_progress_and_the_second_pass_redoes_n
     for name, path in (("export", run_dir / "export"), ("drive", drive), ("cache", run_dir / "cache"),
                        ("tf1", Path(f"{run_dir}-tf1")), ("data", data_dir)):
         assert tree_state(path) == state[name], f"the second pass wrote into {name} ({path})"
+
+
+def test_an_interrupted_or_broken_dataset_download_is_never_taken_for_the_dataset(photos_archive, tmp_path):
+    from runner.notebook import fetch_dataset
+    target = tmp_path / "photos"
+    stale = tmp_path / ".photos-download-left-by-a-disconnect"
+    (stale / "unpacked" / "hat").mkdir(parents=True)
+    broken = tmp_path / "broken.tgz"
+    broken.write_bytes(photos_archive.read_bytes()[:2000])
+    with pytest.raises((tarfile.TarError, EOFError, OSError)):
+        fetch_dataset(broken.as_uri(), target)
+    assert not target.exists() and not list(tmp_path.glob(".photos-download-*"))
+    assert fetch_dataset(photos_archive.as_uri(), target) == target
+    assert sorted(p.name for p in target.iterdir()) == ["hat", "pants", "shoes"]
+    photos_archive.unlink()  # a second call must not download again
+    assert fetch_dataset(photos_archive.as_uri(), target) == target
+
+
+def test_per_class_table_lists_test_counts_worst_class_first():
+    from runner.notebook import per_class_table
+    report = {"confusion_matrix": [[3, 1, 0], [0, 2, 0], [2, 0, 2]]}
+    lines = per_class_table(report, ["hat", "pants", "shoes"])
+    assert [line.split()[:3] for line in lines[1:]] == [["shoes", "4", "2"], ["hat", "4", "3"], ["pants", "2", "2"]]
+    assert lines[1].endswith("50.0%") and lines[3].endswith("100.0%")
