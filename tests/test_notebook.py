@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -55,6 +56,16 @@ def test_settings_are_form_fields_with_the_repository_url_first_and_no_invented_
     assert "github.com/bottleneck-runner" not in sources and "<this repository>" not in sources
     assert "subprocess" not in sources, "the trainer must run with !python so its output streams"
     assert re.search(r"^!python resume\.py \{TRAIN_ARGS\}", sources, re.M)
+
+
+def test_every_cell_compiles_as_ipython_transforms_it_including_the_colab_only_branches():
+    from IPython.core.inputtransformer2 import TransformerManager
+    transform = TransformerManager().transform_cell
+    for index, cell in enumerate(read_notebook().cells):
+        if cell.cell_type == "code":
+            python = transform(cell.source)
+            compile(python, f"cell {index}", "exec")  # a SyntaxError names the cell
+            assert "get_ipython().system(" in python or "!" not in cell.source.replace("!=", "")
 
 
 def tree_state(root: Path) -> dict[str, tuple[int, int]]:
@@ -206,3 +217,24 @@ def test_per_class_table_lists_test_counts_worst_class_first():
     lines = per_class_table(report, ["hat", "pants", "shoes"])
     assert [line.split()[:3] for line in lines[1:]] == [["shoes", "4", "2"], ["hat", "4", "3"], ["pants", "2", "2"]]
     assert lines[1].endswith("50.0%") and lines[3].endswith("100.0%")
+
+
+@pytest.mark.slow
+def test_the_colab_clone_cell_clones_once_then_pulls(tmp_path, monkeypatch):
+    for key, value in child_env().items():
+        monkeypatch.setenv(key, value)
+    notebook = read_notebook()
+    checkout = tmp_path / "content" / "bottleneck-runner"
+    (checkout.parent).mkdir()
+    clone_cell = cell_with(notebook, "git clone")
+    clone_cell.source = clone_cell.source.replace("/content/bottleneck-runner", str(checkout))
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(REPO), str(origin)], check=True)
+    settings = with_form_values(notebook, REPO_URL=origin.as_uri()).cells[1]
+    pretend_colab = nbformat.v4.new_code_cell("IN_COLAB = True  # what `google.colab in sys.modules` says on Colab")
+    notebook.cells = [settings, pretend_colab, clone_cell, nbformat.from_dict(clone_cell)]
+    executed = run_all(notebook)
+    first, second = (cell_text(cell) for cell in executed.cells[2:])
+    assert f"working in {checkout}" in first and (checkout / "resume.py").is_file(), first
+    assert "Already up to date." in second and f"working in {checkout}" in second, second
+    assert not list(checkout.parent.glob("*.partial"))
