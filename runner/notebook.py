@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from runner.errors import RunnerError
+from runner.progress import clock
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
@@ -121,15 +122,6 @@ def show_samples(data_dir: Path, per_class: int = 4, max_classes: int = 8) -> No
     display_figure(_image_grid(items, per_class, f"sample images per class{more}"))
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-
-
 def run_status(run_dir: Path) -> list[str]:
     """The state of a run directory: its newest checkpoint and age, whether it finished and exported."""
     from runner.export import list_checkpoints
@@ -140,8 +132,8 @@ def run_status(run_dir: Path) -> list[str]:
     newest = checkpoints[0]
     marker = newest.marker
     val = marker.get("metrics", {}).get("val_accuracy")
-    lines = [f"newest checkpoint: step {newest.step} ({marker.get('stage', 'head')} stage), "
-             f"{_age(time.time() - marker.get('saved_at', time.time()))} old"
+    lines = [f"newest checkpoint: step {newest.step} ({marker.get('stage', 'head')} stage), saved "
+             f"{clock(time.time() - marker.get('saved_at', time.time()))} ago"
              + (f", validation accuracy {val:.3f}" if val is not None else "")]
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.helpers import CLOTHING, MOBILENET_WEIGHTS, REPO, child_env
+from tests.helpers import MOBILENET_WEIGHTS, REPO, child_env, write_photo_archive
 
 NOTEBOOK = REPO / "notebooks" / "colab_quickstart.ipynb"
 FORM_FIELDS = ("REPO_URL", "DATA_DIR", "DATASET_URL", "CONFIG", "RUN_DIR", "BACKBONE", "STEPS", "FINE_TUNE",
@@ -116,16 +115,7 @@ def stop_tensorboards(logdir_root: Path) -> None:
 @pytest.fixture()
 def photos_archive(tmp_path) -> Path:
     """A .tgz of three clothing classes (14 real photos each), as DATASET_URL would serve."""
-    source = tmp_path / "archive-source" / "clothing"
-    for name in ("hat", "pants", "shoes"):
-        (source / name).mkdir(parents=True)
-        for src in sorted((CLOTHING / name).glob("*.jpg"))[:14]:
-            shutil.copy(src, source / name / src.name)
-    archive = tmp_path / "clothing.tgz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(source, arcname="clothing")
-    shutil.rmtree(source.parent)
-    return archive
+    return write_photo_archive(tmp_path / "clothing.tgz", "clothing", 14)
 
 
 @pytest.mark.slow

@@ -4,14 +4,12 @@ URL by a local archive, and the run is made small (local MobileNet weights, few 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import CLOTHING, MOBILENET_WEIGHTS, REPO, child_env
+from tests.helpers import MOBILENET_WEIGHTS, REPO, child_env, write_photo_archive
 
 README = REPO / "README.md"
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
@@ -48,16 +46,7 @@ def as_local_shell(lines: list[str], content: Path, flowers_archive: Path, small
 @pytest.fixture()
 def flowers_archive(tmp_path) -> Path:
     """A stand-in for flower_photos.tgz: a flower_photos/ folder of three real clothing classes."""
-    source = tmp_path / "archive-source" / "flower_photos"
-    for name in ("hat", "pants", "shoes"):
-        (source / name).mkdir(parents=True)
-        for src in sorted((CLOTHING / name).glob("*.jpg"))[:12]:
-            shutil.copy(src, source / name / src.name)
-    archive = tmp_path / "flower_photos.tgz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(source, arcname="flower_photos")
-    shutil.rmtree(source.parent)
-    return archive
+    return write_photo_archive(tmp_path / "flower_photos.tgz", "flower_photos", 12)
 
 
 def test_readme_colab_cells_parse_into_known_lines():
