@@ -24,6 +24,14 @@ def colab_cells() -> list[str]:
     return [line for line in block.group(1).splitlines() if line.strip()]
 
 
+def laptop_command() -> str:
+    """The one command of README's "From Drive to your laptop" recipe."""
+    section = re.search(r"^### From Drive to your laptop\n(.*?)^##", README.read_text(), re.S | re.M)
+    assert section, "README has no '### From Drive to your laptop' section"
+    (command,) = re.findall(r"```bash\n\s*(.*?)\n\s*```", section.group(1), re.S)
+    return command
+
+
 def as_local_shell(lines: list[str], content: Path, flowers_archive: Path, small_run: str) -> str:
     """README's Colab lines as one bash script for this checkout; an unknown kind of line fails the test."""
     script = ["set -euo pipefail"]
@@ -81,6 +89,19 @@ def test_readme_colab_cells_run_in_one_shell_session_and_again_after_a_disconnec
     assert sorted(p.name for p in (content / "flower_photos").iterdir()) == ["hat", "pants", "shoes"]
     assert sorted(p.name for p in content.iterdir()) == ["flower_photos", "runs"], "a download folder was left behind"
     assert (content / "runs" / "flowers" / "export" / "model.tflite").is_file() and any(drive.iterdir())
+
+    # the laptop recipe: the newest snapshot "downloaded from Drive" and the one command on it
+    snapshot = max(drive.rglob("snapshot-*.tar.gz"), key=lambda p: p.name)
+    name = r"snapshot-\d{9}-flowers\.tar\.gz"
+    command = laptop_command().split()
+    assert command[:3] == ["python", "-m", "runner.classify"] and re.search(rf"/{name}$", command[3]), command
+    assert re.fullmatch(name, snapshot.name), snapshot.name
+    hats = sorted((content / "flower_photos" / "hat").glob("*.jpg"))
+    local = {command[3]: str(snapshot), "my_photo.jpg": str(hats[0]), "more_photos/": str(hats[0].parent)}
+    laptop = subprocess.run([local.get(word, word) for word in command], cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert laptop.returncode == 0, laptop.stdout
+    assert laptop.stdout.count(str(hats[0])) == 2 and len(re.findall(r"(hat|pants|shoes)\s+\d+\.\d+%", laptop.stdout)) >= 13 * 3
 
     second = run_cells()  # the same cells again, as after a disconnect
     assert "resumed from step 30" in second, second
