@@ -97,6 +97,17 @@ def test_default_export_formats_are_one_saved_model_one_float_tflite_and_labels(
     assert set(info["tflite"]) == {"float", "input", "output"}
 
 
+def test_formats_asked_for_later_go_to_their_own_folder_and_leave_the_export_alone(exported_run, tmp_path):
+    from runner.export import main
+    run_dir = copy_run(exported_run[0], tmp_path)
+    shutil.copytree(exported_run[2], run_dir / "export")
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "export").iterdir()}
+    assert main(["--run", str(run_dir), "--formats", "tf1,labels", "--out", str(tmp_path / "tf1")]) == 0
+    assert {p.name for p in (tmp_path / "tf1").iterdir()} == {"frozen_graph.pb", "model.meta", "labels.txt", "model.json"}
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "export").iterdir()} == before
+    assert not list(tmp_path.glob(".tf1-*")), "the staging folder was left behind"
+
+
 def test_an_unknown_export_format_is_refused_when_the_config_is_loaded():
     from runner.config import load_config
     from runner.errors import RunnerError
