@@ -62,7 +62,12 @@ class BarProgress(tqdm):
     def __init__(self, *args, **kwargs):
         self._redirect = logging_redirect_tqdm(tqdm_class=tqdm)
         self._redirect.__enter__()
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._redirect, redirect = None, self._redirect
+            redirect.__exit__(None, None, None)
+            raise
 
     def close(self) -> None:
         try:
