@@ -1,9 +1,10 @@
-"""Head training on the cache: time per epoch and memory for a 1,000-class head on 100k cached vectors;
-the cost of safety (training with the default checkpoint cadence vs checkpoints off) and the resume latency
+"""Head training on the cache: time per epoch and memory for a 1,000-class head on 100k cached vectors,
+the cost of the default head search next to one fixed head, side by side in one run; the cost of
+safety (training with the default checkpoint cadence vs checkpoints off) and the resume latency
 (process start to the first training step of a resumed run with 100,000 cached vectors).
 
     python bench/head.py [--vectors 100000] [--classes 1000] [--dim 1280] [--batch-size 100]
-                         [--safety-steps 2000] [--resume-files 100000]
+                         [--search-epochs 10] [--no-search] [--safety-steps 2000] [--resume-files 100000]
 
 The vectors are synthetic (class means plus noise), written as float16 shards through the real
 BottleneckCache and read back memory-mapped, exactly as training reads them.
@@ -27,8 +28,9 @@ import tensorflow as tf  # noqa: E402
 
 from runner.cache import BottleneckCache  # noqa: E402
 from runner.config import Config  # noqa: E402
-from runner.head import build_head, build_optimizer  # noqa: E402
+from runner.head import build_head, build_optimizer, feature_statistics  # noqa: E402
 from runner.job import make_head_step  # noqa: E402
+from runner.search import build_search, candidate_grid, head_budget  # noqa: E402
 from runner.train import BatchOrder  # noqa: E402
 
 
@@ -63,6 +65,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--search-epochs", type=float, default=10.0,
+                        help="budget (train.epochs) of the search-vs-fixed comparison, the same for both")
+    parser.add_argument("--no-search", action="store_true", help="skip the search-vs-fixed comparison")
     parser.add_argument("--safety-steps", type=int, default=2000,
                         help="steps per run of the cost-of-safety section (0 = skip it)")
     parser.add_argument("--resume-files", type=int, default=100_000,
@@ -98,6 +103,7 @@ def main() -> None:
             float(loss)
             times.append((time.perf_counter() - start, gather))
         rss_end = current_rss_mib()
+        comparison = None if args.no_search else compare_search(cache, keys, labels, args)
         size_mib = sum(p.stat().st_size for p in Path(tmp).rglob("*.npy")) / 2 ** 20
         safety = cost_of_safety(table, labels, args, Path(tmp) / "safety") if args.safety_steps else None
     print(f"\n{args.classes}-class head on {args.vectors} cached {args.dim}-d float16 vectors "
@@ -110,10 +116,68 @@ def main() -> None:
     print(f"  RSS after opening the cache {rss_after_open:.0f} MiB; after training {rss_end:.0f} MiB; "
           f"peak (incl. writing the shards) {peak_rss_mib():.0f} MiB "
           f"(the vectors alone would be {args.vectors * args.dim * 4 / 2 ** 20:.0f} MiB as float32)")
+    if comparison:
+        fixed, search, steps, epoch_steps, budget, log = comparison
+        print(f"\nhead search vs one fixed head, same budget (train.epochs = {args.search_epochs:g}: {budget} steps, "
+              f"90/10 train/validation split of the vectors above, validation once per epoch):")
+        print(f"  one fixed head (head.search = off):   {fixed:7.1f} s for {budget} steps")
+        print(f"  default search ({len(candidate_grid(1))} candidates):   {search:7.1f} s for {steps} steps "
+              f"({epoch_steps / max(steps, 1):.1f} candidates trained per step on average) = "
+              f"{search / fixed:.2f}x the fixed head")
+        print(f"  {log}")
     if safety:
         print_cost_of_safety(safety, args)
     if args.resume_files:
         print_resume_latency(resume_latency(args.resume_files))
+
+
+def compare_search(cache: BottleneckCache, keys: list[str], labels: np.ndarray, args) -> tuple:
+    """Wall time of one fixed head and of the default search on the same vectors, budget and evaluations."""
+    cut = len(keys) * 9 // 10
+    train_table, val_table = cache.table(keys[:cut]), cache.table(keys[cut:])
+    train_labels, val_labels = labels[:cut], labels[cut:]
+    config = Config()
+    config.train.batch_size, config.train.epochs = args.batch_size, args.search_epochs
+    budget = head_budget(config.train, cut)
+    order = BatchOrder(cut, args.batch_size, 0)
+    weights = tf.ones(args.batch_size)
+    mean, std = feature_statistics(train_table)
+
+    fixed_head = build_head(args.classes, args.dim, config.head, 0)
+    fixed_head.set_standardization(mean, std)
+    optimizer = build_optimizer(config.train, fixed_head.trainable_variables)
+    step_fn = make_head_step(fixed_head, optimizer, tf.distribute.get_strategy(), config, args.classes)
+    val_all = val_table.all()
+    start = time.perf_counter()
+    for step in range(budget.steps):
+        rows = order.indices(step)
+        loss, _ = step_fn(tf.constant(train_table.gather(rows)), tf.constant(train_labels[rows]), weights,
+                          tf.constant([0, step], tf.int64))
+        if (step + 1) % budget.eval_every == 0:
+            fixed_head(tf.constant(val_all)).numpy()
+    float(loss)
+    fixed = time.perf_counter() - start
+
+    head = build_head(args.classes, args.dim, config.head, 0)
+    head.set_standardization(mean, std)
+    search = build_search(candidate_grid(cut), head, config, budget, args.classes)
+    val_features = search.standardize(val_all)
+    start, step, candidate_steps = time.perf_counter(), 0, 0
+    while step < budget.steps and not search.done():
+        rows = order.indices(step)
+        candidate_steps += len(search.record.active())
+        search.train_step(tf.constant(search.standardize(train_table.gather(rows))),
+                          tf.constant(train_labels[rows]), weights, tf.constant([0, step], tf.int64))
+        step += 1
+        if step % budget.eval_every == 0:
+            search.evaluate(step, val_features, val_labels)
+    search.write_selected(head, val_features, val_labels)
+    elapsed = time.perf_counter() - start
+    selected = search.summary()["selected"]
+    log = (f"selected: learning rate {selected['learning_rate']:g}, weight decay {selected['weight_decay']:.3g}, "
+           f"best step {selected['best_step']}, validation accuracy {selected['best_val_accuracy']:.4f}; "
+           f"averaged with {len(selected['averaged']) - 1} more")
+    return fixed, elapsed, step, candidate_steps, budget.steps, log
 
 
 # -- cost of safety: checkpoint cadence overhead and resume latency (issue 12) --------------------------
@@ -149,7 +213,8 @@ def train_through_the_loop(table, labels: np.ndarray, args, run_dir: Path, check
             saving[0] += time.perf_counter() - began
 
     stage = Stage("head", args.safety_steps, 0, state, make_head_step(head, optimizer, strategy, config, args.classes),
-                  next_batch, lambda: loss_and_accuracy(predict_logits(head, val_features), labels[val_rows]), save)
+                  next_batch, lambda step: loss_and_accuracy(predict_logits(head, val_features), labels[val_rows]), save,
+                  config.eval.every_steps)
     start = time.perf_counter()
     run_stage(config, stage, strategy, np.ones(args.classes, np.float32), run_dir / "metrics.jsonl", StopFlag())
     return time.perf_counter() - start, saving[0]
@@ -207,7 +272,7 @@ def resume_latency(files: int, classes: int = 1000) -> dict:
                               np.array([r.label for r in dataset.images]), classes, backbone.feature_dim)
         command = [sys.executable, str(REPO / "resume.py"), "--config", str(REPO / "configs" / "clothing_local.toml")]
         for setting in (f"data.dir={data}", f"run.dir={run_dir}", f"cache.dir={cache_dir}", f"backbone.weights={weights}",
-                        "train.steps=1000000", "checkpoint.every_steps=100", "export.enabled=false",
+                        "train.steps=1000000", "head.search=off", "checkpoint.every_steps=100", "export.enabled=false",
                         "train.progress=lines"):
             command += ["--set", setting]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")

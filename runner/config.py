@@ -67,13 +67,23 @@ class CacheConfig:
 class HeadConfig:
     hidden_units: int = _opt(0, "units of an optional ReLU hidden layer; 0 = plain softmax", min=0)
     dropout: float = _opt(0.0, "dropout rate before the logits layer", min=0.0, max=0.95)
+    search: str = _opt("auto", "auto: train a grid of learning rates x weight decays at once and keep the best "
+                               "validation step of the best; off: train exactly the configured head",
+                       choices=("auto", "off"))
+    weight_decay: float = _opt(0.0, "L2 penalty on the kernels with head.search = off (the search sets its own)",
+                               min=0.0)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _opt(4000, "total head training steps", min=0)
+    steps: int = _opt(0, "head training steps; 0 = train.epochs passes over the training split", min=0)
+    epochs: float = _opt(100.0, "head training budget in passes over the training split (with train.steps = 0)",
+                         min=0.01)
+    patience: int = _opt(10, "head search: a candidate stops after this many evaluations (one per epoch) "
+                             "without a lower validation loss", min=1)
     batch_size: int = _opt(100, "vectors per training step", min=1)
-    learning_rate: float = _opt(0.0003, "RMSProp learning rate", min=0.0)
+    learning_rate: float = _opt(0.001, "RMSProp learning rate with head.search = off; fine-tuning uses a tenth",
+                                min=0.0)
     rho: float = _opt(0.9, "RMSProp discounting factor", min=0.0, max=1.0)
     momentum: float = _opt(0.0, "RMSProp momentum", min=0.0, max=1.0)
     epsilon: float = _opt(1e-7, "RMSProp epsilon", min=0.0)
@@ -119,12 +129,32 @@ class FineTuneConfig:
     rotation: float = _opt(5.0, "augment: random rotation up to this many degrees; 0 = off", min=0.0, max=45.0)
 
 
+EXPORT_FORMATS = {  # name → what it writes into RUN_DIR/export (model.json is always written)
+    "saved_model": "saved_model.pb + variables/ (TF2; what runner.classify loads)",
+    "tflite": "model.tflite (float)",
+    "tflite_quantized": "model_quantized.tflite (dynamic-range quantized)",
+    "tf1": "frozen_graph.pb + model.meta (TF1 sessions)",
+    "labels": "labels.txt",
+}
+
+
 @dataclass
 class ExportConfig:
     enabled: bool = _opt(True, "write RUN_DIR/export at the end of training")
     min_accuracy: float = _opt(0.0, "refuse to export below this test accuracy (0-1)", min=0.0, max=1.0)
     top_k: int = _opt(5, "classes returned per image by the exported model", min=1)
-    quantize: bool = _opt(True, "also write a dynamic-range quantized TFLite model")
+    formats: str = _opt("saved_model,tflite,labels", "comma-separated formats to write, from: "
+                        + ", ".join(EXPORT_FORMATS) + " (each full-size format is one more copy of the backbone)")
+
+    def format_names(self) -> tuple[str, ...]:
+        """The formats asked for by export.formats, each a key of EXPORT_FORMATS."""
+        names = tuple(dict.fromkeys(n.strip() for n in self.formats.split(",") if n.strip()))
+        unknown = [n for n in names if n not in EXPORT_FORMATS]
+        if unknown or not names:
+            raise RunnerError(f"setting export.formats = {self.formats!r}: "
+                              f"{'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'empty'}; use a "
+                              f"comma-separated list of {', '.join(EXPORT_FORMATS)} (or export.enabled = false).")
+        return names
 
 
 @dataclass
@@ -157,7 +187,8 @@ class Config:
         """The settings a checkpoint cannot be continued without (backbone and head shape)."""
         b = self.backbone
         return {"backbone": b.name, "weights": b.weights, "image_size": b.image_size,
-                "alpha": b.alpha, "hidden_units": self.head.hidden_units}
+                "alpha": b.alpha, "hidden_units": self.head.hidden_units, "head_search": self.head.search,
+                "standardized": True}
 
     def fine_tune_fingerprint(self) -> dict:
         """What a fine-tuning checkpoint additionally depends on: which layers are trainable."""
@@ -264,6 +295,7 @@ def validate(config: Config) -> None:
     if config.checkpoint.every_steps == 0 and config.checkpoint.every_seconds == 0:
         raise RunnerError("checkpoint.every_steps and checkpoint.every_seconds are both 0: set at least one, "
                           "or a disconnect loses all progress.")
+    config.export.format_names()  # raises on an unknown format name
     try:
         config.sync.validate()
     except Exception as e:  # sync raises its own error type; show it as a config error here
