@@ -162,23 +162,34 @@ def list_class_folders(data_dir: Path) -> list[str]:
     return classes
 
 
+def image_entries(folder: Path, parts: tuple[str, ...]) -> list[tuple[tuple[str, ...], os.DirEntry]]:
+    """The image files below `folder` as (path parts relative to data.dir, directory entry), in any order
+    (os.scandir: one stat per file, none for the listing)."""
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                found += image_entries(Path(entry.path), parts + (entry.name,))
+            elif (entry.is_file() and not entry.name.startswith(".")
+                  and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS):
+                found.append((parts + (entry.name,), entry))
+    return found
+
+
 def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
                  hash_index: HashIndex, min_images_per_class: int, progress_mode: str = "auto") -> Dataset:
     """Find, hash, check and split every image below data_dir; bad files are skipped and listed."""
     data_dir = Path(data_dir).resolve()
     classes = list_class_folders(data_dir)
-    candidates = []
-    for label, name in enumerate(classes):
-        for file in sorted((data_dir / name).rglob("*")):
-            if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS and not file.name.startswith("."):
-                candidates.append((label, file))
+    candidates = [(label, parts, entry) for label, name in enumerate(classes)
+                  for parts, entry in sorted(image_entries(data_dir / name, (name,)), key=lambda c: c[0])]
     images, skipped, seen = [], [], set()
     bar = progress(len(candidates), "checking images", "img", progress_mode)
-    for label, file in candidates:
+    for label, parts, entry in candidates:
         bar.update()
-        relpath = file.relative_to(data_dir).as_posix()
+        file, relpath = Path(entry.path), "/".join(parts)
         seen.add(relpath)
-        stat = file.stat()
+        stat = entry.stat()
         digest = hash_index.lookup(relpath, stat)
         if digest is None:
             data = file.read_bytes()

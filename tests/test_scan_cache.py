@@ -138,3 +138,15 @@ def test_a_run_hands_the_index_copy_to_sync_with_the_cache(shared_assets, tmp_pa
     handed = json.loads((run_dir / "last_snapshot.json").read_text())["cache_files"]
     copies = [name for name in handed if name.startswith("file-hashes-")]
     assert len(copies) == 1 and (cache_dir / copies[0]).is_file()
+
+
+def test_the_scan_lists_images_in_sorted_path_order_with_subfolders_and_skips_hidden_files(tmp_path):
+    data = write_tree(tmp_path / "data", classes=2, per_class=3)
+    (data / "c0" / "sub" / "deeper").mkdir(parents=True)
+    for name in ("c0/sub/b.JPG", "c0/sub/deeper/a.jpeg", "c0/Z.jpg", "c0/.hidden.jpg", "c0/notes.txt"):
+        shutil.copy(data / "c0" / "0.jpg", data / name)
+    expected = sorted(p for p in (data / "c0").rglob("*") if p.is_file() and not p.name.startswith(".")
+                      and p.suffix.lower() in {".jpg", ".jpeg"})
+    listed = [r.path for r in scan(data, tmp_path / "cache" / "file-hashes.json").images if r.label == 0]
+    assert listed == [str(p) for p in expected]
+    assert "c0/sub/deeper/a.jpeg" in {r.relpath for r in scan(data, tmp_path / "cache" / "file-hashes.json").images}
