@@ -111,6 +111,11 @@ class ExportedModel:
         except (OSError, ValueError, KeyError, tf.errors.OpError) as e:
             raise RunnerError(f"{folder} could not be loaded as a SavedModel ({type(e).__name__}: {e}); "
                               f"export it again with python -m runner.export.") from None
+        outputs = self._serve.structured_outputs["probabilities"].shape[-1]
+        if outputs is not None and outputs != len(self.classes):
+            raise RunnerError(f"{folder / 'labels.txt'} names {len(self.classes)} classes but the model has "
+                              f"{outputs} outputs, so names would be wrong; restore labels.txt (one class per "
+                              f"line, in the model's order) or export again with python -m runner.export.")
 
     def probabilities(self, image_bytes: bytes) -> np.ndarray:
         """Class probabilities of one encoded image; raises ValueError if it cannot be decoded."""

@@ -11,3 +11,11 @@ class DataError(RunnerError):
 
 class IncompatibleRunError(RunnerError):
     """The run directory holds a run that this configuration cannot continue."""
+
+
+class StopRequested(Exception):
+    """SIGTERM / SIGINT arrived during a phase that keeps what it finished (scan, extraction, restore)."""
+
+    def __init__(self, signal_name: str, phase: str):
+        super().__init__(f"stopped by {signal_name} during {phase}")
+        self.signal_name, self.phase = signal_name, phase
