@@ -55,14 +55,14 @@ def child_arguments(argv: list[str]) -> list[str]:
 
 def train(config, debug: bool) -> int:
     """Run (or resume) the job; returns the exit status."""
-    from runner.tf_quiet import import_tensorflow
-    import_tensorflow(debug)
-    from runner.train import StopFlag
-    stop = StopFlag()
-    stop.install()
-    with hold_run_dir(config.run_dir):
+    with hold_run_dir(config.run_dir):  # first: a second trainer is refused before TensorFlow loads
         from runner.cleanup import remove_stale_temporaries
         remove_stale_temporaries(config.run_dir, config.cache_dir)
+        from runner.tf_quiet import import_tensorflow
+        import_tensorflow(debug)
+        from runner.train import StopFlag
+        stop = StopFlag()
+        stop.install()
         from runner.distribute import configure_tensorflow
         configure_tensorflow(config.train)
         from runner.job import Job

@@ -85,7 +85,7 @@ def build_backbone(config: BackboneConfig) -> Backbone:
         if config.weights in ("imagenet", "none") and not isinstance(e, (ValueError, OSError)):
             raise  # e.g. the ImageNet download failed: not the file's fault
         raise RunnerError(f"could not build backbone {config.name} with backbone.weights = {config.weights!r} "
-                          f"(image_size={size}, alpha={config.alpha}): {type(e).__name__}: {e}. The weights file "
+                          f"(image_size={size}, alpha={config.alpha}): {type(e).__name__}: {str(e).rstrip('.')}. The weights file "
                           f"is damaged or is not Keras weights of this backbone, alpha and include_top=False: "
                           f"download it again, or fix backbone.weights.") from None
     base.trainable = False
