@@ -14,6 +14,7 @@ supervisor restarts it like a crash.
 from __future__ import annotations
 
 import errno
+import re
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -37,7 +38,8 @@ def disk_full_message(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         what = f"the device holding {exc.filename or 'the run directory or cache'} is full ({exc.strerror})"
     else:  # TensorFlow names the file in its message
-        what = f"the disk is full: {str(exc).strip().splitlines()[0]}"
+        text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(exc).strip()).splitlines()[0]
+        what = f"the disk is full: {text}"
     return (f"{what}. Free some space (or move run.dir / cache.dir to a bigger disk) and run the same "
             f"command: every checkpoint already saved is intact.")
 

@@ -12,7 +12,8 @@ import re
 import sys
 import tempfile
 
-NATIVE_LOG_LINE = re.compile(r"^([IWE]\d{4} [\d:.]+ +\d+ \S+:\d+\]|WARNING: All log messages before absl::InitializeLog)")
+NATIVE_LOG_LINE = re.compile(r"^([IWE]\d{4} [\d:.]+ +\d+ \S+:\d+\]|WARNING: All log messages before absl::InitializeLog"
+                             r"|To enable the following instructions: .*rebuild TensorFlow)")
 
 
 def set_native_log_level(debug: bool) -> None:

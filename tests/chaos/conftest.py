@@ -45,3 +45,19 @@ def copy_cache(cache_dir: Path, dest: Path) -> Path:
     """A private copy of a cache folder, so a test may damage it."""
     shutil.copytree(cache_dir, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def linked_clothing(tmp_path_factory, shared_assets) -> Path:
+    """The 1,885 real photos as symlinks in a private folder (big enough for a phase to be caught mid-way)."""
+    from tests.helpers import CLOTHING
+    root = tmp_path_factory.mktemp("linked") / "clothing"
+    for photo in CLOTHING.rglob("*"):
+        if photo.is_file():
+            target = root / photo.relative_to(CLOTHING)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(photo)
+    return root
+
+
+from tests.sync.conftest import drive_config, fake_drive, user_credentials  # noqa: E402,F401  (the HTTPS fake Drive)
