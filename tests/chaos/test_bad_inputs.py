@@ -18,7 +18,6 @@ from runner.atomic import write_text_atomic
 from runner.cache import BottleneckCache
 from runner.data import HashIndex, problem_with, scan_dataset, split_of
 from runner.errors import DataError, RunnerError
-from runner.exit_codes import EXIT_USER_ERROR, status_of
 from runner.progress import LineProgress
 from tests.helpers import CLOTHING, MOBILENET_WEIGHTS, REPO
 
@@ -84,6 +83,7 @@ def test_disk_full_is_a_fixable_error_naming_the_path(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    from runner.exit_codes import EXIT_USER_ERROR, status_of
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError) as caught:
         write_text_atomic(tmp_path / "summary.json", "{}")
@@ -136,6 +136,7 @@ def test_resume_py_parses_on_old_pythons_and_refuses_them_by_name():
 
 def test_labels_that_do_not_match_the_model_are_refused(finished_run, tmp_path, capsys):
     from runner.classify import main
+    from runner.exit_codes import EXIT_USER_ERROR
     run_dir = finished_run[0]
     export = shutil.copytree(run_dir / "export", tmp_path / "export")
     labels = (export / "labels.txt").read_text().splitlines()

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from runner.exit_codes import EXIT_TRANSIENT, EXIT_USER_ERROR
 from runner.supervise import supervise
 from tests.chaos.conftest import small_args
 from tests.helpers import REPO, run_resume
 
 pytestmark = pytest.mark.slow
+EXIT_USER_ERROR, EXIT_TRANSIENT = 2, 75  # the table in runner/exit_codes.py, as a user reads it in README
 
 
 def _drive_settings(drive_config) -> list[str]:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from runner.lock import LOCK_FILE
 from tests.chaos.conftest import small_args
 from tests.helpers import CLOTHING, OutputWatcher, REPO, child_env, run_resume
 
@@ -39,6 +38,7 @@ def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_holder(small
     finally:
         holder.kill()
         holder.wait()
+    from runner.lock import LOCK_FILE
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR)  # the OS released the killed holder's lock
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
