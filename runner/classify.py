@@ -11,17 +11,17 @@ from __future__ import annotations
 import argparse
 import logging
 import json
-import os
 import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from runner.tf_quiet import import_tensorflow
+
+tf = import_tensorflow()
 
 from runner.cli import EXIT_USER_ERROR  # noqa: E402
 from runner.config import parse_override  # noqa: E402
