@@ -83,7 +83,8 @@ def problem_with(data: bytes, extension: str) -> str | None:
     expected = IMAGE_EXTENSIONS[extension]
     if fmt != expected:
         return f"mislabelled: the content is {fmt.upper()} but the name says {extension}; rename the file"
-    if fmt == "jpeg" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):  # bytes after the EOI are fine
+    end = data.rfind(b"\xff\xd9")  # bytes after the end marker are fine: the decoder ignores them
+    if fmt == "jpeg" and (end < 0 or end < data.rfind(b"\xff\xda")):  # none, or only a thumbnail's
         return "truncated JPEG (no end-of-image marker after the image data)"
     if fmt == "png" and b"IEND" not in data[-64:]:
         return "truncated PNG (no IEND chunk)"
