@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.conftest import small_args
-from tests.helpers import CLOTHING, OutputWatcher, REPO, child_env, run_resume
+from tests.chaos.conftest import copy_cache, small_args
+from tests.helpers import (CLOTHING, OutputWatcher, REPO, assert_same_checkpoint, child_env, latest_checkpoint_prefix,
+                           run_resume)
 
 pytestmark = pytest.mark.slow
 NATIVE_TF_LINES = ("oneDNN custom operations", "cudart_stub", "cuInit", "absl::InitializeLog")
@@ -88,3 +89,18 @@ def test_bad_data_says_why_before_refusing_and_no_sync_line_comes_first(tmp_path
     assert "skipped rare/empty.jpg: empty file" in result.stdout
     assert "'rare' has 0" in result.stdout
     assert "sync: off" not in result.stdout and "Traceback" not in result.stdout
+
+
+def test_a_cache_shard_with_flipped_bytes_is_re_extracted_and_the_run_ends_as_an_unbroken_one(finished_run, small_data,
+                                                                                               tmp_path):
+    unbroken, cache = finished_run[0], copy_cache(finished_run[1], tmp_path / "cache")
+    shard = sorted(cache.glob("*/shard-*.npy"))[1]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(b ^ 0xFF for b in raw[len(raw) // 2: len(raw) // 2 + 64])
+    shard.write_bytes(bytes(raw))  # same size, same shape: only the content hash can tell
+    run_dir = tmp_path / "run"
+    result = run_resume(*small_args(run_dir, cache, small_data))
+    assert result.returncode == 0, result.stdout
+    assert f"cache shard {shard} is unreadable" in result.stdout
+    assert "extracting bottlenecks for 8 images (28 already cached)" in result.stdout
+    assert_same_checkpoint(latest_checkpoint_prefix(unbroken), latest_checkpoint_prefix(run_dir))
