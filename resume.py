@@ -2,13 +2,11 @@
 
     python resume.py --config configs/clothing_local.toml [--set section.key=value ...]
 """
-from __future__ import annotations
-
 import argparse
 import sys
 import traceback
 
-if sys.version_info < (3, 11):  # before any import that needs 3.11 (tomllib): this file parses on 3.6+
+if sys.version_info < (3, 11):  # before anything that needs 3.11 (tomllib): this file parses on 3.6+
     sys.stderr.write("error: bottleneck-runner needs Python 3.11 or newer; this is Python %d.%d (%s). Install "
                      "Python 3.11+ and run resume.py with it.\n" % (sys.version_info[0], sys.version_info[1],
                                                                    sys.executable))

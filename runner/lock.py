@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 from contextlib import contextmanager
@@ -13,6 +15,9 @@ from typing import Iterator
 from runner.errors import RunnerError
 
 LOCK_FILE = ".lock"
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # some network / FUSE file systems
+
+log = logging.getLogger("runner")
 
 
 class RunDirBusy(RunnerError):
@@ -41,6 +46,11 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
             raise RunDirBusy(f"{run_dir} is in use by {_holder(lock_path)}. Only one trainer may use a run "
                              f"directory at a time: wait for it to finish (or stop it), or start this one "
                              f"with another run.dir (--set run.dir=...).") from None
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                raise
+            log.warning("the file system of %s does not support locks (%s): nothing stops a second trainer "
+                        "from using this run directory at the same time", run_dir, e.strerror)
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode(), 0)

@@ -129,7 +129,7 @@ def test_line_progress_shows_no_rate_for_the_first_item_and_the_last_line_once()
 
 def test_resume_py_parses_on_old_pythons_and_refuses_them_by_name():
     source = (REPO / "resume.py").read_text()
-    ast.parse(source, feature_version=(3, 7))
+    ast.parse(source, feature_version=(3, 6))
     fake_old = ("import sys; sys.version_info = (3, 10, 4); sys.argv = ['resume.py', '--help']; "
                 f"exec(compile(open({str(REPO / 'resume.py')!r}).read(), 'resume.py', 'exec'))")
     result = subprocess.run([sys.executable, "-c", fake_old], cwd=REPO, capture_output=True, text=True, timeout=60)
