@@ -1,6 +1,7 @@
 """Class folders → stable hash split → validated image list (no TensorFlow here)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -151,6 +152,8 @@ def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
         try:
             stat = file.stat()
             digest = hash_index.lookup(file, stat)
+            if digest is not None and not os.access(file, os.R_OK):  # known, but extraction could not read it
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
             data = file.read_bytes() if digest is None else b""
         except OSError as e:
             skipped.append({"path": relpath, "reason": f"unreadable: {e.strerror or e}; fix its permissions"})
