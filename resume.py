@@ -3,6 +3,7 @@
     python resume.py --config configs/clothing_local.toml [--set section.key=value ...]
 """
 import argparse
+import os
 import sys
 import traceback
 
@@ -11,6 +12,10 @@ if sys.version_info < (3, 11):  # before anything that needs 3.11 (tomllib): thi
                      "Python 3.11+ and run resume.py with it.\n" % (sys.version_info[0], sys.version_info[1],
                                                                    sys.executable))
     sys.exit(2)
+
+# grow GPU memory as needed instead of reserving it all at start (a notebook kernel may hold some too);
+# set before TensorFlow loads, and an explicit TF_FORCE_GPU_ALLOW_GROWTH=false is respected
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 from runner.tf_quiet import set_native_log_level  # noqa: E402
 

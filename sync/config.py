@@ -10,7 +10,6 @@ from typing import Any, Mapping
 from sync.errors import SyncError
 
 BACKENDS = ("folder", "drive")
-DRIVE_SCOPE = "https://www.googleapis.com/auth/drive.file"
 _CHUNK_UNIT = 256 * 1024
 
 

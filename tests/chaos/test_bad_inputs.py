@@ -124,7 +124,8 @@ def test_line_progress_shows_no_rate_for_the_first_item_and_the_last_line_once()
         bar.update(2)
         bar.update(0)  # the extraction adds its undecodable images at the end, often none
     lines = out.getvalue().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("extracting bottlenecks: 3/3 ("), lines
+    assert len(lines) == 2, lines
+    assert lines[0] == "extracting bottlenecks: 1/3 (started)" and lines[1].startswith("extracting bottlenecks: 3/3 (")
 
 
 def test_resume_py_parses_on_old_pythons_and_refuses_them_by_name():
