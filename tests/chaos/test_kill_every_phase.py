@@ -61,7 +61,7 @@ def test_sigkill_in_every_phase_of_the_head_run_then_resume_ends_bit_identical(f
     assert summary(run_dir)["test_accuracy"] == summary(unbroken)["test_accuracy"]
     assert (run_dir / "export" / "model.json").exists()
 
-    new_vm = tmp_path / "new-vm"                                                    # the restore
+    new_vm = tmp_path / "new-vm" / "run"                 # the restore, on a new VM (same run dir name)
     args = small_args(new_vm, None, small_data, f"sync.folder={folder}")
     sigkill_when(args, exists(new_vm, ".sync/*"))
     result = run_resume(*args)

@@ -64,8 +64,8 @@ def test_a_snapshot_of_another_run_in_sync_folder_names_sync_folder_in_the_advic
     fewer = tmp_path / "fewer"
     for name in ("class_0000", "class_0001"):
         shutil.copytree(_data_of(finished_run) / name, fewer / name)
-    result = run_resume(*small_args(tmp_path / "new-run", tmp_path / "cache", fewer,
-                                    f"sync.folder={finished_run[2]}"))
+    new_vm = tmp_path / "new-vm" / finished_run[0].name  # the same run dir name: sync restores its snapshot
+    result = run_resume(*small_args(new_vm, tmp_path / "cache", fewer, f"sync.folder={finished_run[2]}"))
     assert result.returncode == 2, result.stdout
     assert "trained on 3 classes, data.dir now has 2" in result.stdout
     assert "another sync.folder" in result.stdout and str(finished_run[2]) in result.stdout

@@ -57,7 +57,7 @@ def test_sigterm_during_extraction_stops_it_and_keeps_the_shards_written(linked_
 def test_sigterm_during_a_stalled_drive_restore_is_honoured_at_once(drive_config, fake_drive, small_data, tmp_path):
     source = tmp_path / "source"
     files = write_checkpoint(source, 10)
-    sync = open_sync(drive_config, source, source / "cache", run_id="source")
+    sync = open_sync(drive_config, source, source / "cache", run_id="run")  # the run dir's name below
     sync.on_checkpoint(10, files, {"val_accuracy": 0.5}, [])
     assert "uploaded" in sync.close(60)
     fake_drive.inject("stall", on="media", seconds=90)
