@@ -26,8 +26,9 @@ from runner.evaluate import loss_and_accuracy, predict_logits, test_report
 from runner.export import export_run
 from runner.extract import extract_missing
 from runner.finetune import ImageBatches, ImageFeatures, unfreeze_top
-from runner.head import build_head, build_optimizer
+from runner.head import build_head, build_optimizer, feature_statistics
 from runner.report import write_report
+from runner.search import HeadSearch, build_search, candidate_grid, head_budget
 from runner.train import (BatchOrder, Stage, StopFlag, TrainState, class_weight_vector, make_train_step,
                           run_stage)
 
@@ -198,30 +199,34 @@ class Job:
             head = build_head(len(dataset.classes), cache.dim, config.head, config.train.seed)
         marker = {"classes": dataset.classes, "backbone": backbone_info, "runner_version": __version__}
 
-        finetune_store_exists = latest_marker(run_dir / FINETUNE_CHECKPOINTS) is not None
+        finetune_marker = latest_marker(run_dir / FINETUNE_CHECKPOINTS)
         resumed_from: list[int] = []
-        if finetune_store_exists:
-            head_result = None  # the head stage finished before fine-tuning began
+        if finetune_marker is not None:  # the head stage finished before fine-tuning began
+            head_result, head_record = None, self._head_record(finetune_marker)
         else:
             head_result, resumed_from = self._head_stage(config, strategy, head, train, val, class_weights,
                                                          cache, dict(marker, fingerprint=config.compatibility_fingerprint()))
             if head_result.stopped_by:
                 return {"stopped_by": head_result.stopped_by, "global_step": head_result.step, "stage": "head"}
             head_only = loss_and_accuracy(predict_logits(head, test.table.all()), test.labels)[1]
-            write_text_atomic(run_dir / "head_stage.json", json.dumps({"test_accuracy": head_only}))
+            head_record = {"test_accuracy": head_only, "steps": head_result.step, "search": head_result.search}
+            write_text_atomic(run_dir / "head_stage.json", json.dumps(head_record, indent=1))
+        head_steps = head_record["steps"]
         last_eval, stage, features_of = (head_result.last_eval if head_result else {}), "head", None
-        global_step = config.train.steps
+        global_step = head_steps
         if config.fine_tune.enabled:
             features_of = ImageFeatures(backbone, config.cache.batch_size)
             ft_result, history = self._finetune_stage(config, strategy, backbone, head, train, val, class_weights,
                                                       features_of, cache,
                                                       dict(marker, fingerprint=config.fine_tune_fingerprint()),
-                                                      resumed_from)
+                                                      resumed_from, head_steps, _selected_learning_rate(
+                                                          head_record, config.train.learning_rate))
             resumed_from = history
             if ft_result.stopped_by:
-                return {"stopped_by": ft_result.stopped_by, "global_step": ft_result.step, "stage": "finetune"}
-            last_eval, stage, global_step = ft_result.last_eval, "finetune", config.train.steps + ft_result.step
-        elif finetune_store_exists:
+                return {"stopped_by": ft_result.stopped_by, "global_step": head_steps + ft_result.step,
+                        "stage": "finetune"}
+            last_eval, stage, global_step = ft_result.last_eval, "finetune", head_steps + ft_result.step
+        elif finetune_marker is not None:
             raise IncompatibleRunError(f"{run_dir} was fine-tuned already; keep fine_tune.enabled = true to "
                                        f"continue it, or use another run.dir for a head-only run.")
 
@@ -232,13 +237,14 @@ class Job:
         summary = {
             "test_accuracy": report["test_accuracy"], "test_loss": report["test_loss"],
             "val_accuracy": last_eval.get("val_accuracy"), "val_loss": last_eval.get("val_loss"),
-            "global_step": global_step, "stage": stage, "head_steps": config.train.steps,
+            "global_step": global_step, "stage": stage, "head_steps": head_steps,
             "finetune_steps": config.fine_tune.steps if config.fine_tune.enabled else 0,
             "num_classes": len(dataset.classes), "classes": dataset.classes,
             "num_train": len(train.records), "num_val": len(val.records), "num_test": len(test.records),
-            "head_only_test_accuracy": json.loads((run_dir / "head_stage.json").read_text())["test_accuracy"],
+            "head_only_test_accuracy": head_record["test_accuracy"],
             "backbone": backbone_info, "resumed_from": resumed_from, "skipped_images": dataset.skipped,
             "per_class_accuracy": report["per_class_accuracy"], "runner_version": __version__,
+            **(head_record.get("search") or {}),
         }
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
         self._finish(summary)
@@ -246,12 +252,18 @@ class Job:
 
     def _head_stage(self, config: Config, strategy, head, train: Split, val: Split, class_weights,
                     cache: BottleneckCache, marker: dict):
+        head.set_standardization(*feature_statistics(train.table))
+        search = self._make_search(config, head, train, val)
         with strategy.scope():
-            optimizer = build_optimizer(config.train, head.trainable_variables)
             state = TrainState(tf.Variable(0, dtype=tf.int64, name="global_step"),
                                tf.Variable(config.train.seed, dtype=tf.int64, name="data_seed"))
-        checkpoint = tf.train.Checkpoint(head=head, optimizer=optimizer, global_step=state.step,
-                                         data_seed=state.seed)
+        if search is None:
+            with strategy.scope():
+                optimizer = build_optimizer(config.train, head.trainable_variables)
+            parts = {"optimizer": optimizer}
+        else:
+            parts = {"search": search.heads, "search_record": search.record}
+        checkpoint = tf.train.Checkpoint(head=head, global_step=state.step, data_seed=state.seed, **parts)
         store = CheckpointStore(self.run_dir / HEAD_CHECKPOINTS, checkpoint, config.checkpoint.max_to_keep)
         history = self._restore(store, 0)
         if not history:
@@ -260,38 +272,75 @@ class Job:
         base_marker = dict(marker, stage="head", step_offset=0, fingerprint_hash=fingerprint_hash(marker["fingerprint"]),
                            resumed_from=history)
         order = BatchOrder(len(train.records), config.train.batch_size, int(state.seed.numpy()))
+        budget = head_budget(config.train, len(train.records))
+        save = self._checkpoint_callback(store, HEAD_CHECKPOINTS, base_marker, cache.files)
+        prepare = search.standardize if search else (lambda features: features)
+        val_features = prepare(val.table.all())
 
         def next_batch(step: int):
             rows = order.indices(step)
-            return train.table.gather(rows), train.labels[rows]
+            return prepare(train.table.gather(rows)), train.labels[rows]
 
-        val_features = val.table.all()
-        stage = Stage("head", config.train.steps, 0, state,
-                      make_head_step(head, optimizer, strategy, config, len(class_weights)), next_batch,
-                      lambda: loss_and_accuracy(predict_logits(head, val_features), val.labels),
-                      self._checkpoint_callback(store, HEAD_CHECKPOINTS, base_marker, cache.files))
-        return run_stage(config, stage, strategy, class_weights, self.metrics_path, self.stop), history
+        if search is None:
+            stage = Stage("head", budget.steps, 0, state,
+                          make_head_step(head, optimizer, strategy, config, len(class_weights)), next_batch,
+                          lambda step: loss_and_accuracy(predict_logits(head, val_features), val.labels),
+                          save, config.eval.every_steps)
+        else:
+            def save_selected(step: int, metrics: dict) -> None:
+                # every checkpoint holds the best head so far, ready to export; the last one the final soup
+                if step >= budget.steps or search.done():
+                    search.write_selected(head, val_features, val.labels)
+                    metrics = dict(metrics, **_val_metrics(head, val))
+                else:
+                    search.write_selected(head)
+                save(step, metrics)
+
+            stage = Stage("head", budget.steps, 0, state, search.train_step, next_batch,
+                          lambda step: search.evaluate(step, val_features, val.labels),
+                          save_selected, budget.eval_every, search.done)
+        result = run_stage(config, stage, strategy, class_weights, self.metrics_path, self.stop)
+        if search is not None and not result.stopped_by:
+            search.log_selection()
+            result.search = search.summary()
+            result.last_eval = dict(result.last_eval, **_val_metrics(head, val))
+        return result, history
+
+    @staticmethod
+    def _make_search(config: Config, head, train: Split, val: Split) -> HeadSearch | None:
+        """The head search of head.search = auto, or None to train the configured head (also, with a warning,
+        when there is no validation split to choose with)."""
+        if config.head.search == "off":
+            return None
+        if len(val.records) == 0:
+            log.warning("head.search = auto needs validation images to choose a head, and this run has none "
+                        "(split.validation_percent = %g); training the configured head (learning rate %g) "
+                        "instead. Raise split.validation_percent to let validation choose.",
+                        config.split.validation_percent, config.train.learning_rate)
+            return None
+        budget = head_budget(config.train, len(train.records))
+        return build_search(candidate_grid(len(train.records)), head, config, budget, head.num_classes)
 
     def _finetune_stage(self, config: Config, strategy, backbone: Backbone, head, train: Split, val: Split,
                         class_weights, features_of: ImageFeatures, cache: BottleneckCache, marker: dict,
-                        earlier_history: list[int]):
+                        earlier_history: list[int], head_steps: int, head_learning_rate: float):
         ft = config.fine_tune
         unfrozen = unfreeze_top(backbone, ft)
         variables = backbone.model.trainable_variables + head.trainable_variables
         with strategy.scope():
             ft_train = type(config.train)(**{**vars(config.train),
-                                             "learning_rate": ft.learning_rate or config.train.learning_rate / 10})
+                                             "learning_rate": ft.learning_rate or head_learning_rate / 10})
             optimizer = build_optimizer(ft_train, variables)
             state = TrainState(tf.Variable(0, dtype=tf.int64, name="finetune_step"),
                                tf.Variable(config.train.seed, dtype=tf.int64, name="data_seed"))
         checkpoint = tf.train.Checkpoint(head=head, backbone=backbone.model, optimizer=optimizer,
                                          global_step=state.step, data_seed=state.seed)
         store = CheckpointStore(self.run_dir / FINETUNE_CHECKPOINTS, checkpoint, config.checkpoint.max_to_keep)
-        history = self._restore(store, config.train.steps) or earlier_history
+        history = self._restore(store, head_steps) or earlier_history
         self._warn_if_seed_changed(state, config.train.seed)
         log.info("fine-tuning %d backbone layers (BatchNormalization frozen) at learning rate %g",
                  unfrozen, ft_train.learning_rate)
-        base_marker = dict(marker, stage="finetune", step_offset=config.train.steps,
+        base_marker = dict(marker, stage="finetune", step_offset=head_steps,
                            fingerprint_hash=fingerprint_hash(marker["fingerprint"]),
                            resumed_from=history)
         start = int(state.step.numpy())
@@ -304,10 +353,19 @@ class Job:
 
         step_fn = make_train_step(forward, variables, optimizer, strategy, ft.batch_size, len(class_weights),
                             config.train.label_smoothing)
-        stage = Stage("finetune", ft.steps, config.train.steps, state, step_fn, batches,
-                      lambda: loss_and_accuracy(predict_logits(head, features_of(val.paths)), val.labels),
-                      self._checkpoint_callback(store, FINETUNE_CHECKPOINTS, base_marker, cache.files))
+        stage = Stage("finetune", ft.steps, head_steps, state, step_fn, batches,
+                      lambda step: loss_and_accuracy(predict_logits(head, features_of(val.paths)), val.labels),
+                      self._checkpoint_callback(store, FINETUNE_CHECKPOINTS, base_marker, cache.files),
+                      config.eval.every_steps)
         return run_stage(config, stage, strategy, class_weights, self.metrics_path, self.stop), history
+
+    def _head_record(self, finetune_marker: dict) -> dict:
+        """head_stage.json (test accuracy, steps and search of the finished head stage); without it, what the
+        fine-tuning checkpoint says."""
+        try:
+            return json.loads((self.run_dir / "head_stage.json").read_text())
+        except (OSError, ValueError):
+            return {"test_accuracy": None, "steps": int(finetune_marker.get("step_offset", 0)), "search": None}
 
     @staticmethod
     def _warn_if_seed_changed(state: TrainState, configured: int) -> None:
@@ -318,10 +376,27 @@ class Job:
 
 
 def make_head_step(head, optimizer, strategy, config: Config, num_classes: int):
-    """The compiled step of the head stage."""
+    """The compiled step of the head stage (head.search = off): cross-entropy plus head.weight_decay L2."""
+    decay = config.head.weight_decay
+    kernels = [v for v in head.trainable_variables if "kernel" in v.path]
+
+    def l2():
+        return 0.5 * decay * tf.add_n([tf.reduce_sum(tf.square(k)) for k in kernels])
     return make_train_step(lambda features, seed: head(features, training=True, dropout_seed=seed),
-                     head.trainable_variables, optimizer, strategy, config.train.batch_size, num_classes,
-                     config.train.label_smoothing)
+                           head.trainable_variables, optimizer, strategy, config.train.batch_size, num_classes,
+                           config.train.label_smoothing, l2 if decay > 0 else None)
+
+
+def _val_metrics(head, val: Split) -> dict:
+    """The validation loss and accuracy of `head` as it is now."""
+    loss, accuracy = loss_and_accuracy(predict_logits(head, val.table.all()), val.labels)
+    return {"val_loss": loss, "val_accuracy": accuracy}
+
+
+def _selected_learning_rate(head_record: dict, configured: float) -> float:
+    """The head stage's learning rate: the search's choice, or the configured one."""
+    search = head_record.get("search") or {}
+    return float(search.get("selected", {}).get("learning_rate", configured))
 
 
 def _age(seconds: float) -> str:
