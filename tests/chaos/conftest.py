@@ -18,7 +18,7 @@ def small_args(run_dir: Path, cache_dir: Path | None, data_dir: Path, *extra: st
     args = ["--config", str(REPO / "configs" / "clothing_local.toml"), "--set", f"run.dir={run_dir}",
             "--set", f"data.dir={data_dir}", "--set", f"backbone.weights={MOBILENET_WEIGHTS}",
             "--set", "train.progress=lines", "--set", f"export.enabled={str(export).lower()}",
-            "--set", "export.quantize=false"]
+            "--set", "export.formats=saved_model,labels"]
     if cache_dir is not None:
         args += ["--set", f"cache.dir={cache_dir}"]
     for item in SMALL_SETTINGS + extra:
