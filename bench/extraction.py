@@ -107,7 +107,7 @@ def child_pipeline(paths: list[str], args) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         def extract(chosen) -> int:
             cache = BottleneckCache(Path(tempfile.mkdtemp(dir=tmp)), backbone.cache_identity, backbone.feature_dim)
-            return extract_missing(chosen, backbone, cache, strategy, BATCH, 512, "lines", forward)
+            return extract_missing(chosen, backbone, cache, strategy, BATCH, 512, "lines", forward=forward)
         extract(records[:BATCH * 2])  # tracing and thread pools, as the parent's warm-up
         return timed(extract, records)
 

@@ -11,6 +11,7 @@ import tensorflow as tf
 from runner.backbones import Backbone, decode_and_resize, extraction_model
 from runner.cache import BottleneckCache
 from runner.data import ImageRecord
+from runner.errors import StopRequested
 from runner.progress import progress
 
 log = logging.getLogger("runner")
@@ -80,11 +81,11 @@ def report_slow_end(pipeline_end_s: float, last_write_s: float) -> None:
 
 def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: BottleneckCache,
                     strategy: tf.distribute.Strategy, batch_size: int, shard_size: int,
-                    progress_mode: str = "auto", forward=None) -> int:
-    """Compute and cache the vectors of images not cached yet; returns how many were computed.
-
-    `forward` is an extraction_forward of the same backbone, strategy and batch size (default: a new one,
-    traced on the first batch)."""
+                    progress_mode: str = "auto", stop=None, forward=None) -> int:
+    """Compute and cache the vectors of images not cached yet; returns how many were computed. A truthy
+    `stop` (a StopFlag) writes the vectors computed so far as a shard and raises StopRequested. `forward` is
+    an extraction_forward of the same backbone, strategy and batch size (default: a new one, traced on the
+    first batch)."""
     todo, seen = [], set()
     for r in records:
         if not cache.has(r.sha256) and r.sha256 not in cache.undecodable and r.sha256 not in seen:
@@ -120,6 +121,11 @@ def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: Bottl
                 flush()
                 cache.mark_undecodable(failed)
         bar.update(len(positions))
+        if stop:
+            flush()
+            cache.mark_undecodable(failed)
+            bar.close()
+            raise StopRequested(stop.signal_name, "extraction")
         last_batch_at = time.monotonic()
     input_ended_at = time.monotonic()
     for skipped in range(next_expected, len(todo)):
