@@ -57,3 +57,11 @@ def test_a_dense_matrix_of_an_older_run_is_still_read_and_top_confusions_match(t
         lines = top_confusions(confusion_entries(report, 3), ["a", "b", "c"])
         assert [line.split()[0] for line in lines] == ["3", "2", "1"]
         assert "b → c" in lines[0] and "(43% of b)" in lines[0]
+
+
+def test_the_notebook_per_class_table_reads_the_sparse_matrix():
+    from runner.notebook import per_class_table
+    report = {"confusion_matrix": {"format": "sparse", "num_classes": 3,
+                                   "entries": [[0, 0, 3], [0, 1, 1], [1, 1, 2], [2, 0, 2], [2, 2, 2]]}}
+    lines = per_class_table(report, ["hat", "pants", "shoes"])
+    assert [line.split()[:3] for line in lines[1:]] == [["shoes", "4", "2"], ["hat", "4", "3"], ["pants", "2", "2"]]
