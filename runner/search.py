@@ -66,103 +66,132 @@ def candidate_grid(num_train: int) -> list[Candidate]:
 
 
 class StackedHeads(tf.Module):
-    """K heads of one shape (optional ReLU hidden layer, dropout, logits) as stacked variables.
+    """The candidates still training, side by side as one set of variables, plus every candidate's best step.
 
-    Holds the weights, each candidate's RMSProp slots and learning rate, and a copy of each candidate's
-    weights at its best validation step.
+    Training variables hold one slot per training candidate (`slots` maps slot → candidate) and shrink
+    when a candidate stops or is pruned (`compact`), so each step costs as many candidates as still train.
+    The first kernel is laid out [dim, slot, units]: all slots' first layer is one matrix product with the
+    shared batch. Each candidate has its own RMSProp learning rate and L2 weight decay; `best_weights`
+    (candidate-major) hold each candidate's weights at its best validation step.
     """
 
     def __init__(self, candidates: list[Candidate], dim: int, num_classes: int, hidden_units: int,
                  dropout: float, seed: int, rho: float, momentum: float, epsilon: float):
         super().__init__(name="search")
         k = len(candidates)
-        self.num_candidates, self.dropout, self.rho = k, dropout, rho
-        self.momentum, self.epsilon = momentum, epsilon
+        self.num_candidates, self.hidden_units, self.dropout = k, hidden_units, dropout
+        self.rho, self.momentum, self.epsilon = rho, momentum, epsilon
         shapes = ([(dim, hidden_units), (hidden_units,), (hidden_units, num_classes), (num_classes,)]
                   if hidden_units else [(dim, num_classes), (num_classes,)])
-        init = []
+        best = []  # candidate-major initial values: Glorot uniform kernels (as keras.layers.Dense), zero biases
         for i, shape in enumerate(shapes):
-            if len(shape) == 2:
-                limit = math.sqrt(6 / sum(shape))  # Glorot uniform, as keras.layers.Dense
-                init.append(tf.random.stateless_uniform((k, *shape), [seed, i], -limit, limit))
-            else:
-                init.append(tf.zeros((k, *shape)))
-        self.weights = [tf.Variable(v, name=f"w{i}") for i, v in enumerate(init)]
-        self.velocities = [tf.Variable(tf.zeros_like(v), name=f"v{i}") for i, v in enumerate(init)]
-        self.moments = [tf.Variable(tf.zeros_like(v), name=f"m{i}") for i, v in enumerate(init)] \
+            limit = math.sqrt(6 / sum(shape))
+            best.append(tf.random.stateless_uniform((k, *shape), [seed, i], -limit, limit) if len(shape) == 2
+                        else tf.zeros((k, *shape)))
+        self.best_weights = [tf.Variable(v, name=f"best{i}") for i, v in enumerate(best)]
+        training = [self._to_slots(i, v) for i, v in enumerate(best)]
+        self.weights = [self._slot_variable(v, i, f"w{i}") for i, v in enumerate(training)]
+        self.velocities = [self._slot_variable(tf.zeros_like(v), i, f"v{i}") for i, v in enumerate(training)]
+        self.moments = [self._slot_variable(tf.zeros_like(v), i, f"m{i}") for i, v in enumerate(training)] \
             if momentum > 0 else []
-        self.best_weights = [tf.Variable(v, name=f"best{i}") for i, v in enumerate(init)]
+        self.slots = tf.Variable(tf.range(k), shape=tf.TensorShape([None]), name="slots")
         self.learning_rates = tf.Variable([c.learning_rate for c in candidates], dtype=tf.float32,
-                                          name="learning_rates")
+                                          name="learning_rates")          # per candidate, halved on plateaus
         self.weight_decays = tf.constant([c.weight_decay for c in candidates], tf.float32)
-        self.hidden_units = hidden_units
         self._step_fn = tf.function(self._train_step)
+        self._logits_fn = tf.function(lambda features: self.logits(self.weights, features))
+
+    @staticmethod
+    def _slot_axis(i: int) -> int:
+        return 1 if i == 0 else 0  # the first kernel is [dim, slot, units]; the others are slot-major
+
+    def _to_slots(self, i: int, candidate_major):
+        return tf.transpose(candidate_major, [1, 0, 2]) if i == 0 else candidate_major
+
+    def _slot_variable(self, value, i: int, name: str) -> tf.Variable:
+        shape = value.shape.as_list()
+        shape[self._slot_axis(i)] = None
+        return tf.Variable(value, shape=tf.TensorShape(shape), name=name)
 
     def logits(self, weights: list, features, training: bool = False, seed=None):
-        """Logits [k, batch, classes] of stacked head weights on shared features [batch, dim].
+        """Logits [batch, slot, classes] of slot-laid-out weights on shared features [batch, dim].
 
         As in Head: optional ReLU hidden layer, then dropout (training only), then the logits layer."""
+        first = weights[0]
         x = features
-        if len(weights) == 4:
-            x = tf.nn.relu(tf.einsum("bd,kdh->kbh", x, weights[0]) + weights[1][:, None, :])
-        if training and self.dropout > 0:
+        if training and self.dropout > 0 and len(weights) == 2:
             x = tf.nn.experimental.stateless_dropout(x, rate=self.dropout, seed=seed)
-        pattern = "bd,kdc->kbc" if x.shape.rank == 2 else "kbh,khc->kbc"
-        return tf.einsum(pattern, x, weights[-2]) + weights[-1][:, None, :]
+        units = tf.shape(first)[2]
+        x = tf.reshape(tf.matmul(x, tf.reshape(first, [tf.shape(first)[0], -1])),
+                       [tf.shape(x)[0], -1, units]) + weights[1][None]
+        if len(weights) == 4:
+            x = tf.nn.relu(x)
+            if training and self.dropout > 0:
+                x = tf.nn.experimental.stateless_dropout(x, rate=self.dropout, seed=seed)
+            x = tf.einsum("bkh,khc->bkc", x, weights[2]) + weights[3][None]
+        return x
 
-    def _train_step(self, active, features, labels, example_weights, seed, num_classes, label_smoothing):
-        weights = [tf.gather(w, active) for w in self.weights]
+    def _train_step(self, features, labels, example_weights, seed, num_classes, label_smoothing):
+        weights = self.weights
         with tf.GradientTape() as tape:
-            tape.watch(weights)
-            logits = self.logits(weights, features, training=True, seed=seed)
-            targets = tf.broadcast_to(tf.one_hot(labels, num_classes)[None], tf.shape(logits))
+            logits = self.logits(weights, features, training=True, seed=seed)                   # [b, k, c]
+            targets = tf.broadcast_to(tf.one_hot(labels, num_classes)[:, None], tf.shape(logits))
             per_example = tf.keras.losses.categorical_crossentropy(
-                targets, logits, from_logits=True, label_smoothing=label_smoothing) * example_weights
-            losses = tf.reduce_mean(per_example, axis=1)                                   # [k]
-            decay = tf.gather(self.weight_decays, active)
-            squares = [tf.reduce_sum(tf.square(w), axis=[1, 2]) for w in weights[0::2]]  # kernels only
-            total = tf.reduce_sum(losses + 0.5 * decay * tf.add_n(squares))
+                targets, logits, from_logits=True, label_smoothing=label_smoothing) * example_weights[:, None]
+            losses = tf.reduce_mean(per_example, axis=0)                                         # [k]
+            decay = tf.gather(self.weight_decays, self.slots)
+            squares = tf.reduce_sum(tf.square(weights[0]), axis=[0, 2])
+            if len(weights) == 4:
+                squares += tf.reduce_sum(tf.square(weights[2]), axis=[1, 2])
+            total = tf.reduce_sum(losses + 0.5 * decay * squares)
         gradients = tape.gradient(total, weights)
-        lr = tf.gather(self.learning_rates, active)
+        lr = tf.gather(self.learning_rates, self.slots)
         for i, (w, g) in enumerate(zip(weights, gradients)):       # RMSProp exactly as keras.optimizers
-            lr_i = tf.reshape(lr, [-1] + [1] * (w.shape.rank - 1))
-            velocity = self.rho * tf.gather(self.velocities[i], active) + (1 - self.rho) * tf.square(g)
-            increment = lr_i * g / tf.sqrt(velocity + self.epsilon)
-            self.velocities[i].scatter_update(tf.IndexedSlices(velocity, active))
+            shape = [1] * w.shape.rank
+            shape[self._slot_axis(i)] = -1
+            velocity = self.velocities[i].assign(self.rho * self.velocities[i] + (1 - self.rho) * tf.square(g))
+            increment = tf.reshape(lr, shape) * g / tf.sqrt(velocity + self.epsilon)
             if self.moments:
-                increment = self.momentum * tf.gather(self.moments[i], active) + increment
-                self.moments[i].scatter_update(tf.IndexedSlices(increment, active))
-            self.weights[i].scatter_update(tf.IndexedSlices(w - increment, active))
-        correct = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 2, output_type=tf.int32), labels[None]),
-                                         tf.float32), axis=1)
+                increment = self.moments[i].assign(self.momentum * self.moments[i] + increment)
+            w.assign_sub(increment)
+        correct = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 2, output_type=tf.int32), labels[:, None]),
+                                         tf.float32), axis=0)
         return losses, correct
 
-    def train_step(self, active: np.ndarray, features, labels, example_weights, seed, num_classes: int,
-                   label_smoothing: float):
-        """One RMSProp step of the active candidates; returns their (losses, accuracies) on the batch."""
-        return self._step_fn(tf.constant(active, tf.int32), features, labels, example_weights, seed,
-                             num_classes, label_smoothing)
+    def train_step(self, features, labels, example_weights, seed, num_classes: int, label_smoothing: float):
+        """One RMSProp step of every training slot; returns their (losses, accuracies) on the batch."""
+        return self._step_fn(features, labels, example_weights, seed, num_classes, label_smoothing)
 
     def evaluate(self, features: np.ndarray, labels: np.ndarray, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-        """Every candidate's current validation (loss, accuracy) as two arrays of length K."""
-        loss_sum = np.zeros(self.num_candidates)
-        correct = np.zeros(self.num_candidates)
+        """Every training slot's validation (loss, accuracy), as two arrays in slot order."""
+        k = int(tf.shape(self.slots)[0])
+        loss_sum, correct = np.zeros(k), np.zeros(k)
         for lo in range(0, len(labels), batch):
-            logits = self.logits(self.weights, tf.constant(features[lo:lo + batch]))
+            logits = self._logits_fn(tf.constant(features[lo:lo + batch]))                      # [b, k, c]
             y = tf.constant(labels[lo:lo + batch])
-            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.broadcast_to(y[None], logits.shape[:2]),
+            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.broadcast_to(y[:, None], tf.shape(logits)[:2]),
                                                                 logits)
-            loss_sum += tf.reduce_sum(ce, axis=1).numpy()
-            correct += tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 2, output_type=tf.int32), y[None]),
-                                             tf.float32), axis=1).numpy()
+            loss_sum += tf.reduce_sum(ce, axis=0).numpy()
+            correct += tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 2, output_type=tf.int32), y[:, None]),
+                                             tf.float32), axis=0).numpy()
         return loss_sum / max(len(labels), 1), correct / max(len(labels), 1)
 
-    def keep_best(self, improved: np.ndarray) -> None:
-        """Copy the current weights of the candidates in `improved` into their best-step slots."""
-        if len(improved):
-            index = tf.constant(improved, tf.int32)
-            for w, best in zip(self.weights, self.best_weights):
-                best.scatter_update(tf.IndexedSlices(tf.gather(w, index), index))
+    def keep_best(self, slots: np.ndarray) -> None:
+        """Copy the current weights of these training slots into their candidates' best-step weights."""
+        if len(slots):
+            index = tf.constant(slots, tf.int32)
+            candidates = tf.gather(self.slots, index)
+            for i, (w, best) in enumerate(zip(self.weights, self.best_weights)):
+                value = tf.gather(w, index, axis=self._slot_axis(i))
+                best.scatter_update(tf.IndexedSlices(self._to_slots(i, value), candidates))
+
+    def compact(self, keep: np.ndarray) -> None:
+        """Keep only these training slots (in this order): the others stopped or were pruned."""
+        index = tf.constant(keep, tf.int32)
+        for i, variables in enumerate(zip(self.weights, self.velocities, *([self.moments] if self.moments else []))):
+            for v in variables:
+                v.assign(tf.gather(v, index, axis=self._slot_axis(i)))
+        self.slots.assign(tf.gather(self.slots, index))
 
     def best_of(self, k: int) -> list[np.ndarray]:
         """Candidate k's weights at its best validation step (kernel, bias[, kernel, bias])."""
@@ -220,27 +249,30 @@ class HeadSearch:
     def train_step(self, features, labels, example_weights, seed):
         """One step of every training candidate; returns the leader's batch loss and accuracy (another
         candidate's while the leader is not training) for the progress display. A candidate whose loss is
-        not finite stops, its weights reset to its best step: the others carry on."""
-        active = self.record.active()
+        not finite stops (its best step so far stays eligible): the others carry on."""
         losses, accuracies = (t.numpy() for t in self.heads.train_step(
-            active, features, labels, example_weights, seed, self.num_classes, self.label_smoothing))
+            features, labels, example_weights, seed, self.num_classes, self.label_smoothing))
+        slots = self.heads.slots.numpy()
         finite = np.isfinite(losses)
-        if not finite.all() and finite.any():
-            self._stop_diverged(active[~finite], int(seed[1]) + 1, losses[~finite])
-        leader = np.flatnonzero((active == self.record.leader()) & finite)
+        leader = np.flatnonzero((slots == self.record.leader()) & finite)
         i = int(leader[0]) if len(leader) else int(np.argmax(finite))
-        return losses[i], accuracies[i]
+        result = losses[i], accuracies[i]
+        if not finite.all() and finite.any():
+            for k, loss in zip(slots[~finite], losses[~finite]):
+                log.warning("head search: candidate %s diverged at step %d (loss %s); it stops, the others go on",
+                            _describe(self.candidates[k]), int(seed[1]) + 1, loss)
+            status = self.record.status.numpy()
+            status[slots[~finite]] = STOPPED
+            self._set_status(status)
+        return result
 
-    def _stop_diverged(self, diverged: np.ndarray, step: int, losses: np.ndarray) -> None:
-        index = tf.constant(diverged, tf.int32)
-        for w, best in zip(self.heads.weights, self.heads.best_weights):
-            w.scatter_update(tf.IndexedSlices(tf.gather(best, index), index))
-        status = self.record.status.numpy()
-        status[diverged] = STOPPED
+    def _set_status(self, status: np.ndarray) -> None:
+        """Record candidates' statuses and drop the ones no longer training from the training slots."""
         self.record.status.assign(status)
-        for k, loss in zip(diverged, losses):
-            log.warning("head search: candidate %s diverged at step %d (loss %s); it stops, the others go on",
-                        _describe(self.candidates[k]), step, loss)
+        slots = self.heads.slots.numpy()
+        keep = np.flatnonzero(status[slots] == TRAINING)
+        if len(keep) < len(slots):
+            self.heads.compact(keep)
 
     def done(self) -> bool:
         """True once no candidate is still training."""
@@ -258,28 +290,30 @@ class HeadSearch:
         return float(record.best_loss[leader].numpy()), float(record.best_accuracy[leader].numpy())
 
     def _update(self, step: int, losses: np.ndarray, accuracies: np.ndarray) -> None:
-        record, active = self.record, self.record.active()
-        best = record.best_loss.numpy()
-        improved = active[losses[active] < best[active]]
+        record, slots = self.record, self.heads.slots.numpy()
+        improved = np.flatnonzero(losses < record.best_loss.numpy()[slots])   # slot positions
         self.heads.keep_best(improved)
-        for k in improved:
-            record.best_loss[k].assign(losses[k])
-            record.best_accuracy[k].assign(accuracies[k])
+        for position in improved:
+            k = slots[position]
+            record.best_loss[k].assign(losses[position])
+            record.best_accuracy[k].assign(accuracies[position])
             record.best_step[k].assign(step)
         stalled = record.stalled.numpy()
-        stalled[active] += 1
-        stalled[improved] = 0
+        stalled[slots] += 1
+        stalled[slots[improved]] = 0
         record.stalled.assign(stalled)
-        halve = active[(stalled[active] > 0) & (stalled[active] % max(self.policy.patience // 2, 1) == 0)]
-        for k in halve:
-            self.heads.learning_rates[k].assign(self.heads.learning_rates[k] * 0.5)
+        window = max(self.policy.patience // 2, 1)
+        rates = self.heads.learning_rates.numpy()
+        halve = slots[stalled[slots] % window == 0]
+        rates[halve[stalled[halve] > 0]] *= 0.5
+        self.heads.learning_rates.assign(rates)
         status = record.status.numpy()
-        status[active[stalled[active] >= self.policy.patience]] = STOPPED
+        status[slots[stalled[slots] >= self.policy.patience]] = STOPPED
         rung = int(record.rungs_done.numpy())
         if step >= self.policy.rung_step(rung):
             status = self._prune(status)
             record.rungs_done.assign(rung + 1)
-        record.status.assign(status)
+        self._set_status(status)
 
     def _prune(self, status: np.ndarray) -> np.ndarray:
         alive = np.flatnonzero(status != PRUNED)
@@ -321,7 +355,8 @@ class HeadSearch:
         return members
 
     def _loss(self, weights: list[np.ndarray], features: np.ndarray, labels: np.ndarray) -> float:
-        logits = self.heads.logits([tf.constant(w[None]) for w in weights], tf.constant(features))[0]
+        one_slot = [tf.constant(w[:, None] if i == 0 else w[None]) for i, w in enumerate(weights)]
+        logits = self.heads.logits(one_slot, tf.constant(features))[:, 0]
         return float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)))
 
     def log_selection(self) -> None:

@@ -53,7 +53,7 @@ def test_a_stacked_candidate_trains_exactly_like_a_keras_rmsprop_head():
     config.train.learning_rate = 3e-3
     search, _ = make_search([Candidate(1e-3, 0.0), Candidate(3e-3, 0.0)], x.shape[1], 6)
     reference = build_head(6, x.shape[1], config.head, 0)
-    reference.logits.kernel.assign(search.heads.weights[0][1].numpy())
+    reference.logits.kernel.assign(search.heads.weights[0][:, 1].numpy())
     reference.logits.bias.assign(search.heads.weights[1][1].numpy())
     optimizer = build_optimizer(config.train, reference.trainable_variables)
     order = BatchOrder(len(y), 20, 0)
@@ -66,7 +66,7 @@ def test_a_stacked_candidate_trains_exactly_like_a_keras_rmsprop_head():
                 y[rows], reference(features), from_logits=True))
         optimizer.apply_gradients(zip(tape.gradient(loss, reference.trainable_variables),
                                       reference.trainable_variables))
-    np.testing.assert_allclose(search.heads.weights[0][1].numpy(), reference.logits.kernel.numpy(),
+    np.testing.assert_allclose(search.heads.weights[0][:, 1].numpy(), reference.logits.kernel.numpy(),
                                rtol=1e-4, atol=1e-5)
 
 
