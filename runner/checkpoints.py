@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from runner.atomic import write_text_atomic
+from common.files import write_text_atomic
 
 log = logging.getLogger("runner")
 

@@ -24,7 +24,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from runner.cli import EXIT_USER_ERROR  # noqa: E402
-from runner.config import parse_override  # noqa: E402
 from runner.data import sniff_format  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
 
@@ -63,15 +62,9 @@ def extract_archive(archive: Path, into: Path) -> Path:
 def download_from_drive(folder: str, sync_settings: list[str], workdir: Path) -> Path:
     """The newest verified snapshot of a Drive folder, downloaded through sync into `workdir`."""
     from sync import SyncConfig, SyncError, open_sync
-    table = {"backend": "drive", "folder": folder}
-    for item in sync_settings:
-        key, value = parse_override(item)
-        if not key.startswith("sync."):
-            raise RunnerError(f"--set {item!r}: only sync.* settings apply here, e.g. --set sync.credentials=FILE.json.")
-        table[key.removeprefix("sync.")] = value
     run_dir = workdir / "snapshot"
     try:
-        config = SyncConfig.from_mapping(table)
+        config = SyncConfig.from_settings({"backend": "drive", "folder": folder}, sync_settings)
         sync = open_sync(config, run_dir, workdir / "cache", run_id="classify")
         try:
             step = sync.download_latest(run_dir)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.atomic import write_text_atomic
+from common.files import write_text_atomic
 from runner.errors import DataError
 from runner.progress import progress
 

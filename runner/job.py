@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from runner import __version__
-from runner.atomic import write_text_atomic
+from common.files import write_text_atomic
 from runner.backbones import Backbone, build_backbone
 from runner.cache import BottleneckCache
 from runner.checkpoints import FINETUNE_CHECKPOINTS, HEAD_CHECKPOINTS, CheckpointStore, latest_marker

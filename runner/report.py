@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from runner.atomic import write_atomic, write_text_atomic
+from common.files import write_atomic, write_text_atomic
 from runner.cli import exit_status_of
 from runner.errors import RunnerError
 

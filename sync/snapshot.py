@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -11,20 +10,11 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from common.files import file_digest
 from sync.errors import IntegrityError
 
 MANIFEST = "sync-manifest.json"
 FORMAT = 1
-_BLOCK = 1 << 20
-
-
-def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    """The hex digest (sha256 by default, or md5) of a file's content."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_relpath(relpath: str) -> str:
