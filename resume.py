@@ -56,19 +56,34 @@ def train(config, debug: bool) -> int:
 
     stop = StopFlag()
     stop.install()
-    sync = open_sync(config.sync, config.run_dir, config.cache_dir, run_id=config.run_dir.resolve().name)
+    created = not config.run_dir.exists()
     try:
-        summary = Job(config, sync, stop).run()
-    finally:
-        print(sync.close(config.sync.flush_timeout_s), flush=True)
+        sync = open_sync(config.sync, config.run_dir, config.cache_dir, run_id=config.run_dir.name)
+        try:
+            summary = Job(config, sync, stop).run()
+        finally:
+            print(sync.close(config.sync.flush_timeout_s), flush=True)
+    except BaseException:
+        if created:
+            remove_if_empty(config.run_dir)  # a run that failed before writing anything leaves no folder
+        raise
     if "stopped_by" in summary:
         print(f"stopped by {summary['stopped_by']} at step {summary['global_step']}: checkpoint saved. "
               f"Run the same command to continue.", flush=True)
         return EXIT_STOPPED
-    print(f"done: step {summary['global_step']}, test accuracy {_percent(summary['test_accuracy'])}, "
+    status = "already finished, nothing changed" if summary.get("unchanged") else "done"
+    print(f"{status}: step {summary['global_step']}, test accuracy {_percent(summary['test_accuracy'])}, "
           f"validation accuracy {_percent(summary['val_accuracy'])}; summary in {config.run_dir}/summary.json",
           flush=True)
     return 0
+
+
+def remove_if_empty(folder) -> None:
+    """Delete folder if it holds no file (only empty sub-folders, or nothing)."""
+    if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+        for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            sub.rmdir()
+        folder.rmdir()
 
 
 def _percent(value) -> str:

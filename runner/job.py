@@ -4,6 +4,7 @@ The same call starts a new run or resumes the one in `run.dir`, in whichever sta
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -17,8 +18,8 @@ from runner import __version__
 from common.files import write_text_atomic
 from runner.backbones import Backbone, build_backbone
 from runner.cache import BottleneckCache
-from runner.checkpoints import FINETUNE_CHECKPOINTS, HEAD_CHECKPOINTS, CheckpointStore, latest_marker
-from runner.config import Config, fingerprint_hash, to_toml
+from runner.checkpoints import CheckpointStore
+from runner.config import Config, to_toml
 from runner.data import Dataset, HashIndex, ImageRecord, check_class_sizes, scan_dataset
 from runner.distribute import make_strategy
 from runner.errors import IncompatibleRunError, RunnerError
@@ -28,20 +29,21 @@ from runner.extract import extract_missing
 from runner.finetune import ImageBatches, ImageFeatures, unfreeze_top
 from runner.head import build_head, build_optimizer
 from runner.report import write_report
+from runner.rundir import CheckpointRef, RunDir, read_json, write_json
 from runner.train import (BatchOrder, Stage, StopFlag, TrainState, class_weight_vector, make_train_step,
                           run_stage)
-
-from sync import LAST_SNAPSHOT
+from sync import HandOver
 
 log = logging.getLogger("runner")
 
 
-def check_compatible(marker: dict | None, fingerprint: dict, classes: list[str], run_dir: Path) -> None:
+def check_compatible(marker: dict | None, fingerprint: dict, classes: list[str], run: RunDir) -> None:
     """Refuse to continue a run whose checkpoint was made with other classes or another backbone."""
     if marker is None:
         return
+    run_dir = run.path
     fix = (f"To start a new run, use another run directory (--set run.dir=...) or delete {run_dir}; "
-           f"to continue this one, go back to its settings (see {run_dir}/config.toml).")
+           f"to continue this one, go back to its settings (see {run.config}).")
     if marker.get("classes") != classes:
         old, new = marker.get("classes", []), classes
         added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
@@ -54,15 +56,6 @@ def check_compatible(marker: dict | None, fingerprint: dict, classes: list[str],
                    if old_fp.get(k) != fingerprint.get(k)]
         raise IncompatibleRunError(f"{run_dir} holds a checkpoint made with other settings "
                                    f"({'; '.join(changed)}). {fix}")
-
-
-def trim_metrics(metrics_path: Path, step: int) -> None:
-    """Drop metric lines newer than the restored (global) step: work lost with the crash is redone."""
-    if not metrics_path.exists():
-        return
-    kept = [line for line in metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
 
 
 @dataclass
@@ -88,83 +81,95 @@ class Job:
 
     def __init__(self, config: Config, sync, stop: StopFlag | None = None):
         self.config, self.sync = config, sync
-        self.run_dir = config.run_dir
+        self.rundir = RunDir(config.run_dir)
         self.stop = stop if stop is not None else StopFlag()
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._cache_files = lambda: []
 
     # -- preparation -------------------------------------------------------------------------------
     def _prepare_data(self) -> Dataset:
-        config, run_dir = self.config, self.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if latest_marker(run_dir / HEAD_CHECKPOINTS) is None and self.sync.enabled:
+        config, run = self.config, self.rundir
+        run.path.mkdir(parents=True, exist_ok=True)
+        if run.latest() is None and self.sync.enabled:
             restored_step = self.sync.restore_latest()
             if restored_step is not None:
                 log.info("downloaded the snapshot of step %d from sync (%s)", restored_step, config.sync.backend)
         dataset = scan_dataset(Path(config.data.dir), config.split.validation_percent, config.split.test_percent,
                                HashIndex(config.cache_dir / "file-hashes.json"),
                                config.data.min_images_per_class, config.train.progress)
-        check_compatible(latest_marker(run_dir / HEAD_CHECKPOINTS), config.compatibility_fingerprint(),
-                         dataset.classes, run_dir)
-        check_compatible(latest_marker(run_dir / FINETUNE_CHECKPOINTS), config.fine_tune_fingerprint(),
-                         dataset.classes, run_dir)
-        write_text_atomic(run_dir / "config.toml", to_toml(config))
-        write_text_atomic(run_dir / "labels.json", json.dumps(dataset.classes, indent=1))
+        for stage, fingerprint in (("head", config.compatibility_fingerprint()),
+                                   ("finetune", config.fine_tune_fingerprint())):
+            latest = run.stage(stage).latest()
+            check_compatible(latest.marker if latest else None, fingerprint, dataset.classes, run)
+        _write_if_changed(run.config, to_toml(config))
+        _write_if_changed(run.labels, json.dumps(dataset.classes, indent=1))
         return dataset
 
-    def _checkpoint_callback(self, store: CheckpointStore, folder: str, base_marker: dict, cache_files):
+    def _checkpoint_callback(self, store: CheckpointStore, base_marker: dict):
         def save(step: int, metrics: dict) -> None:
-            files = store.save(step, dict(base_marker, metrics=metrics))
-            log.info("checkpoint saved at %s step %d", base_marker["stage"], step)
-            self._hand_to_sync(step + base_marker["step_offset"], [f"{folder}/{f}" for f in files] + [
-                "labels.json", "config.toml", "metrics.jsonl"], dict(metrics, step=step), cache_files())
+            checkpoint = store.save(step, dict(base_marker, metrics=metrics))
+            log.info("checkpoint saved at %s step %d", checkpoint.stage, step)
+            self._hand_to_sync(checkpoint)
         return save
 
-    def _hand_to_sync(self, step: int, files: list[str], metrics: dict, cache_files: list[str]) -> None:
-        """Give sync a finished checkpoint, and record the hand-over in LAST_SNAPSHOT for `python -m sync push`."""
-        files = [f for f in files if (self.run_dir / f).is_file()]
-        self._last_snapshot = (step, files, metrics, cache_files)
-        write_text_atomic(self.run_dir / LAST_SNAPSHOT, json.dumps(
-            {"step": step, "files": files, "metrics": metrics, "cache_files": cache_files}, indent=1))
-        self.sync.on_checkpoint(step, files, metrics, cache_files)
+    def _hand_to_sync(self, checkpoint: CheckpointRef, final: bool = False) -> None:
+        """Give sync a finished checkpoint: the complete file list RunDir names for it."""
+        files = self.rundir.hand_over(checkpoint, final)
+        metrics = {k: v for k, v in checkpoint.marker.get("metrics", {}).items() if k.startswith("val_")}
+        self.sync.on_checkpoint(HandOver(
+            step=checkpoint.step, files=tuple(files), immutable=frozenset(f for f, fixed in files.items() if fixed),
+            runner_version=__version__, metrics=metrics, cache_files=tuple(self._cache_files()), final=final))
 
-    def _finish(self, summary: dict) -> None:
-        """Export and plot, then hand sync the final snapshot with the export and report inside."""
-        config, run_dir = self.config, self.run_dir
+    def _finish(self, summary: dict, report: dict) -> bool:
+        """Write results, export and plots, then hand sync the final snapshot; False when a finished run
+        is started again and nothing changed (then nothing is written, exported or uploaded)."""
+        config, run = self.config, self.rundir
+        export_info = run.export_info() if config.export.enabled else None
+        export_current = not config.export.enabled or (export_info or {}).get("step") == summary["global_step"]
+        if read_json(run.summary) == summary and read_json(run.test_report) == report and export_current:
+            return False
+        write_json(run.test_report, report)
+        write_json(run.summary, summary)
         if config.export.enabled:
             try:
-                export_run(run_dir)
+                export_run(run.path)
             except RunnerError as e:  # e.g. below export.min_accuracy: training itself succeeded
                 log.error("no export: %s", e)
-        write_report(run_dir)
-        step, files, metrics, cache_files = self._last_snapshot
-        extras = ["summary.json", "test_report.json"] + [
-            p.relative_to(run_dir).as_posix() for folder in ("export", "report")
-            for p in sorted((run_dir / folder).rglob("*")) if p.is_file()]
-        self._hand_to_sync(step, files + extras, dict(metrics, final=True), cache_files)
+        write_report(run.path)
+        self._hand_to_sync(run.latest(), final=True)
+        return True
 
-    def _restore(self, store: CheckpointStore, step_offset: int) -> list[int]:
-        """Restore the newest usable checkpoint of a stage; returns the run's resume history."""
+    def _restore(self, store: CheckpointStore, total_steps: int, setting: str) -> tuple[list[int], dict]:
+        """Restore the newest usable checkpoint of a stage: (the run's resume history, its stored evaluation)."""
         restored = store.restore()
         if restored is None:
-            if store.steps():
+            if store.stage.steps():
                 raise IncompatibleRunError(f"no checkpoint in {store.dir} could be loaded (see the warnings "
                                            f"above); move that folder away to start this stage over.")
-            return []
-        age = time.time() - restored.marker.get("saved_at", time.time())
-        where = "" if restored.marker.get("stage", "head") == "head" else "fine-tuning "
-        print(f"resumed from {where}step {restored.step}, checkpoint {_age(age)} old", flush=True)
-        trim_metrics(self.metrics_path, restored.step + step_offset)
-        return list(restored.marker.get("resumed_from", [])) + [restored.step + step_offset]
+            return [], {}
+        ref = restored.checkpoint
+        history = list(ref.marker.get("resumed_from", []))
+        if ref.local_step > total_steps:
+            log.warning("%s = %d is below the step this stage already reached (%d); nothing to train, and the "
+                        "run keeps step %d (use another run.dir to train fewer steps)", setting, total_steps,
+                        ref.local_step, ref.local_step)
+        if ref.local_step < total_steps:  # training continues: this is a resume
+            age = time.time() - ref.marker.get("saved_at", time.time())
+            where = "" if ref.stage == "head" else "fine-tuning "
+            print(f"resumed from {where}step {ref.local_step}, checkpoint {_age(age)} old", flush=True)
+            history.append(ref.step)
+        self.rundir.metrics.trim(ref.step)
+        return history, ref.marker.get("metrics", {})
 
     # -- the job -----------------------------------------------------------------------------------
     def run(self) -> dict:
         """Train (or continue) both stages and return the summary written to summary.json."""
-        config, run_dir = self.config, self.run_dir
+        config, run = self.config, self.rundir
         dataset = self._prepare_data()
         strategy = make_strategy(config.train)
         with strategy.scope():
             backbone = build_backbone(config.backbone)
         cache = BottleneckCache(config.cache_dir, backbone.cache_identity, backbone.feature_dim, config.cache.dtype)
+        self._cache_files = cache.files
         computed = extract_missing(dataset.images, backbone, cache, strategy, config.cache.batch_size,
                                    config.cache.shard_size, config.train.progress)
         dataset = dataset.without(cache.undecodable)
@@ -183,67 +188,71 @@ class Job:
             head = build_head(len(dataset.classes), cache.dim, config.head, config.train.seed)
         marker = {"classes": dataset.classes, "backbone": backbone_info, "runner_version": __version__}
 
-        finetune_store_exists = latest_marker(run_dir / FINETUNE_CHECKPOINTS) is not None
+        finetune_started = run.stage("finetune").latest() is not None
         resumed_from: list[int] = []
-        if finetune_store_exists:
+        if finetune_started:
             head_result = None  # the head stage finished before fine-tuning began
         else:
             head_result, resumed_from = self._head_stage(config, strategy, head, train, val, class_weights,
-                                                         cache, dict(marker, fingerprint=config.compatibility_fingerprint()))
+                                                         dict(marker, fingerprint=config.compatibility_fingerprint()))
             if head_result.stopped_by:
                 return {"stopped_by": head_result.stopped_by, "global_step": head_result.step, "stage": "head"}
-            head_only = loss_and_accuracy(predict_logits(head, test.table.all()), test.labels)[1]
-            write_text_atomic(run_dir / "head_stage.json", json.dumps({"test_accuracy": head_only}))
-        last_eval, stage, features_of = (head_result.last_eval if head_result else {}), "head", None
-        global_step = config.train.steps
+            if head_result.trained or read_json(run.head_record) is None:
+                head_only = loss_and_accuracy(predict_logits(head, test.table.all()), test.labels)[1]
+                write_json(run.head_record, {"test_accuracy": head_only, "step": head_result.step})
+        head_record = read_json(run.head_record)
+        if head_record is None:
+            raise IncompatibleRunError(f"{run.head_record} is missing although {run.path} was fine-tuned; "
+                                       f"restore the run from its snapshot, or use another run.dir.")
+        last_eval, stage, global_step, features_of = (head_result.last_eval if head_result else {}), "head", \
+            head_record["step"], None
         if config.fine_tune.enabled:
             features_of = ImageFeatures(backbone, config.cache.batch_size)
             ft_result, history = self._finetune_stage(config, strategy, backbone, head, train, val, class_weights,
-                                                      features_of, cache,
+                                                      features_of, head_record["step"],
                                                       dict(marker, fingerprint=config.fine_tune_fingerprint()),
                                                       resumed_from)
             resumed_from = history
             if ft_result.stopped_by:
-                return {"stopped_by": ft_result.stopped_by, "global_step": ft_result.step, "stage": "finetune"}
-            last_eval, stage, global_step = ft_result.last_eval, "finetune", config.train.steps + ft_result.step
-        elif finetune_store_exists:
-            raise IncompatibleRunError(f"{run_dir} was fine-tuned already; keep fine_tune.enabled = true to "
+                return {"stopped_by": ft_result.stopped_by, "global_step": head_record["step"] + ft_result.step,
+                        "stage": "finetune"}
+            last_eval, stage, global_step = ft_result.last_eval, "finetune", head_record["step"] + ft_result.step
+        elif finetune_started:
+            raise IncompatibleRunError(f"{run.path} was fine-tuned already; keep fine_tune.enabled = true to "
                                        f"continue it, or use another run.dir for a head-only run.")
 
         test_features = features_of(test.paths) if features_of else test.table.all()
         report = test_report(predict_logits(head, test_features), test.labels, dataset.classes,
                              [r.relpath for r in test.records])
-        write_text_atomic(run_dir / "test_report.json", json.dumps(report, indent=1))
         summary = {
             "test_accuracy": report["test_accuracy"], "test_loss": report["test_loss"],
             "val_accuracy": last_eval.get("val_accuracy"), "val_loss": last_eval.get("val_loss"),
-            "global_step": global_step, "stage": stage, "head_steps": config.train.steps,
-            "finetune_steps": config.fine_tune.steps if config.fine_tune.enabled else 0,
+            "global_step": global_step, "stage": stage, "head_steps": head_record["step"],
+            "finetune_steps": global_step - head_record["step"],
             "num_classes": len(dataset.classes), "classes": dataset.classes,
             "num_train": len(train.records), "num_val": len(val.records), "num_test": len(test.records),
-            "head_only_test_accuracy": json.loads((run_dir / "head_stage.json").read_text())["test_accuracy"],
+            "head_only_test_accuracy": head_record["test_accuracy"],
             "backbone": backbone_info, "resumed_from": resumed_from, "skipped_images": dataset.skipped,
             "per_class_accuracy": report["per_class_accuracy"], "runner_version": __version__,
         }
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
-        self._finish(summary)
+        if not self._finish(summary, report):
+            summary["unchanged"] = True
         return summary
 
     def _head_stage(self, config: Config, strategy, head, train: Split, val: Split, class_weights,
-                    cache: BottleneckCache, marker: dict):
+                    marker: dict):
         with strategy.scope():
             optimizer = build_optimizer(config.train, head.trainable_variables)
             state = TrainState(tf.Variable(0, dtype=tf.int64, name="global_step"),
                                tf.Variable(config.train.seed, dtype=tf.int64, name="data_seed"))
         checkpoint = tf.train.Checkpoint(head=head, optimizer=optimizer, global_step=state.step,
                                          data_seed=state.seed)
-        store = CheckpointStore(self.run_dir / HEAD_CHECKPOINTS, checkpoint, config.checkpoint.max_to_keep)
-        history = self._restore(store, 0)
-        if not history:
-            self.metrics_path.unlink(missing_ok=True)
+        store = CheckpointStore(self.rundir.stage("head"), checkpoint, config.checkpoint.max_to_keep)
+        history, restored_eval = self._restore(store, config.train.steps, "train.steps")
+        if not store.stage.steps():  # a new run: no curve of an earlier attempt survives
+            self.rundir.metrics.reset()
         self._warn_if_seed_changed(state, config.train.seed)
-        base_marker = dict(marker, stage="head", step_offset=0, fingerprint_hash=fingerprint_hash(marker["fingerprint"]),
-                           resumed_from=history)
+        base_marker = dict(marker, stage="head", step_offset=0, resumed_from=history)
         order = BatchOrder(len(train.records), config.train.batch_size, int(state.seed.numpy()))
 
         def next_batch(step: int):
@@ -254,31 +263,30 @@ class Job:
         stage = Stage("head", config.train.steps, 0, state,
                       make_head_step(head, optimizer, strategy, config, len(class_weights)), next_batch,
                       lambda: loss_and_accuracy(predict_logits(head, val_features), val.labels),
-                      self._checkpoint_callback(store, HEAD_CHECKPOINTS, base_marker, cache.files))
-        return run_stage(config, stage, strategy, class_weights, self.metrics_path, self.stop), history
+                      self._checkpoint_callback(store, base_marker), restored_eval)
+        return self._run_stage(stage, strategy, class_weights), history
 
     def _finetune_stage(self, config: Config, strategy, backbone: Backbone, head, train: Split, val: Split,
-                        class_weights, features_of: ImageFeatures, cache: BottleneckCache, marker: dict,
+                        class_weights, features_of: ImageFeatures, head_steps: int, marker: dict,
                         earlier_history: list[int]):
         ft = config.fine_tune
         unfrozen = unfreeze_top(backbone, ft)
         variables = backbone.model.trainable_variables + head.trainable_variables
         with strategy.scope():
-            ft_train = type(config.train)(**{**vars(config.train),
-                                             "learning_rate": ft.learning_rate or config.train.learning_rate / 10})
+            ft_train = dataclasses.replace(config.train,
+                                           learning_rate=ft.learning_rate or config.train.learning_rate / 10)
             optimizer = build_optimizer(ft_train, variables)
             state = TrainState(tf.Variable(0, dtype=tf.int64, name="finetune_step"),
                                tf.Variable(config.train.seed, dtype=tf.int64, name="data_seed"))
         checkpoint = tf.train.Checkpoint(head=head, backbone=backbone.model, optimizer=optimizer,
                                          global_step=state.step, data_seed=state.seed)
-        store = CheckpointStore(self.run_dir / FINETUNE_CHECKPOINTS, checkpoint, config.checkpoint.max_to_keep)
-        history = self._restore(store, config.train.steps) or earlier_history
+        store = CheckpointStore(self.rundir.stage("finetune"), checkpoint, config.checkpoint.max_to_keep)
+        history, restored_eval = self._restore(store, ft.steps, "fine_tune.steps")
+        history = history or earlier_history
         self._warn_if_seed_changed(state, config.train.seed)
         log.info("fine-tuning %d backbone layers (BatchNormalization frozen) at learning rate %g",
                  unfrozen, ft_train.learning_rate)
-        base_marker = dict(marker, stage="finetune", step_offset=config.train.steps,
-                           fingerprint_hash=fingerprint_hash(marker["fingerprint"]),
-                           resumed_from=history)
+        base_marker = dict(marker, stage="finetune", step_offset=head_steps, resumed_from=history)
         start = int(state.step.numpy())
         order = BatchOrder(len(train.records), ft.batch_size, int(state.seed.numpy()))
         batches = ImageBatches(train.paths, train.labels, order, backbone.image_size, int(state.seed.numpy()),
@@ -289,10 +297,14 @@ class Job:
 
         step_fn = make_train_step(forward, variables, optimizer, strategy, ft.batch_size, len(class_weights),
                             config.train.label_smoothing)
-        stage = Stage("finetune", ft.steps, config.train.steps, state, step_fn, batches,
+        stage = Stage("finetune", ft.steps, head_steps, state, step_fn, batches,
                       lambda: loss_and_accuracy(predict_logits(head, features_of(val.paths)), val.labels),
-                      self._checkpoint_callback(store, FINETUNE_CHECKPOINTS, base_marker, cache.files))
-        return run_stage(config, stage, strategy, class_weights, self.metrics_path, self.stop), history
+                      self._checkpoint_callback(store, base_marker), restored_eval)
+        return self._run_stage(stage, strategy, class_weights), history
+
+    def _run_stage(self, stage: Stage, strategy, class_weights):
+        return run_stage(self.config, stage, strategy, class_weights, self.rundir.metrics, self.rundir.tensorboard,
+                         self.stop)
 
     @staticmethod
     def _warn_if_seed_changed(state: TrainState, configured: int) -> None:
@@ -307,6 +319,16 @@ def make_head_step(head, optimizer, strategy, config: Config, num_classes: int):
     return make_train_step(lambda features, seed: head(features, training=True, dropout_seed=seed),
                      head.trainable_variables, optimizer, strategy, config.train.batch_size, num_classes,
                      config.train.label_smoothing)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write a record atomically unless it already holds exactly this text."""
+    try:
+        if path.read_text() == text:
+            return
+    except FileNotFoundError:
+        pass
+    write_text_atomic(path, text)
 
 
 def _age(seconds: float) -> str:

@@ -5,7 +5,6 @@ checkpoint, so a run killed at any step and resumed ends with exactly the weight
 """
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
@@ -19,6 +18,7 @@ import tensorflow as tf
 from runner.config import Config
 from runner.distribute import distribute_batch
 from runner.progress import progress
+from runner.rundir import MetricsLog
 
 log = logging.getLogger("runner")
 
@@ -79,9 +79,11 @@ class TrainState:
 
 @dataclass
 class LoopResult:
+    """Where a stage ended: its step, the signal that stopped it, its last evaluation, whether it trained."""
     step: int
     stopped_by: str | None
     last_eval: dict = field(default_factory=dict)
+    trained: bool = False
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Stage:
     next_batch: Callable[[int], tuple]           # stage step -> (inputs, int32 labels) as numpy
     validate: Callable[[], tuple]                # () -> (val_loss, val_accuracy), None when no val split
     save_checkpoint: Callable[[int, dict], None]
+    restored_eval: dict = field(default_factory=dict)  # the evaluation stored with the restored checkpoint
 
 
 def make_train_step(forward: Callable, variables: list, optimizer, strategy, batch_size: int,
@@ -123,12 +126,17 @@ def make_train_step(forward: Callable, variables: list, optimizer, strategy, bat
     return train_step
 
 
-def run_stage(config: Config, stage: Stage, strategy, class_weights: np.ndarray, metrics_path: Path,
-              stop: StopFlag) -> LoopResult:
-    """Train a stage from its checkpointed step to its total; checkpoint on cadence, at the end, on a signal."""
+def run_stage(config: Config, stage: Stage, strategy, class_weights: np.ndarray, metrics: MetricsLog,
+              tensorboard_dir: Path, stop: StopFlag) -> LoopResult:
+    """Train a stage from its checkpointed step to its total; checkpoint on cadence, at the end, on a signal.
+
+    A stage already at (or past) its total trains nothing, writes nothing and returns the evaluation
+    stored with its checkpoint."""
+    step = start = int(stage.state.step.numpy())
+    if step >= stage.total_steps:
+        return LoopResult(step, None, dict(stage.restored_eval), trained=False)
     seed = int(stage.state.seed.numpy())
-    writer = tf.summary.create_file_writer(str(Path(config.run.dir) / "tensorboard"))
-    step = int(stage.state.step.numpy())
+    writer = tf.summary.create_file_writer(str(tensorboard_dir))
     label = "training head" if stage.name == "head" else "fine-tuning"
     bar = progress(stage.total_steps, label, "step", config.train.progress, initial=step)
     last_save_time, last_eval, window = time.monotonic(), {}, []
@@ -139,8 +147,7 @@ def run_stage(config: Config, stage: Stage, strategy, class_weights: np.ndarray,
         record = {"step": step + stage.step_offset, "stage": stage.name, "stage_step": step,
                   "train_loss": _round(recent[0]), "train_accuracy": _round(recent[1]),
                   "val_loss": _round(val_loss), "val_accuracy": _round(val_accuracy), "time": time.time()}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        metrics.append(record)
         with writer.as_default(step=record["step"]):
             for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
                 if record[key] is not None:
@@ -170,8 +177,9 @@ def run_stage(config: Config, stage: Stage, strategy, class_weights: np.ndarray,
     writer.flush()
     if step == stage.total_steps and (not last_eval or last_eval.get("stage_step") != step):
         last_eval = evaluate(step)
-    stage.save_checkpoint(step, last_eval)
-    return LoopResult(step, stop.signal_name, last_eval)
+    if step > start:
+        stage.save_checkpoint(step, last_eval)
+    return LoopResult(step, stop.signal_name, last_eval or dict(stage.restored_eval), trained=step > start)
 
 
 def _round(value):
