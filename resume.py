@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from runner.cli import EXIT_USER_ERROR, configure_logging  # noqa: E402
 from runner.config import describe_settings, load_config, to_toml  # noqa: E402  (no TensorFlow import)
 from runner.errors import RunnerError  # noqa: E402
+from runner.rundir import RunDir  # noqa: E402
 from runner.supervise import EXIT_STOPPED, supervise  # noqa: E402
 from sync.errors import SyncError  # noqa: E402
 
@@ -73,7 +74,7 @@ def train(config, debug: bool) -> int:
         return EXIT_STOPPED
     status = "already finished, nothing changed" if summary.get("unchanged") else "done"
     print(f"{status}: step {summary['global_step']}, test accuracy {_percent(summary['test_accuracy'])}, "
-          f"validation accuracy {_percent(summary['val_accuracy'])}; summary in {config.run_dir}/summary.json",
+          f"validation accuracy {_percent(summary['val_accuracy'])}; summary in {RunDir(config.run_dir).summary}",
           flush=True)
     return 0
 

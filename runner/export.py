@@ -92,7 +92,7 @@ def check_accuracy_gate(run_dir: Path, step: int, kind: str, accuracy: float | N
         return
     if accuracy is None:
         raise RunnerError(f"export.min_accuracy = {minimum} but {run_dir} has no accuracy for step {step} "
-                          f"(no test_report.json of that step, no validation metrics); finish training first "
+                          f"(no test report of that step, no validation metrics); finish training first "
                           f"or set export.min_accuracy = 0 in {RunDir(run_dir).config}.")
     if accuracy < minimum:
         raise RunnerError(f"refusing to export step {step} of {run_dir}: {kind.replace('_', ' ')} "

@@ -5,6 +5,16 @@ import pytest
 
 from tests.helpers import CLOTHING, MOBILENET_WEIGHTS, local_mobilenet_args, run_resume
 
+# a test that needs a real training run (the shared one, or its own on the real photos) is slow by definition
+SLOW_FIXTURES = {"shared_assets", "clothing_run", "exported_run"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that trains on the real photos as slow."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def shared_assets():

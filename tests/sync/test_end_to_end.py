@@ -6,7 +6,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import CLOTHING, MOBILENET_WEIGHTS, REPO, child_env, local_mobilenet_args, run_resume, summary
+
+pytestmark = pytest.mark.slow
 
 
 def test_new_vm_continues_from_the_newest_drive_snapshot_with_the_cache_restored(
