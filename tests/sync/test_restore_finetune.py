@@ -1,0 +1,77 @@
+"""A fine-tuning run whose disk is lost finishes from its snapshot, and a finished run started again
+changes nothing: with the folder backend and with the Drive backend (the HTTPS fake)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.helpers import (CLOTHING, OutputWatcher, local_mobilenet_args, run_resume, start_resume, summary)
+
+pytestmark = pytest.mark.slow
+
+FINETUNE = ("train.steps=60", "eval.every_steps=30", "checkpoint.every_steps=6", "fine_tune.enabled=true",
+            "fine_tune.steps=18", "fine_tune.batch_size=8", "fine_tune.fraction=0.1")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Three classes of 16 real photos each: enough to train and fine-tune in seconds."""
+    root = tmp_path_factory.mktemp("photos")
+    for name in ("hat", "pants", "shoes"):
+        (root / name).mkdir()
+        for src in sorted((CLOTHING / name).glob("*.jpg"))[:16]:
+            shutil.copy(src, root / name / src.name)
+    return root
+
+
+def sync_settings(backend: str, request, tmp_path) -> list[str]:
+    if backend == "folder":
+        return [f"sync.folder={tmp_path / 'remote'}"]
+    drive = request.getfixturevalue("drive_config")
+    return [f"sync.{k}={getattr(drive, k)}" for k in
+            ("backend", "folder", "credentials", "api_endpoint", "ca_certs", "chunk_mib")]
+
+
+def kill_when(args: list[str], line: str) -> str:
+    """Start resume.py, SIGKILL it as soon as `line` appears in its output; return the output."""
+    process = start_resume(*args)
+    watcher = OutputWatcher(process)
+    assert watcher.wait_for(line, timeout=300), watcher.output()
+    process.kill()
+    process.wait()
+    return watcher.output()
+
+
+@pytest.mark.parametrize("backend", ["folder", "drive"])
+def test_fine_tuning_restored_on_a_new_disk_finishes_and_a_finished_run_changes_nothing(
+        backend, photos, request, tmp_path):
+    run_dir = tmp_path / "vm" / "run"  # the cache is RUN_DIR/cache: it goes with the disk too
+    args = local_mobilenet_args(run_dir, None, *FINETUNE, *sync_settings(backend, request, tmp_path),
+                                data_dir=photos, export=True)
+    kill_when(args, "checkpoint saved at finetune step 12")
+    shutil.rmtree(tmp_path / "vm")  # a brand-new VM: nothing local survives
+
+    restored = run_resume(*args)
+    assert restored.returncode == 0, restored.stdout
+    assert "downloaded the snapshot of step" in restored.stdout
+    assert "resumed from fine-tuning step" in restored.stdout and "vectors computed now" in restored.stdout
+    first = summary(run_dir)
+    assert first["stage"] == "finetune" and first["global_step"] == 78 and first["head_steps"] == 60
+    assert first["head_only_test_accuracy"] is not None
+    assert json.loads((run_dir / "export" / "model.json").read_text())["step"] == 78
+
+    def results():  # every file of the run but sync's queue and the cache (its scan index is data.py's)
+        return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")
+                if p.is_file() and not {".sync", "cache"} & set(p.relative_to(run_dir).parts)}
+    before = results()
+    again = run_resume(*args)
+    assert again.returncode == 0, again.stdout
+    assert "already finished, nothing changed: step 78" in again.stdout
+    assert "downloaded the snapshot" not in again.stdout and "resumed from" not in again.stdout
+    after = results()
+    changed = sorted(str(p.relative_to(run_dir)) for p in after if before.get(p) != after[p])
+    assert changed == [], f"a finished run started again wrote {changed}"
+    assert summary(run_dir)["resumed_from"] == first["resumed_from"]
+    assert "uploaded" not in again.stdout
