@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import (CLOTHING, OutputWatcher, local_mobilenet_args, run_resume, start_resume, summary)
+from tests.helpers import CLOTHING, local_mobilenet_args, run_resume, sigkill_after_checkpoints, summary
 
 pytestmark = pytest.mark.slow
 
@@ -34,23 +34,13 @@ def sync_settings(backend: str, request, tmp_path) -> list[str]:
             ("backend", "folder", "credentials", "api_endpoint", "ca_certs", "chunk_mib")]
 
 
-def kill_when(args: list[str], line: str) -> str:
-    """Start resume.py, SIGKILL it as soon as `line` appears in its output; return the output."""
-    process = start_resume(*args)
-    watcher = OutputWatcher(process)
-    assert watcher.wait_for(line, timeout=300), watcher.output()
-    process.kill()
-    process.wait()
-    return watcher.output()
-
-
 @pytest.mark.parametrize("backend", ["folder", "drive"])
 def test_fine_tuning_restored_on_a_new_disk_finishes_and_a_finished_run_changes_nothing(
         backend, photos, request, tmp_path):
     run_dir = tmp_path / "vm" / "run"  # the cache is RUN_DIR/cache: it goes with the disk too
     args = local_mobilenet_args(run_dir, None, *FINETUNE, *sync_settings(backend, request, tmp_path),
                                 data_dir=photos, export=True)
-    kill_when(args, "checkpoint saved at finetune step 12")
+    sigkill_after_checkpoints(args, "finetune", [12])
     shutil.rmtree(tmp_path / "vm")  # a brand-new VM: nothing local survives
 
     restored = run_resume(*args)
