@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import tensorflow as tf
 
@@ -17,13 +16,6 @@ from common.files import file_digest
 from runner.rundir import CheckpointRef, StageCheckpoints
 
 log = logging.getLogger("runner")
-
-
-@dataclass
-class Restored:
-    """What restore() found: the checkpoint, and the newer checkpoints that were unusable."""
-    checkpoint: CheckpointRef
-    skipped: list[str]
 
 
 class CheckpointStore:
@@ -54,7 +46,7 @@ class CheckpointStore:
                 return f"{name} does not match its recorded sha256 (corrupt or half-written)"
         return None
 
-    def restore(self) -> Restored | None:
+    def restore(self) -> CheckpointRef | None:
         """Load the newest usable checkpoint into the tracked objects; None if there is none."""
         skipped = []
         for local_step in self.stage.steps():
@@ -72,7 +64,7 @@ class CheckpointStore:
             if problem is None:
                 for note in skipped:
                     log.warning("checkpoint %s: skipped; fell back to step %d", note, local_step)
-                return Restored(ref, skipped)
+                return ref
             skipped.append(f"step {local_step}: {problem}")
         for note in skipped:
             log.warning("checkpoint %s: skipped", note)

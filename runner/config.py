@@ -4,7 +4,6 @@ This module does not import TensorFlow, so `resume.py --help` and `--print-confi
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,9 +140,6 @@ class Config:
     @property
     def cache_dir(self) -> Path:
         return Path(self.cache.dir) if self.cache.dir else self.run_dir / DEFAULT_CACHE_SUBDIR
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def compatibility_fingerprint(self) -> dict:
         """The settings a checkpoint cannot be continued without (backbone and head shape)."""

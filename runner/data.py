@@ -14,7 +14,6 @@ from runner.progress import progress
 
 IMAGE_EXTENSIONS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".gif": "gif", ".bmp": "bmp"}
 MAX_NUM_IMAGES_PER_CLASS = 2 ** 27 - 1  # retrain.py's constant: keeps the split stable as images are added
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)

@@ -140,13 +140,12 @@ class Job:
 
     def _restore(self, store: CheckpointStore, total_steps: int, setting: str) -> tuple[list[int], dict]:
         """Restore the newest usable checkpoint of a stage: (the run's resume history, its stored evaluation)."""
-        restored = store.restore()
-        if restored is None:
+        ref = store.restore()
+        if ref is None:
             if store.stage.steps():
                 raise IncompatibleRunError(f"no checkpoint in {store.dir} could be loaded (see the warnings "
                                            f"above); move that folder away to start this stage over.")
             return [], {}
-        ref = restored.checkpoint
         history = list(ref.marker.get("resumed_from", []))
         if ref.local_step > total_steps:
             log.warning("%s = %d is below the step this stage already reached (%d); nothing to train, and the "

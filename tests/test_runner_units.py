@@ -42,7 +42,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     data.write_bytes(bytes(raw))
     variable.assign([0.0, 0.0])
     restored = store.restore()
-    assert restored.checkpoint.step == 2 and variable.numpy().tolist() == [2.0, 2.0]
+    assert restored.step == 2 and variable.numpy().tolist() == [2.0, 2.0]
     assert "does not match its recorded sha256" in caplog.text and "fell back to step 2" in caplog.text
 
 
