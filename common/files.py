@@ -25,8 +25,10 @@ def write_atomic(path: Path, write: Callable[[object], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a failed write() names no file; "disk full" messages must
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

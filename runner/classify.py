@@ -26,6 +26,7 @@ import tensorflow as tf  # noqa: E402
 from runner.cli import EXIT_USER_ERROR  # noqa: E402
 from runner.data import sniff_format  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
+from runner.rundir import RunDir  # noqa: E402
 
 log = logging.getLogger("runner")
 
@@ -86,7 +87,8 @@ def resolve_model(spec: str, workdir: Path, sync_settings: list[str] = ()) -> Pa
         return _find_export(download_from_drive(spec.removeprefix("drive:"), sync_settings, workdir), spec)
     path = Path(spec)
     if path.is_dir():
-        return _find_export(path, str(path))
+        run_export = RunDir(path).export  # a run folder: its own export first
+        return _find_export(run_export if _is_export(run_export) else path, str(path))
     if path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES):
         return extract_archive(path, workdir)
     raise RunnerError(f"MODEL {spec!r} is neither an export folder nor a .tar.gz snapshot; pass RUN_DIR/export "

@@ -83,7 +83,7 @@ class Job:
         self.config, self.sync = config, sync
         self.rundir = RunDir(config.run_dir)
         self.stop = stop if stop is not None else StopFlag()
-        self._cache_files = lambda: []
+        self._list_cache_files = lambda: []
 
     # -- preparation -------------------------------------------------------------------------------
     def _prepare_data(self) -> Dataset:
@@ -117,7 +117,7 @@ class Job:
         metrics = {k: v for k, v in checkpoint.marker.get("metrics", {}).items() if k.startswith("val_")}
         self.sync.on_checkpoint(HandOver(
             step=checkpoint.step, files=tuple(files), immutable=frozenset(f for f, fixed in files.items() if fixed),
-            runner_version=__version__, metrics=metrics, cache_files=tuple(self._cache_files()), final=final))
+            runner_version=__version__, metrics=metrics, cache_files=tuple(self._list_cache_files()), final=final))
 
     def _finish(self, summary: dict, report: dict) -> bool:
         """Write results, export and plots, then hand sync the final snapshot; False when a finished run
@@ -168,7 +168,7 @@ class Job:
         with strategy.scope():
             backbone = build_backbone(config.backbone)
         cache = BottleneckCache(config.cache_dir, backbone.cache_identity, backbone.feature_dim, config.cache.dtype)
-        self._cache_files = cache.files
+        self._list_cache_files = cache.files
         computed = extract_missing(dataset.images, backbone, cache, strategy, config.cache.batch_size,
                                    config.cache.shard_size, config.train.progress)
         dataset = dataset.without(cache.undecodable)
