@@ -57,7 +57,7 @@ def train(config, debug: bool) -> int:
 
     stop = StopFlag()
     stop.install()
-    created = not config.run_dir.exists()
+    created = _first_missing(config.run_dir)  # the top folder this run would create, or None
     try:
         sync = open_sync(config.sync, config.run_dir, config.cache_dir, run_id=config.run_dir.name)
         try:
@@ -65,8 +65,8 @@ def train(config, debug: bool) -> int:
         finally:
             print(sync.close(config.sync.flush_timeout_s), flush=True)
     except BaseException:
-        if created:
-            remove_if_empty(config.run_dir)  # a run that failed before writing anything leaves no folder
+        if created is not None:
+            remove_if_empty(created)  # a run that failed before writing anything leaves no folder behind
         raise
     if "stopped_by" in summary:
         print(f"stopped by {summary['stopped_by']} at step {summary['global_step']}: checkpoint saved. "
@@ -77,6 +77,16 @@ def train(config, debug: bool) -> int:
           f"validation accuracy {_percent(summary['val_accuracy'])}; summary in {RunDir(config.run_dir).summary}",
           flush=True)
     return 0
+
+
+def _first_missing(path):
+    """The outermost folder of `path` that does not exist yet (None when `path` exists)."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
 
 
 def remove_if_empty(folder) -> None:
