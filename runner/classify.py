@@ -66,7 +66,7 @@ def download_from_drive(folder: str, sync_settings: list[str], workdir: Path) ->
     run_dir = workdir / "snapshot"
     try:
         config = SyncConfig.from_settings({"backend": "drive", "folder": folder}, sync_settings)
-        sync = open_sync(config, run_dir, workdir / "cache", run_id="classify")
+        sync = open_sync(config, run_dir, workdir / "cache", run_id="classify", start_uploader=False)
         try:
             step = sync.download_latest(run_dir)
         finally:
