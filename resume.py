@@ -10,6 +10,9 @@ import sys
 import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# grow GPU memory as needed instead of reserving it all at start (a notebook kernel may hold some too);
+# set before TensorFlow loads, and an explicit TF_FORCE_GPU_ALLOW_GROWTH=false is respected
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 from runner.cli import EXIT_USER_ERROR, configure_logging  # noqa: E402
 from runner.config import describe_settings, load_config, to_toml  # noqa: E402  (no TensorFlow import)

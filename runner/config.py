@@ -110,12 +110,32 @@ class FineTuneConfig:
     rotation: float = _opt(5.0, "augment: random rotation up to this many degrees; 0 = off", min=0.0, max=45.0)
 
 
+EXPORT_FORMATS = {  # name → what it writes into RUN_DIR/export (model.json is always written)
+    "saved_model": "saved_model.pb + variables/ (TF2; what runner.classify loads)",
+    "tflite": "model.tflite (float)",
+    "tflite_quantized": "model_quantized.tflite (dynamic-range quantized)",
+    "tf1": "frozen_graph.pb + model.meta (TF1 sessions)",
+    "labels": "labels.txt",
+}
+
+
 @dataclass
 class ExportConfig:
     enabled: bool = _opt(True, "write RUN_DIR/export at the end of training")
     min_accuracy: float = _opt(0.0, "refuse to export below this test accuracy (0-1)", min=0.0, max=1.0)
     top_k: int = _opt(5, "classes returned per image by the exported model", min=1)
-    quantize: bool = _opt(True, "also write a dynamic-range quantized TFLite model")
+    formats: str = _opt("saved_model,tflite,labels", "comma-separated formats to write, from: "
+                        + ", ".join(EXPORT_FORMATS) + " (each full-size format is one more copy of the backbone)")
+
+    def format_names(self) -> tuple[str, ...]:
+        """The formats asked for by export.formats, each a key of EXPORT_FORMATS."""
+        names = tuple(dict.fromkeys(n.strip() for n in self.formats.split(",") if n.strip()))
+        unknown = [n for n in names if n not in EXPORT_FORMATS]
+        if unknown or not names:
+            raise RunnerError(f"setting export.formats = {self.formats!r}: "
+                              f"{'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'empty'}; use a "
+                              f"comma-separated list of {', '.join(EXPORT_FORMATS)} (or export.enabled = false).")
+        return names
 
 
 @dataclass
@@ -181,6 +201,7 @@ def validate(config: Config) -> None:
     if config.checkpoint.every_steps == 0 and config.checkpoint.every_seconds == 0:
         raise RunnerError("checkpoint.every_steps and checkpoint.every_seconds are both 0: set at least one, "
                           "or a disconnect loses all progress.")
+    config.export.format_names()  # raises on an unknown format name
     try:
         config.sync.validate()
     except SyncError as e:  # sync's own error type; shown as a config error here

@@ -1,10 +1,14 @@
 """The tf.distribute strategy picked by config, and splitting a host batch across replicas."""
 from __future__ import annotations
 
+import logging
+
 import tensorflow as tf
 
 from runner.config import TrainConfig
 from runner.errors import RunnerError
+
+log = logging.getLogger("runner")
 
 
 def configure_tensorflow(config: TrainConfig) -> None:
@@ -22,11 +26,25 @@ def configure_tensorflow(config: TrainConfig) -> None:
 
 def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
     """The default strategy, or MirroredStrategy over all GPUs (or logical CPUs when there are none)."""
+    log_devices(config.strategy)
     if config.strategy == "default":
         return tf.distribute.get_strategy()
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
     return tf.distribute.MirroredStrategy(devices)
+
+
+def log_devices(strategy: str) -> None:
+    """Say which devices extraction and training run on; warn when TensorFlow sees no GPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        log.warning("extraction and training run on the CPU: TensorFlow sees no GPU (on Colab: Runtime → "
+                    "Change runtime type → GPU; expect extraction to be many times slower on a CPU)")
+        return
+    names = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name) for gpu in gpus]
+    used = names if strategy == "mirrored" else names[:1]
+    log.info("extraction and training run on %s (%s strategy; %d GPU(s) visible)", ", ".join(used), strategy,
+             len(gpus))
 
 
 def distribute_batch(strategy: tf.distribute.Strategy, *arrays):

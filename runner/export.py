@@ -1,8 +1,9 @@
-"""Export a run's checkpoint as a SavedModel, a frozen TF1 graph, TFLite models, labels and model.json.
+"""Export a run's checkpoint in the formats of export.formats (SavedModel, TFLite float by default; frozen TF1
+graph and quantized TFLite on request), with labels.txt and model.json.
 
-    python -m runner.export --run RUN_DIR [--step N]
+    python -m runner.export --run RUN_DIR [--step N] [--formats saved_model,tflite,labels] [--out FOLDER]
 
-Everything is written to a temporary folder beside RUN_DIR/export and renamed into place at the end,
+Everything is written to a temporary folder beside RUN_DIR/export (or --out) and renamed into place at the end,
 so a crash never leaves half an export behind.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 from runner import __version__  # noqa: E402
 from runner.backbones import Backbone, build_backbone, decode_and_resize  # noqa: E402
 from runner.cli import configure_logging, exit_status_of  # noqa: E402
-from runner.config import Config, load_config  # noqa: E402
+from runner.config import EXPORT_FORMATS, Config, load_config  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
 from runner.head import Head, build_head  # noqa: E402
 from runner.rundir import EXPORT_MODEL_INFO, CheckpointRef, RunDir, read_json  # noqa: E402
@@ -149,15 +150,18 @@ def write_tf1_graphs(classifier: Classifier, out: Path) -> dict:
             "classes": names["top_k_classes"]}
 
 
-def write_tflite(classifier: Classifier, out: Path, quantize: bool) -> dict:
-    """Convert the decoded-image function ([1, S, S, 3] float32 in 0..255) to TFLite, float and quantized."""
+TFLITE_VARIANTS = (("tflite", "float", TFLITE_FLOAT, []),
+                   ("tflite_quantized", "quantized", TFLITE_QUANTIZED, [tf.lite.Optimize.DEFAULT]))
+
+
+def write_tflite(classifier: Classifier, out: Path, formats: tuple[str, ...]) -> dict:
+    """Convert the decoded-image function ([1, S, S, 3] float32 in 0..255) to the TFLite variants asked for."""
     # frozen first: converting the live function loses the Keras 3 variables (the model outputs NaN)
     function = convert_variables_to_constants_v2(classifier.classify_pixels.get_concrete_function(
         tf.TensorSpec([1, classifier.size, classifier.size, 3], tf.float32, name="pixels")))
     written = {}
-    for key, name, optimizations in (("float", TFLITE_FLOAT, []),
-                                     ("quantized", TFLITE_QUANTIZED, [tf.lite.Optimize.DEFAULT])):
-        if key == "quantized" and not quantize:
+    for format_name, key, name, optimizations in TFLITE_VARIANTS:
+        if format_name not in formats:
             continue
         converter = tf.lite.TFLiteConverter.from_concrete_functions([function], classifier)
         converter.optimizations = optimizations
@@ -180,41 +184,50 @@ def _replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_run(run_dir: Path, step: int | None = None) -> Path:
-    """Write RUN_DIR/export from a checkpoint (the newest by default) and return its path."""
+def export_run(run_dir: Path, step: int | None = None, formats: str | None = None, out: Path | None = None) -> Path:
+    """Write RUN_DIR/export (or `out`) from a checkpoint (the newest by default) in the run's export.formats
+    (or `formats`, same syntax) and return its path."""
     run_dir = Path(run_dir)
+    target = Path(out) if out is not None else RunDir(run_dir).export
     config, checkpoint = load_run_state(run_dir, step)
+    if formats is not None:
+        config.export.formats = formats
+    names = config.export.format_names()
     kind, accuracy = run_accuracy(run_dir, checkpoint)
     check_accuracy_gate(run_dir, checkpoint.step, kind, accuracy, config.export.min_accuracy)
     model = restore_run_model(run_dir, checkpoint.step)
     marker = model.checkpoint.marker
-    target = RunDir(run_dir).export
-    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{target.name}-"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
         classifier = Classifier(model)
-        tf.saved_model.save(classifier, str(staging), signatures={
-            "serving_default": classifier.serve.get_concrete_function(),
-            "classify_pixels": classifier.classify_pixels.get_concrete_function()})
-        (staging / "labels.txt").write_text("".join(f"{name}\n" for name in model.classes))
         info = {
             "format": 1, "runner_version": __version__, "exported_at": time.time(),
             "backbone": marker["backbone"],
             "input_size": model.backbone.image_size, "classes": model.classes,
             "accuracy": {kind: accuracy}, "step": checkpoint.step, "stage": checkpoint.stage,
-            "top_k": classifier.top_k,
-            "saved_model": {"dir": ".", "signature": "serving_default", "input": "images: tf.string [None]",
-                            "outputs": ["probabilities", "top_k_indices", "top_k_classes"]},
-            "labels": "labels.txt",
-            "tf1": write_tf1_graphs(classifier, staging),
-            "tflite": write_tflite(classifier, staging, model.config.export.quantize),
+            "top_k": classifier.top_k, "formats": list(names),
         }
+        if "saved_model" in names:
+            tf.saved_model.save(classifier, str(staging), signatures={
+                "serving_default": classifier.serve.get_concrete_function(),
+                "classify_pixels": classifier.classify_pixels.get_concrete_function()})
+            info["saved_model"] = {"dir": ".", "signature": "serving_default", "input": "images: tf.string [None]",
+                                   "outputs": ["probabilities", "top_k_indices", "top_k_classes"]}
+        if "labels" in names:
+            (staging / "labels.txt").write_text("".join(f"{name}\n" for name in model.classes))
+            info["labels"] = "labels.txt"
+        if "tf1" in names:
+            info["tf1"] = write_tf1_graphs(classifier, staging)
+        if {"tflite", "tflite_quantized"} & set(names):
+            info["tflite"] = write_tflite(classifier, staging, names)
         (staging / EXPORT_MODEL_INFO).write_text(json.dumps(info, indent=1))
         _replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("exported step %d of %s to %s", checkpoint.step, run_dir, target)
+    log.info("exported step %d of %s to %s (%s)", checkpoint.step, run_dir, target, ", ".join(names))
     return target
 
 
@@ -223,11 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.export", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path, help="the run directory (run.dir)")
     parser.add_argument("--step", type=int, help="run-wide checkpoint step to export, as in metrics.jsonl (default: the newest)")
+    parser.add_argument("--formats", help="comma-separated formats, as export.formats (default: the run's "
+                                          "export.formats): " + ", ".join(EXPORT_FORMATS))
+    parser.add_argument("--out", type=Path, help="folder to write (default: RUN_DIR/export)")
     args = parser.parse_args(argv)
     configure_logging()
 
     def command() -> int:
-        print(f"exported to {export_run(args.run, args.step)}", flush=True)
+        print(f"exported to {export_run(args.run, args.step, args.formats, args.out)}", flush=True)
         return 0
     return exit_status_of(command)
 

@@ -1,10 +1,15 @@
-"""Progress display: tqdm bars on a terminal, one plain line per interval otherwise (Colab logs, CI)."""
+"""Progress display: tqdm bars on a terminal, one plain line per interval otherwise (Colab logs, CI).
+
+While a bar is open, log records go through tqdm.write (tqdm.contrib.logging.logging_redirect_tqdm), so
+a log line never lands inside a bar and the bar is redrawn below it.
+"""
 from __future__ import annotations
 
 import sys
 import time
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 
 def use_bars(mode: str) -> bool:
@@ -12,8 +17,16 @@ def use_bars(mode: str) -> bool:
     return mode == "bar" or (mode == "auto" and sys.stderr.isatty())
 
 
+def clock(seconds: float) -> str:
+    """Seconds as H:MM:SS (or M:SS under an hour), like tqdm's elapsed and remaining times."""
+    minutes, secs = divmod(int(max(seconds, 0)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 class LineProgress:
-    """A tqdm-like counter that prints 'desc: n/total (rate unit/s) postfix' every `interval` seconds."""
+    """A tqdm-like counter that prints 'desc: n/total (rate unit/s, elapsed T, ETA T) postfix' every
+    `interval` seconds and at the end."""
 
     def __init__(self, total: int, desc: str, unit: str, initial: int = 0, interval: float = 10.0):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
@@ -28,19 +41,45 @@ class LineProgress:
         now = time.monotonic()
         if now - self.last_print >= self.interval or self.n >= self.total:
             self.last_print = now
-            self._print(now)
+            print(self.line(now), flush=True)
 
-    def _print(self, now: float) -> None:
-        rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
+    def line(self, now: float) -> str:
+        """The progress line at monotonic time `now`."""
+        elapsed = now - self.start
+        rate = (self.n - self.start_n) / max(elapsed, 1e-9)
+        eta = clock((self.total - self.n) / rate) if rate > 0 else "?"
         extra = f" {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {self.n}/{self.total} ({rate:.1f} {self.unit}/s){extra}", flush=True)
+        return (f"{self.desc}: {self.n}/{self.total} ({rate:.1f} {self.unit}/s, elapsed {clock(elapsed)}, "
+                f"ETA {eta}){extra}")
 
     def close(self) -> None:
         pass
 
 
+class BarProgress(tqdm):
+    """A tqdm bar that routes log records through tqdm.write while it is open."""
+
+    def __init__(self, *args, **kwargs):
+        self._redirect = logging_redirect_tqdm(tqdm_class=tqdm)
+        self._redirect.__enter__()
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._redirect, redirect = None, self._redirect
+            redirect.__exit__(None, None, None)
+            raise
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            redirect, self._redirect = getattr(self, "_redirect", None), None
+            if redirect is not None:
+                redirect.__exit__(None, None, None)
+
+
 def progress(total: int, desc: str, unit: str, mode: str = "auto", initial: int = 0):
     """A progress counter with update(n), set_postfix_str(s) and close()."""
     if use_bars(mode):
-        return tqdm(total=total, desc=desc, unit=unit, initial=initial, mininterval=0.5, dynamic_ncols=True)
+        return BarProgress(total=total, desc=desc, unit=unit, initial=initial, mininterval=0.5, dynamic_ncols=True)
     return LineProgress(total, desc, unit, initial)

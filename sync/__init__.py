@@ -58,7 +58,8 @@ class Sync:
         if not self.enabled:
             return None
         from sync.restore import restore_latest
-        return restore_latest(self.backend, self.run_dir, self.cache_dir, self.state_dir / "download")
+        return restore_latest(self.backend, self.run_dir, self.cache_dir, self.state_dir / "download",
+                              run_id=self.run_id, on_bad_cache=self._uploader.reupload)
 
     def download_latest(self, dest: Path) -> int | None:
         """Extract the newest verified remote snapshot into dest, without the bottleneck cache (to use its

@@ -42,7 +42,8 @@ def cmd_pull(sync, args) -> int:
     """Download, verify and extract a snapshot (newest, or --step) into the run dir, with its cache."""
     from sync.restore import fetch_cache, fetch_snapshot, move_into_place, restore_latest
     if args.step is None:
-        step = restore_latest(sync.backend, sync.run_dir, sync.cache_dir, sync.run_dir / STATE_DIR / "download")
+        step = restore_latest(sync.backend, sync.run_dir, sync.cache_dir, sync.run_dir / STATE_DIR / "download",
+                              on_bad_cache=sync._uploader.reupload)
         if step is None:
             print(f"no snapshots in {sync.backend.description}")
             return 1
@@ -52,7 +53,7 @@ def cmd_pull(sync, args) -> int:
             raise SyncError(f"no snapshot of step {args.step} in {sync.backend.description}; see `list`.")
         folder, manifest = fetch_snapshot(sync.backend, match[0], sync.run_dir / STATE_DIR / "download")
         move_into_place(folder, manifest, sync.run_dir)
-        fetch_cache(sync.backend, manifest, sync.cache_dir)
+        sync._uploader.reupload(fetch_cache(sync.backend, manifest, sync.cache_dir)[1])
         step = args.step
     print(f"sync: restored snapshot step {step} into {sync.run_dir}")
     return 0

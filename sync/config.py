@@ -11,7 +11,6 @@ from common.settings import setting as _opt
 from sync.errors import SyncError
 
 BACKENDS = ("folder", "drive")
-DRIVE_SCOPE = "https://www.googleapis.com/auth/drive.file"
 _CHUNK_UNIT = 256 * 1024
 
 

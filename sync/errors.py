@@ -10,7 +10,19 @@ class TransferError(SyncError):
     """A network transfer still failed after the retry policy's last try."""
 
 
-class QuotaExceeded(SyncError):
+class RemoteError(SyncError):
+    """The remote refused a request for good (not worth retrying now); carries its HTTP status and reasons."""
+
+    def __init__(self, message: str, status: int | None = None, reasons: frozenset[str] = frozenset()):
+        super().__init__(message)
+        self.status, self.reasons = status, reasons
+
+
+class NotFound(SyncError):
+    """The named file is not on the remote (or not visible to these credentials)."""
+
+
+class QuotaExceeded(RemoteError):
     """The remote has no space left for this upload."""
 
 

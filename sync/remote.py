@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sync.backends.base import Backend, RemoteFile
-from sync.errors import SyncError
+from sync.errors import IntegrityError, NotFound, SyncError
 
 log = logging.getLogger("sync")
 POINTER = "latest.json"
+CACHE_FOLDER = "cache"  # cache shards live in this subfolder, out of the way of the snapshots
+PUBLISHED = ("export", "report")  # a snapshot's top-level files in these folders are also copied as plain files
+_SNAPSHOT_NAME = re.compile(r"snapshot-(\d{9,})-.*\.tar\.gz")
 
 
 def snapshot_name(step: int, run_id: str) -> str:
@@ -23,12 +26,28 @@ def snapshot_name(step: int, run_id: str) -> str:
 
 def cache_name(sha256: str) -> str:
     """The remote, content-addressed name of a cache shard."""
+    return f"{CACHE_FOLDER}/cache-{sha256}"
+
+
+def legacy_cache_name(sha256: str) -> str:
+    """Where cache shards were stored before the cache/ subfolder (still read, never written)."""
     return f"cache-{sha256}"
+
+
+def remote_cache(backend: Backend) -> set[str]:
+    """The sha256 of every cache shard on the remote, in cache/ or (older remotes) at the top."""
+    names = [f.name for f in backend.list(CACHE_FOLDER)] + [f.name for f in backend.list()]
+    return {n.rpartition("cache-")[2] for n in names if n.rpartition("/")[2].startswith("cache-")}
+
+
+def published_files(files: list[str]) -> list[str]:
+    """The files of a snapshot that are also copied as plain files: the top level of export/ and report/."""
+    return [f for f in files if f.count("/") == 1 and f.split("/")[0] in PUBLISHED]
 
 
 @dataclass
 class SnapshotInfo:
-    """A snapshot on the remote, as described by its properties."""
+    """A snapshot on the remote: its name and step, and what its properties add (sha256, val accuracy)."""
     name: str
     step: int
     val_accuracy: float | None
@@ -36,31 +55,37 @@ class SnapshotInfo:
     size: int
     created: float
     file_id: str = ""
+    run_id: str = ""
 
     @classmethod
-    def from_remote(cls, f: RemoteFile) -> "SnapshotInfo":
-        """Read a snapshot's description from its remote properties."""
+    def from_remote(cls, f: RemoteFile) -> "SnapshotInfo | None":
+        """A snapshot's description from its name and (optional) properties; None if f is no snapshot.
+
+        The name alone is enough to list and restore it (the archive's own manifest is verified), so a machine
+        that cannot read the properties still finds every snapshot."""
+        m = _SNAPSHOT_NAME.fullmatch(f.name)
+        if not m:
+            return None
         p = f.properties
-        acc = p.get("val_accuracy", "")
-        return cls(f.name, int(p["step"]), float(acc) if acc not in ("", "None") else None,
-                   p.get("sha256", ""), f.size, float(p.get("created", f.modified)), f.id)
+        try:
+            acc = float(p["val_accuracy"]) if p.get("val_accuracy") not in (None, "", "None") else None
+            created = float(p.get("created") or f.modified)
+        except ValueError:
+            log.warning("ignoring the unreadable properties of %s", f.name)
+            acc, created = None, f.modified
+        return cls(f.name, int(m.group(1)), acc, p.get("sha256", ""), f.size, created, f.id, p.get("run_id", ""))
 
     def properties(self) -> dict[str, str]:
-        """The remote properties (Drive appProperties) that describe this snapshot."""
+        """The remote properties (Drive's public `properties`) that describe this snapshot."""
         return {"kind": "snapshot", "step": str(self.step), "sha256": self.sha256, "created": f"{self.created:.3f}",
-                "val_accuracy": "" if self.val_accuracy is None else repr(float(self.val_accuracy))}
+                "val_accuracy": "" if self.val_accuracy is None else repr(float(self.val_accuracy)),
+                "run_id": self.run_id}
 
 
 def list_snapshots(backend: Backend) -> list[SnapshotInfo]:
     """Snapshots on the remote (by listing, trashed ones excluded), newest step first."""
-    out = []
-    for f in backend.list():
-        if f.properties.get("kind") == "snapshot":
-            try:
-                out.append(SnapshotInfo.from_remote(f))
-            except (KeyError, ValueError):
-                log.warning("ignoring %s: its properties are incomplete", f.name)
-    return sorted(out, key=lambda s: (s.step, s.created), reverse=True)
+    found = (SnapshotInfo.from_remote(f) for f in backend.list())
+    return sorted((s for s in found if s is not None), key=lambda s: (s.step, s.created), reverse=True)
 
 
 def read_pointer(backend: Backend) -> SnapshotInfo | None:
@@ -71,10 +96,11 @@ def read_pointer(backend: Backend) -> SnapshotInfo | None:
             backend.get(POINTER, dest)
             data = json.loads(dest.read_text())
             return SnapshotInfo(data["name"], int(data["step"]), data.get("val_accuracy"), data["sha256"],
-                                int(data["size"]), float(data["created"]), str(data.get("file_id", "")))
-        except SyncError:
+                                int(data["size"]), float(data["created"]), str(data.get("file_id", "")),
+                                str(data.get("run_id", "")))
+        except NotFound:
             return None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, IntegrityError):
             log.warning("the remote %s is unreadable; using the folder listing instead", POINTER)
             return None
 
@@ -84,13 +110,27 @@ def write_pointer(backend: Backend, snap: SnapshotInfo, work_dir: Path) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     local = work_dir / POINTER
     local.write_text(json.dumps(snap.__dict__, sort_keys=True))
-    backend.put(POINTER, local, {"kind": "pointer"})
+    backend.put(POINTER, local, {})
     local.unlink()
 
 
-def restore_candidates(backend: Backend) -> list[SnapshotInfo]:
-    """Snapshots to try restoring, best first: the pointer's target, then the listing by newest step."""
+def check_owner(backend: Backend, run_id: str, pointer: SnapshotInfo | None) -> None:
+    """Refuse a remote whose latest pointer belongs to another run (run ids are run dir names): two runs in one
+    folder would move each other's pointer and prune each other's snapshots."""
+    if pointer is not None and pointer.run_id and pointer.run_id != run_id:
+        raise SyncError(f"sync: {backend.description} already holds the snapshots of another run "
+                        f"({pointer.run_id!r}, newest step {pointer.step}); this run is {run_id!r}. Two runs in "
+                        f"one folder would overwrite each other's {POINTER} and prune each other's snapshots: "
+                        f"give this run its own sync.folder, or, to continue that run here, name the run dir "
+                        f"{pointer.run_id!r} as it was.")
+
+
+def restore_candidates(backend: Backend, run_id: str | None = None) -> list[SnapshotInfo]:
+    """Snapshots to try restoring, best first: the pointer's target, then the listing by newest step.
+    With run_id, a remote whose pointer belongs to another run is refused."""
     pointer = read_pointer(backend)
+    if run_id is not None:
+        check_owner(backend, run_id, pointer)
     by_name = {s.name: s for s in list_snapshots(backend)}
     if pointer and pointer.name not in by_name:
         by_name[pointer.name] = pointer  # verified and pointed to, but not in the (lagging) listing yet

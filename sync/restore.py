@@ -5,13 +5,21 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from sync.backends.base import Backend
-from sync.errors import IntegrityError, SyncError, TransferError
-from sync.remote import SnapshotInfo, cache_name, restore_candidates
+from sync.errors import IntegrityError, NotFound, RemoteError, SyncError
+from sync.remote import SnapshotInfo, cache_name, legacy_cache_name, restore_candidates
 from sync.snapshot import check_relpath, extract, file_digest
 
 log = logging.getLogger("sync")
+
+
+def unusable(e: SyncError) -> bool:
+    """True when this one file cannot be used (corrupt, gone, refused by Drive) but others may be."""
+    if isinstance(e, (IntegrityError, NotFound)):
+        return True
+    return isinstance(e, RemoteError) and (e.status == 404 or "cannotDownloadAbusiveFile" in e.reasons)
 
 
 def fetch_snapshot(backend: Backend, snap: SnapshotInfo, work_dir: Path) -> tuple[Path, dict]:
@@ -37,38 +45,48 @@ def move_into_place(src: Path, manifest: dict, run_dir: Path) -> None:
     shutil.rmtree(src, ignore_errors=True)
 
 
-def fetch_cache(backend: Backend, manifest: dict, cache_dir: Path) -> int:
-    """Download the manifest's cache shards missing from cache_dir, each verified by sha256; return the count."""
-    fetched = 0
+def fetch_cache(backend: Backend, manifest: dict, cache_dir: Path) -> tuple[int, set[str]]:
+    """Download the manifest's cache shards missing from cache_dir, each verified by sha256; a corrupt or
+    missing remote shard is skipped (the runner recomputes it). Return (count fetched, sha256 of those skipped)."""
+    fetched, bad = 0, set()
     for rel, sha in sorted(manifest.get("cache", {}).items()):
         target = cache_dir / check_relpath(rel)
         if target.exists():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.download")
-        backend.get(cache_name(sha), tmp)
-        if file_digest(tmp) != sha:
+        try:
+            try:
+                backend.get(cache_name(sha), tmp)
+            except NotFound:
+                backend.get(legacy_cache_name(sha), tmp)
+            if file_digest(tmp) != sha:
+                raise IntegrityError(f"sync: {cache_name(sha)} has the wrong sha256")
+        except SyncError as e:
             tmp.unlink(missing_ok=True)
-            raise IntegrityError(f"sync: cache shard {rel} downloaded with the wrong sha256; not used (it will "
-                                 f"be recomputed).")
+            if not unusable(e):
+                raise
+            log.warning("cache shard %s skipped (%s): it will be recomputed and uploaded again", rel,
+                        str(e).removeprefix("sync: "))
+            bad.add(sha)
+            continue
         os.replace(tmp, target)
         fetched += 1
-    return fetched
+    return fetched, bad
 
 
-def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work_dir: Path) -> int | None:
+def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work_dir: Path,
+                   run_id: str | None = None, on_bad_cache: Callable[[set[str]], None] | None = None) -> int | None:
     """Restore the newest snapshot that verifies into run_dir and its cache into cache_dir (None: leave the
-    cache on the remote); return its step."""
-    candidates = restore_candidates(backend)
+    cache on the remote); return its step. With run_id, a remote that holds another run is refused;
+    on_bad_cache gets the sha256 of cache shards whose remote copy was corrupt or missing."""
+    candidates = restore_candidates(backend, run_id)
     for snap in candidates:
         try:
             extracted, manifest = fetch_snapshot(backend, snap, work_dir)
-        except IntegrityError as e:
-            log.warning("snapshot %s skipped: %s", snap.name, str(e).removeprefix("sync: "))
-            continue
-        except TransferError:
-            raise
-        except SyncError as e:  # e.g. listed but deleted meanwhile
+        except SyncError as e:
+            if not unusable(e):
+                raise
             log.warning("snapshot %s skipped: %s", snap.name, str(e).removeprefix("sync: "))
             continue
         move_into_place(extracted, manifest, run_dir)
@@ -76,8 +94,11 @@ def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work
             log.info("restored step %d from %s", snap.step, snap.name)
             return int(manifest["step"])
         try:
-            n = fetch_cache(backend, manifest, cache_dir)
-            log.info("restored step %d from %s (%d cache shards downloaded)", snap.step, snap.name, n)
+            n, bad = fetch_cache(backend, manifest, cache_dir)
+            log.info("restored step %d from %s (%d cache shards downloaded%s)", snap.step, snap.name, n,
+                     f", {len(bad)} corrupt or missing ones skipped" if bad else "")
+            if bad and on_bad_cache is not None:
+                on_bad_cache(bad)
         except SyncError as e:
             log.warning("restored step %d but not all of its cache: %s", snap.step, str(e).removeprefix("sync: "))
         return int(manifest["step"])

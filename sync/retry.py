@@ -1,4 +1,10 @@
-"""The one retry policy of sync: exponential backoff with jitter, honouring Retry-After, bounded tries."""
+"""The one retry policy of sync, and the one place where remote failures are classified.
+
+Transient failures (rate limits, 5xx, resets, timeouts) are retried with one backoff; permanent ones become a
+RemoteError whose message names the fix. Reasons come from the legacy body (`error.errors[].reason`) and the
+new one (`error.status`, `error.details[].reason`), as documented in the Drive guide "Resolve errors"
+(https://developers.google.com/drive/api/guides/handle-errors).
+"""
 from __future__ import annotations
 
 import email.utils
@@ -12,40 +18,96 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
-from sync.errors import QuotaExceeded, TransferError
+from sync.errors import QuotaExceeded, RemoteError, TransferError
 
 log = logging.getLogger("sync")
 T = TypeVar("T")
 
-RATE_LIMIT_REASONS = {"rateLimitExceeded", "userRateLimitExceeded"}
-QUOTA_REASONS = {"storageQuotaExceeded", "quotaExceeded"}
+# Retried: per-user/per-project request limits refill within a minute or so (the guide: "retry using
+# exponential backoff"). `quotaExceeded` is a request quota, NOT storage: storage is `storageQuotaExceeded`.
+TRANSIENT_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded", "sharingRateLimitExceeded",
+                     "backendError", "internalError", "RATE_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
 QUOTA_ADVICE = ("the Drive account has no storage left: run `python -m sync --config FILE prune` (or lower "
-                "sync.keep), empty the Drive trash, use a shared drive, or use user credentials instead of a "
-                "service account (service accounts have no storage of their own). Training continues locally "
-                "and the snapshot stays queued.")
+                "sync.keep), empty the Drive trash (trashed files count against the quota), use a shared drive, or "
+                "use user credentials instead of a service account (service accounts have no storage of their own).")
+# Permanent failures: reason -> what the user should do. The first matching entry wins.
+PERMANENT_ADVICE: list[tuple[frozenset[str], str]] = [
+    (frozenset({"storageQuotaExceeded", "teamDriveFileLimitExceeded", "numChildrenInNonRootLimitExceeded"}),
+     QUOTA_ADVICE),
+    (frozenset({"dailyLimitExceeded", "dailyLimitExceededUnreg"}),
+     "the Google Cloud project of these credentials used up its daily Drive API quota; it resets at midnight "
+     "Pacific time. Wait, or use credentials of another project (sync.credentials)."),
+    (frozenset({"accessNotConfigured", "SERVICE_DISABLED"}),
+     "the Drive API is not enabled in the Google Cloud project of these credentials: enable it at "
+     "https://console.cloud.google.com/apis/library/drive.googleapis.com (or use Colab's own credentials)."),
+    (frozenset({"domainPolicy"}),
+     "your Google Workspace administrator does not let this app use Drive: ask them to allow it, or use the "
+     "folder backend on a mounted Drive (sync.folder=/content/drive/MyDrive/...)."),
+    (frozenset({"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFFICIENT", "insufficientScopes"}),
+     "the credentials were not granted a Drive scope that allows this: in Colab run auth.authenticate_user() "
+     "again and allow Drive access; with sync.credentials, create the file with the drive (or drive.file) scope."),
+    (frozenset({"insufficientFilePermissions", "cannotDeleteFile", "teamDrivesParentLimit"}),
+     "these credentials may not change this file or folder: share sync.folder with this account as an editor "
+     "(in a shared drive: Content manager, which may also delete), or use a folder this account owns."),
+    (frozenset({"cannotDownloadAbusiveFile"}),
+     "Drive flagged this file as abusive or malware and refuses to serve it: delete it from the Drive folder."),
+    (frozenset({"authError", "UNAUTHENTICATED"}),
+     "Google refused the credentials: in Colab run auth.authenticate_user() again, or renew the file named by "
+     "sync.credentials."),
+]
+STATUS_ADVICE = {
+    400: "Drive refused the request as invalid (a sync bug, or a Drive-compatible server that differs): report "
+         "it with this message.",
+    401: "Google refused the credentials: in Colab run auth.authenticate_user() again, or renew the file named "
+         "by sync.credentials.",
+    403: "Drive denied the request: check that these credentials may write to sync.folder.",
+    404: "not found: it was deleted, or these credentials cannot see it (with the drive.file scope only files "
+         "this app created are visible); check sync.folder.",
+    409: "Drive reports a conflict with an existing file.",
+}
+OAUTH_ADVICE = {
+    "invalid_grant": "the refresh token was revoked or has expired",
+    "invalid_scope": "the token was asked for a scope the credentials were never granted",
+    "invalid_client": "the OAuth client of the credentials file is unknown or disabled",
+    "unauthorized_client": "the OAuth client may not use this grant",
+}
 
 
 def http_status(exc: BaseException) -> int | None:
     """The HTTP status carried by an API error (googleapiclient HttpError has .resp.status), else None."""
+    if isinstance(exc, RemoteError):
+        return exc.status
     resp = getattr(exc, "resp", None)
     status = getattr(resp, "status", None)
     return int(status) if status is not None else None
 
 
-def error_reasons(exc: BaseException) -> set[str]:
-    """The Google API error reasons (e.g. rateLimitExceeded) in an HTTP error's JSON body."""
+def _error_body(exc: BaseException) -> dict:
     content = getattr(exc, "content", b"") or b""
     try:
-        error = json.loads(content.decode("utf-8", "replace")).get("error", {})
+        body = json.loads(content.decode("utf-8", "replace") if isinstance(content, bytes) else content)
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        return error if isinstance(error, dict) else {}
     except (ValueError, AttributeError):
-        return set()
+        return {}
+
+
+def error_reasons(exc: BaseException) -> set[str]:
+    """The Google API error reasons in an HTTP error's JSON body: legacy errors[].reason, new details[].reason
+    and the new error.status (e.g. rateLimitExceeded, ACCESS_TOKEN_SCOPE_INSUFFICIENT, PERMISSION_DENIED)."""
+    if isinstance(exc, RemoteError):
+        return set(exc.reasons)
+    error = _error_body(exc)
     reasons = {e.get("reason", "") for e in error.get("errors", []) if isinstance(e, dict)}
     reasons |= {d.get("reason", "") for d in error.get("details", []) if isinstance(d, dict)}
-    return reasons - {""}
+    status = error.get("status")
+    if isinstance(status, str):
+        reasons.add(status)
+    return {r for r in reasons if isinstance(r, str)} - {""}
 
 
 def retry_after(exc: BaseException) -> float | None:
-    """Seconds asked for by a Retry-After header (delta-seconds or HTTP date), else None."""
+    """Seconds asked for by a Retry-After header (delta-seconds or HTTP date); None if absent or malformed."""
     resp = getattr(exc, "resp", None)
     value = resp.get("retry-after") if hasattr(resp, "get") else None
     if not value:
@@ -53,16 +115,22 @@ def retry_after(exc: BaseException) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
         parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, parsed.timestamp() - time.time()) if parsed and parsed.tzinfo else None
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying: 429, 403 rate limits, 5xx, 408, resets, timeouts, broken TLS streams."""
+    """True for failures worth retrying: 429, 408, 5xx, rate limits, resets, timeouts, broken TLS streams."""
     status = http_status(exc)
     if status is not None:
-        return (status in (408, 429) or status >= 500
-                or (status == 403 and bool(error_reasons(exc) & RATE_LIMIT_REASONS)))
+        reasons = error_reasons(exc)
+        if any(reasons & r for r, _ in PERMANENT_ADVICE):
+            return False
+        return status in (408, 429) or status >= 500 or (status == 403 and bool(reasons & TRANSIENT_REASONS))
     if getattr(exc, "retryable", False):  # e.g. google-auth RefreshError from a 5xx/429 token endpoint
         return True
     network = (ConnectionError, TimeoutError, socket.timeout, ssl.SSLError, http.client.HTTPException, EOFError)
@@ -79,6 +147,25 @@ def describe(exc: BaseException) -> str:
         reasons = ", ".join(sorted(error_reasons(exc)))
         return f"HTTP {status}" + (f" ({reasons})" if reasons else "")
     return type(exc).__name__ + (f": {exc}" if str(exc) and "token" not in str(exc).lower() else "")
+
+
+def permanent_error(exc: BaseException, what: str) -> RemoteError | None:
+    """The RemoteError (with the fix) for a permanent remote failure; None if exc is not a remote failure."""
+    if type(exc).__name__ == "RefreshError":  # google-auth: the token endpoint refused (never show its text)
+        data = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], dict) else {}
+        code = str(data.get("error", "")) if isinstance(data, dict) else ""
+        why = OAUTH_ADVICE.get(code, f"the token endpoint answered {code}" if code else "the token was refused")
+        return RemoteError(f"sync: Google refused the credentials ({what}: {why}); in Colab run "
+                           f"auth.authenticate_user() again, or renew the file named by sync.credentials.", 401,
+                           frozenset({code} - {""}))
+    status = http_status(exc)
+    if status is None:
+        return None
+    reasons = frozenset(error_reasons(exc))
+    advice = next((a for r, a in PERMANENT_ADVICE if reasons & r), None)
+    kind = QuotaExceeded if advice == QUOTA_ADVICE else RemoteError
+    advice = advice or STATUS_ADVICE.get(status, "Drive refused the request.")
+    return kind(f"sync: {what} failed ({describe(exc)}): {advice}", status, reasons)
 
 
 @dataclass
@@ -99,15 +186,19 @@ class RetryPolicy:
         return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
 
     def call(self, fn: Callable[[], T], what: str) -> T:
-        """Run fn; retry transient failures; raise TransferError (or QuotaExceeded) when it cannot succeed."""
+        """Run fn; retry transient failures; raise TransferError after the last try, a RemoteError (with the
+        fix) for a permanent remote failure; anything else (a local bug) propagates unchanged."""
         for attempt in range(self.tries):
             try:
                 return fn()
-            except Exception as exc:  # classified below; anything not transient propagates unchanged
-                if http_status(exc) == 403 and error_reasons(exc) & QUOTA_REASONS:
-                    raise QuotaExceeded(f"sync: {what} failed: {QUOTA_ADVICE}") from None
+            except RemoteError:
+                raise
+            except Exception as exc:  # classified here, and nowhere else
                 if not is_transient(exc):
-                    raise
+                    permanent = permanent_error(exc, what)
+                    if permanent is None:
+                        raise
+                    raise permanent from None
                 if attempt + 1 == self.tries:
                     raise TransferError(f"sync: {what} failed after {self.tries} tries ({describe(exc)}); the "
                                         f"network or the server is not answering. Training is not affected; "

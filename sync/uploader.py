@@ -1,19 +1,23 @@
 """The background uploader: sends staged checkpoints (newest only), verifies, updates the pointer, prunes."""
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
 
 from sync.backends.base import Backend
-from sync.errors import SyncError
-from sync.remote import SnapshotInfo, cache_name, prune, snapshot_name, write_pointer
+from sync.errors import RemoteError, SyncError
+from sync.remote import (SnapshotInfo, cache_name, check_owner, prune, published_files, read_pointer,
+                         remote_cache, snapshot_name, write_pointer)
 from sync.snapshot import check_relpath, file_digest, pack
 from sync.staging import Staged, Staging
 
 log = logging.getLogger("sync")
 RETRY_AFTER_FAILURE_S = 300.0
+REUPLOAD = "reupload.json"  # under the state dir: sha256 of cache shards whose remote copy must be sent again
 
 
 class Uploader:
@@ -26,6 +30,9 @@ class Uploader:
         self._wakeups = 0
         self._stopping = False
         self._remote_cache: set[str] | None = None
+        self._owner_checked = False
+        self._reupload_path = work_dir / REUPLOAD
+        self._reupload = _read_names(self._reupload_path)
         self._digests: dict[tuple, str] = {}
         self.last_sent: int | None = None
         self.last_error: str | None = None
@@ -51,12 +58,21 @@ class Uploader:
         where = self.backend.description
         if not pending:
             if self.last_sent is not None:
-                return f"sync: snapshot step {self.last_sent} uploaded and verified ({where})"
+                note = f"; {self.backend.note}" if self.backend.note else ""
+                return f"sync: snapshot step {self.last_sent} uploaded and verified ({where}){note}"
             return f"sync: nothing new to upload ({where})"
         reason = "still uploading when the timeout ran out" if self._thread.is_alive() else (
             (self.last_error or "not sent").removeprefix("sync: "))
         return (f"sync: {len(pending)} snapshot(s) still pending (newest step {pending[-1].step}; {reason}): "
                 f"they stay queued locally and will be sent on the next run or by `python -m sync push`")
+
+    def reupload(self, shas: set[str]) -> None:
+        """Send these cache shards again at the next upload (a restore found their remote copy corrupt or gone)."""
+        with self._cond:
+            self._reupload |= set(shas)
+            if self._remote_cache is not None:
+                self._remote_cache -= self._reupload
+            _write_names(self._reupload_path, self._reupload)
 
     def _run(self) -> None:
         failed = False
@@ -84,6 +100,9 @@ class Uploader:
                 self.send(newest)
                 self.staging.remove(newest)
                 self.last_sent, self.last_error, failed = newest.step, None, False
+            except RemoteError as e:  # permanent for now: one line, retried at the next checkpoint or later
+                self.last_error, failed = f"{e} Training continues; the snapshot stays queued.", True
+                log.error("%s", self.last_error.removeprefix("sync: "))
             except SyncError as e:
                 self.last_error, failed = str(e), True
                 log.error("%s", str(e).removeprefix("sync: "))
@@ -96,6 +115,10 @@ class Uploader:
     def send(self, staged: Staged) -> SnapshotInfo:
         """Upload staged's cache shards and snapshot, verify it, move the pointer, then prune older ones."""
         info = staged.info
+        run_id = str(info.get("run_id", ""))
+        if not self._owner_checked:
+            check_owner(self.backend, run_id, read_pointer(self.backend))
+            self._owner_checked = True
         cache = self._upload_cache(info.get("cache_files", []))
         name = snapshot_name(staged.step, info.get("run_id", ""))
         archive = self.work_dir / "outgoing" / f"{staged.path.name}-{int(info['staged'] * 1e6)}.tar.gz"
@@ -106,18 +129,34 @@ class Uploader:
         if not archive.exists():
             pack(staged.path / "files", info["files"], manifest, archive)
         snap = SnapshotInfo(name, staged.step, info.get("val_accuracy"), file_digest(archive),
-                            archive.stat().st_size, float(info["created"]))
+                            archive.stat().st_size, float(info["created"]), run_id=run_id)
         snap.file_id = self.backend.put(name, archive, snap.properties()).id
         write_pointer(self.backend, snap, self.work_dir / "outgoing")
         log.info("snapshot step %d uploaded and verified (%s)", snap.step, self.backend.description)
         archive.unlink(missing_ok=True)
-        prune(self.backend, self.keep, verified_step=snap.step)
+        self._publish(staged)
+        try:
+            prune(self.backend, self.keep, verified_step=snap.step)
+        except SyncError as e:  # the snapshot is safe; retention is retried after the next one
+            log.warning("snapshot step %d is safe, but old snapshots could not be deleted: %s", snap.step,
+                        str(e).removeprefix("sync: "))
         return snap
+
+    def _publish(self, staged: Staged) -> None:
+        """Copy the snapshot's export and report files as plain files next to it (readable in Drive's web page);
+        a failure here costs only the copies, never the snapshot."""
+        for rel in published_files(staged.info["files"]):
+            try:
+                self.backend.put(rel, staged.path / "files" / rel, {})
+            except SyncError as e:
+                log.warning("snapshot step %d is safe, but its plain copy of %s failed: %s", staged.step, rel,
+                            str(e).removeprefix("sync: "))
+                return
 
     def _upload_cache(self, rels: list[str]) -> dict[str, str]:
         """Upload each cache shard not yet on the remote (named by its sha256); return {relpath: sha256}."""
         if rels and self._remote_cache is None:
-            self._remote_cache = {f.name for f in self.backend.list() if f.properties.get("kind") == "cache"}
+            self._remote_cache = remote_cache(self.backend) - self._reupload
         out = {}
         for rel in sorted(set(rels)):
             path = self.cache_dir / check_relpath(rel)
@@ -130,9 +169,13 @@ class Uploader:
             key = (rel, st.st_size, st.st_mtime_ns)
             sha = self._digests.get(key) or file_digest(path)
             self._digests[key] = sha
-            if cache_name(sha) not in self._remote_cache:
-                self.backend.put(cache_name(sha), path, {"kind": "cache", "sha256": sha})
-                self._remote_cache.add(cache_name(sha))
+            if sha not in self._remote_cache:
+                self.backend.put(cache_name(sha), path, {})  # the name is its sha256: it needs no properties
+                self._remote_cache.add(sha)
+                if sha in self._reupload:
+                    with self._cond:
+                        self._reupload.discard(sha)
+                        _write_names(self._reupload_path, self._reupload)
             out[rel] = sha
         return out
 
@@ -144,3 +187,22 @@ def clear_outgoing(work_dir: Path, keep_names: set[str]) -> None:
         for path in outgoing.iterdir():
             if path.name not in keep_names:
                 path.unlink(missing_ok=True) if path.is_file() else shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_names(path: Path) -> set[str]:
+    """A JSON list of names (empty if the file is missing or unreadable)."""
+    try:
+        return set(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+def _write_names(path: Path, names: set[str]) -> None:
+    """Write names as a JSON list atomically; an empty set removes the file."""
+    if not names:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(sorted(names)))
+    os.replace(tmp, path)

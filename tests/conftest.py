@@ -16,6 +16,9 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+ALL_EXPORT_FORMATS = "saved_model,tflite,tflite_quantized,tf1,labels"  # the shared run's export has every format
+
+
 @pytest.fixture(scope="session")
 def shared_assets():
     """../shared must be present (it always is in CI): fail loudly rather than skip."""
@@ -27,10 +30,10 @@ def shared_assets():
 
 @pytest.fixture(scope="session")
 def clothing_run(tmp_path_factory, shared_assets):
-    """One default run on clothing-small with real weights: (run_dir, cache_dir, output)."""
+    """One default run on clothing-small with real weights, exported in every format: (run_dir, cache_dir, output)."""
     root = tmp_path_factory.mktemp("clothing")
     run_dir, cache_dir = root / "run", root / "cache"
-    result = run_resume(*local_mobilenet_args(run_dir, cache_dir, export=True))
+    result = run_resume(*local_mobilenet_args(run_dir, cache_dir, f"export.formats={ALL_EXPORT_FORMATS}", export=True))
     assert result.returncode == 0, result.stdout
     return run_dir, cache_dir, result.stdout
 

@@ -182,3 +182,19 @@ def sigterm_after_start(args: list[str], started_text: str, seconds: float = 0.0
     process.send_signal(signal.SIGTERM)
     code = process.wait(60)
     return code, watcher.output()
+
+
+def write_photo_archive(archive: Path, top_folder: str, per_class: int) -> Path:
+    """A .tgz of `top_folder`/{hat,pants,shoes}/ with `per_class` real clothing photos each (a dataset download)."""
+    import shutil
+    import tarfile
+    import tempfile
+    with tempfile.TemporaryDirectory() as staging:
+        source = Path(staging) / top_folder
+        for name in ("hat", "pants", "shoes"):
+            (source / name).mkdir(parents=True)
+            for src in sorted((CLOTHING / name).glob("*.jpg"))[:per_class]:
+                shutil.copy(src, source / name / src.name)
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(source, arcname=top_folder)
+    return archive

@@ -86,6 +86,35 @@ def test_export_folder_has_every_promised_file(exported_run):
     assert not list(run_dir.glob(".export-*")), "the staging folder was left behind"
 
 
+def test_default_export_formats_are_one_saved_model_one_float_tflite_and_labels(exported_run, tmp_path):
+    from runner.config import ExportConfig
+    from runner.export import export_run
+    run_dir = copy_run(exported_run[0], tmp_path)
+    info = json.loads((export_run(run_dir, formats=ExportConfig().formats) / "model.json").read_text())
+    written = {p.name for p in (run_dir / "export").iterdir()} - {"assets", "fingerprint.pb"}  # SavedModel extras
+    assert written == {"saved_model.pb", "variables", "model.tflite", "labels.txt", "model.json"}
+    assert info["formats"] == ["saved_model", "tflite", "labels"] and "tf1" not in info
+    assert set(info["tflite"]) == {"float", "input", "output"}
+
+
+def test_formats_asked_for_later_go_to_their_own_folder_and_leave_the_export_alone(exported_run, tmp_path):
+    from runner.export import main
+    run_dir = copy_run(exported_run[0], tmp_path)
+    shutil.copytree(exported_run[2], run_dir / "export")
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "export").iterdir()}
+    assert main(["--run", str(run_dir), "--formats", "tf1,labels", "--out", str(tmp_path / "tf1")]) == 0
+    assert {p.name for p in (tmp_path / "tf1").iterdir()} == {"frozen_graph.pb", "model.meta", "labels.txt", "model.json"}
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "export").iterdir()} == before
+    assert not list(tmp_path.glob(".tf1-*")), "the staging folder was left behind"
+
+
+def test_an_unknown_export_format_is_refused_when_the_config_is_loaded():
+    from runner.config import load_config
+    from runner.errors import RunnerError
+    with pytest.raises(RunnerError, match=r"export.formats = 'saved_model,onnx': unknown 'onnx'; use .*tf1"):
+        load_config(None, ["data.dir=x", "export.formats=saved_model,onnx"])
+
+
 def test_saved_model_signature_matches_the_training_head_on_the_test_split(test_split, saved_model_probabilities):
     images, labels, reference = test_split
     outputs = saved_model_probabilities
@@ -221,3 +250,41 @@ def saved_model_arrays(export_dir: Path) -> list[np.ndarray]:
 
 def contains(arrays: list[np.ndarray], value: np.ndarray) -> bool:
     return any(a.shape == value.shape and np.array_equal(a, value) for a in arrays)
+
+
+def docs_tflite_snippets() -> list[str]:
+    """The ```python blocks of docs/export.md's TFLite section, in order."""
+    import re
+    from tests.helpers import REPO
+    text = (REPO / "docs" / "export.md").read_text()
+    section = text[text.index("## TFLite\n"):]
+    section = section[:section.index("\n## ", 1)]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_the_documented_tflite_snippet_gives_the_probabilities_of_a_training_like_resize(exported_run):
+    from tests.helpers import CLOTHING
+    _, _, export_dir = exported_run
+    photo = sorted((CLOTHING / "hat").glob("*.jpg"))[0]
+    code = docs_tflite_snippets()[0].replace("RUN_DIR/export", str(export_dir)).replace("photo.jpg", str(photo))
+    namespace: dict = {}
+    exec(code, namespace)
+    expected = tflite_probabilities(export_dir / "model.tflite", [photo.read_bytes()], 224)[0]
+    np.testing.assert_allclose(namespace["probabilities"], expected, atol=1e-6)
+    assert "Image.BILINEAR" not in code and "antialias=True" not in code
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (100, 37), (224, 224)], ids=["down", "up-and-down", "same"])
+def test_the_documented_numpy_resize_matches_tf_image_resize(shape):
+    import tensorflow as tf
+    code = docs_tflite_snippets()[1]
+    definitions = code[:code.index("\nimage = ")]
+    namespace: dict = {}
+    exec(definitions, namespace)
+    pixels = np.random.default_rng(0).integers(0, 256, (*shape, 3)).astype(np.uint8)
+    expected = tf.image.resize(pixels, (224, 224), method="bilinear").numpy()
+    np.testing.assert_allclose(namespace["resize_like_training"](pixels, 224), expected, atol=0.05)  # float32 rounding
+    if shape == (480, 640):  # what the docs used to do: PIL's bilinear antialiases when it shrinks
+        from PIL import Image
+        antialiased = np.asarray(Image.fromarray(pixels).resize((224, 224), Image.BILINEAR), np.float32)
+        assert np.abs(antialiased - expected).max() > 20

@@ -6,30 +6,39 @@ import logging
 from pathlib import Path
 
 import google.auth
+import google.auth.credentials
 import google.auth.exceptions
 import google_auth_httplib2
 import httplib2
 from google.oauth2 import credentials as user_credentials
 from google.oauth2 import service_account
 
-from sync.config import DRIVE_SCOPE, SyncConfig
+from sync.config import SyncConfig
 from sync.errors import SyncError
 
 log = logging.getLogger("sync")
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+# Only for credentials that need a scope to get a token at all (service accounts): full Drive, so a folder in a
+# shared drive (or shared with the account) is visible; what it can touch is what was shared with it.
+DRIVE_SCOPE = "https://www.googleapis.com/auth/drive"
 
 
 def load_credentials(config: SyncConfig):
-    """Credentials from sync.credentials (authorized-user or service-account JSON) or the application default."""
-    scopes = [DRIVE_SCOPE]
+    """Credentials from sync.credentials (authorized-user or service-account JSON) or the application default.
+
+    No scope is forced on credentials that carry their own grant: Colab's (metadata-server or authorized-user)
+    tokens keep the scopes the user granted, and an authorized-user file is refreshed with the scopes it lists
+    (none = those of the grant), because asking the token endpoint for another scope fails with invalid_scope.
+    Only credentials that need a scope to mint a token at all (service accounts) get DRIVE_SCOPE.
+    """
     if not config.credentials:
         try:
-            creds, _ = google.auth.default(scopes=scopes)
+            creds, _ = google.auth.default()
         except google.auth.exceptions.DefaultCredentialsError:
             raise SyncError("sync.backend = 'drive' but no Google credentials were found: in Colab run "
                             "`from google.colab import auth; auth.authenticate_user()` first, or set "
                             "sync.credentials to an authorized-user or service-account JSON file.") from None
-        return creds
+        return google.auth.credentials.with_scopes_if_required(creds, [DRIVE_SCOPE])
     path = Path(config.credentials).expanduser()
     try:
         info = json.loads(path.read_text())
@@ -41,13 +50,15 @@ def load_credentials(config: SyncConfig):
         if kind == "service_account":
             log.warning("using a service account: it has no Drive storage of its own, so uploads fail "
                         "with 'storage quota exceeded' unless sync.folder is in a shared drive.")
-            return service_account.Credentials.from_service_account_info(info, scopes=scopes)
+            return service_account.Credentials.from_service_account_info(info, scopes=[DRIVE_SCOPE])
         if kind == "authorized_user":
             # from_authorized_user_file would replace the file's token_uri with Google's; keep the file's own.
+            scopes = info.get("scopes")
             return user_credentials.Credentials(
                 token=None, refresh_token=info["refresh_token"], client_id=info["client_id"],
                 client_secret=info["client_secret"], token_uri=info.get("token_uri") or GOOGLE_TOKEN_URI,
-                scopes=scopes, quota_project_id=info.get("quota_project_id"))
+                scopes=scopes.split() if isinstance(scopes, str) else scopes,
+                quota_project_id=info.get("quota_project_id"))
     except (KeyError, ValueError) as e:
         raise SyncError(f"sync.credentials = {config.credentials!r}: the {kind} JSON lacks a field or has a bad "
                         f"value ({type(e).__name__} {e.args[0] if e.args else ''}); download it again.") from None

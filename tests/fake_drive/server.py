@@ -3,13 +3,30 @@
 Implements what the sync Drive backend (and the real google-api-python-client) use: files.create (metadata,
 multipart, resumable), files.list with q, files.get (metadata and alt=media with Range), files.update (metadata
 and media), files.delete, files.generateIds, and an OAuth token endpoint. Bearer tokens are checked.
+
+It models the real Drive where our client could get it wrong; each rule cites its reference (REF_* below):
+DISCOVERY is the drive.v3.json discovery document shipped in googleapiclient/discovery_cache/documents/.
+  * appProperties are private to the OAuth client that set them; `properties` are public     [APP_PROPERTIES]
+  * the grant's scope: with drive.file only files this client created are visible              [DRIVE_FILE]
+  * a refresh may not ask for a scope the grant lacks (invalid_scope)                          [RFC6749_6]
+  * `fields` masks are honoured: a field not asked for is absent; defaults are minimal         [FIELDS]
+  * shared-drive items need supportsAllDrives (and includeItemsFromAllDrives to be listed);
+    deleting there needs the organizer role                                                     [SHARED, DELETE]
+  * non-final resumable chunks must be multiples of 256 KiB                                     [CHUNKS]
+  * a chunk may be acknowledged only in part (308 with a shorter Range)                         [PARTIAL]
+  * files.list order is unspecified without orderBy: results are shuffled                      [ORDER]
+  * files.list returns trashed files unless the query excludes them; trash counts against
+    the storage quota; files.delete bypasses the trash                                          [TRASH, DELETE]
+  * error bodies carry legacy errors[].reason and the new error.status / details[]             [ERRORS]
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import itertools
 import json
+import random
 import re
 import socket
 import ssl
@@ -25,7 +42,35 @@ from tests.fake_drive.query import QueryError, parse
 from tests.fake_drive.tls import make_certificate
 
 FOLDER_MIME = "application/vnd.google-apps.folder"
-FAULTS = ("429", "403-rate", "500", "503", "quota", "reset", "stall", "drop", "expire", "corrupt", "401")
+FAULTS = ("429", "403-rate", "500", "503", "quota", "reset", "stall", "drop", "expire", "corrupt", "401",
+          "http", "partial")
+DRIVE = "https://www.googleapis.com/auth/drive"
+DRIVE_FILE = "https://www.googleapis.com/auth/drive.file"
+CHUNK_UNIT = 256 * 1024
+
+REF_APP_PROPERTIES = ("DISCOVERY schemas.File.appProperties: 'private to the requesting app'; "
+                      "schemas.File.properties: 'visible to all apps'")
+REF_DRIVE_FILE = ("https://developers.google.com/drive/api/guides/api-specific-auth: drive.file = 'Create new Drive "
+                  "files, or modify existing files, that you open with an app or that the user shares with an app'")
+REF_RFC6749_6 = ("RFC 6749 section 6 (cited by google/oauth2/_client.py refresh_grant): the requested scope 'MUST "
+                 "NOT include any scope not originally granted by the resource owner' -> invalid_scope")
+REF_FIELDS = ("DISCOVERY parameters.fields: 'Selector specifying which fields to include in a partial response'; "
+              "https://developers.google.com/drive/api/guides/fields-parameter (v3 returns a default subset)")
+REF_SHARED = ("https://developers.google.com/workspace/drive/api/guides/enable-shareddrives: 'include the "
+              "supportsAllDrives=true query parameter' for files.get/list/create/update/delete; "
+              "DISCOVERY files.list includeItemsFromAllDrives, corpora, driveId")
+REF_DELETE = ("DISCOVERY files.delete: 'Permanently deletes a file ... without moving it to the trash ... If the "
+              "file belongs to a shared drive, the user must be an organizer on the parent folder'")
+REF_CHUNKS = ("https://developers.google.com/drive/api/guides/manage-uploads#resumable: 'Create chunks in multiples "
+              "of 256 KB (256 x 1024 bytes) in size, except for the final chunk'")
+REF_PARTIAL = ("manage-uploads#resumable ('Resume an interrupted upload': continue from the Range the server "
+               "reports); googleapiclient/http.py HttpRequest._process_response reads progress from the 308 Range")
+REF_ORDER = "DISCOVERY files.list orderBy: the order is only defined by the sort keys given"
+REF_TRASH = ("DISCOVERY files.list: 'This method returns *all* files by default, including trashed files'; "
+             "schemas.About.storageQuota.usageInDriveTrash (trashed files use quota)")
+REF_ERRORS = ("https://developers.google.com/drive/api/guides/handle-errors (errors[].reason, e.g. "
+              "storageQuotaExceeded, dailyLimitExceeded, domainPolicy, insufficientFilePermissions) and "
+              "https://cloud.google.com/apis/design/errors (error.status, details[] ErrorInfo.reason)")
 
 
 @dataclass
@@ -38,7 +83,16 @@ class Fault:
     seconds: float = 3.0
     status: int = 404
     retry_after: str | None = None
+    reason: str = ""
+    new_format_only: bool = False  # the error body has only error.status + details (no legacy errors[])
     hits: int = 0
+
+
+@dataclass
+class Grant:
+    """Who an access token speaks for: the OAuth client (apps are told apart by it) and the granted scopes."""
+    client: str
+    scopes: frozenset[str]
 
 
 @dataclass
@@ -48,6 +102,8 @@ class Session:
     metadata: dict
     file_id: str | None  # set for files.update uploads
     total: int | None
+    query: dict = field(default_factory=dict)  # the start request's parameters (fields, supportsAllDrives)
+    client: str = ""
     data: bytearray = field(default_factory=bytearray)
     done: dict | None = None
 
@@ -67,7 +123,10 @@ class FakeDrive:
         self.sessions: dict[str, Session] = {}
         self.generated: set[str] = set()
         self.faults: list[Fault] = []
-        self.tokens: set[str] = set()
+        self.tokens: dict[str, Grant] = {}
+        self.refresh_scopes: dict[str, frozenset[str]] = {}  # refresh token -> scopes granted (default: drive)
+        self.organizers: set[tuple[str, str]] = set()  # (shared drive id, client) allowed to delete there
+        self.storage_limit: int | None = None  # bytes of the account's quota, trashed files included
         self.log: list[tuple[str, str, str]] = []  # (category, method, path)
         self.token_requests = 0
         self.sessions_started = 0
@@ -77,9 +136,11 @@ class FakeDrive:
         self.stopping = threading.Event()
         self.listing_lags = False  # while True, new files stay out of files.list results (search index lag)
         self.unindexed: set[str] = set()
+        self.cursors: dict[str, list[str]] = {}  # page token -> ids still to return
         self._ids = itertools.count(1)
         self.files["root"] = {"id": "root", "name": "My Drive", "mimeType": FOLDER_MIME, "parents": [],
-                              "trashed": False, "appProperties": {}, "createdTime": _now(), "modifiedTime": _now()}
+                              "trashed": False, "appProperties": {}, "properties": {}, "createdTime": _now(),
+                              "modifiedTime": _now(), "creator": ""}
 
     # ---- control -------------------------------------------------------------------------------------
     def start(self) -> "FakeDrive":
@@ -128,6 +189,19 @@ class FakeDrive:
         with self.lock:
             self.tokens.clear()
 
+    def add_shared_drive(self, name: str, organizers: tuple[str, ...] = ()) -> dict:
+        """A shared drive (its root folder's id is the driveId); organizers (client ids) may delete in it."""
+        with self.lock:
+            res = self._store({"name": name, "mimeType": FOLDER_MIME, "parents": []}, None, None, creator="")
+            res["driveId"] = res["id"]
+            self.organizers.update((res["id"], c) for c in organizers)
+            return res
+
+    def usage(self) -> int:
+        """Bytes stored by the account, trashed files included [REF_TRASH]."""
+        with self.lock:
+            return sum(int(f.get("size", 0)) for f in self.files.values())
+
     # ---- queries for assertions ------------------------------------------------------------------------
     def live_files(self, name: str | None = None) -> list[dict]:
         """Non-folder, non-trashed files (optionally by name)."""
@@ -144,11 +218,15 @@ class FakeDrive:
             parent = self.files[parent]["parents"][0] if self.files[parent]["parents"] else None
         return "/".join(reversed(parts))
 
-    def add_file(self, name: str, data: bytes, parent: str = "root", app_properties: dict | None = None) -> dict:
+    def add_file(self, name: str, data: bytes, parent: str = "root", mime: str | None = None,
+                 created: str | None = None) -> dict:
         """Put a file straight into the fake (for tests that prepare a remote)."""
         with self.lock:
-            return self._store({"name": name, "parents": [parent], "appProperties": app_properties or {}},
-                               data, None)
+            meta = {"name": name, "parents": [parent]} | ({"mimeType": mime} if mime else {})
+            res = self._store(meta, None if mime == FOLDER_MIME else data, None, creator="")
+            if created:
+                res["createdTime"] = created
+            return res
 
     # ---- behaviour ---------------------------------------------------------------------------------------
     def take_fault(self, category: str) -> Fault | None:
@@ -164,34 +242,81 @@ class FakeDrive:
     def new_id(self) -> str:
         return f"fid{next(self._ids):05d}{uuid.uuid4().hex[:8]}"
 
-    def _store(self, meta: dict, data: bytes | None, file_id: str | None) -> dict:
-        """Create (file_id None) or update a file with metadata and optional content; return the resource."""
+    def _store(self, meta: dict, data: bytes | None, file_id: str | None, creator: str) -> dict:
+        """Create (file_id None) or update a file with metadata and optional content; return the stored resource.
+
+        appProperties are stored per OAuth client (creator = the requesting client) [REF_APP_PROPERTIES]."""
         now = _now()
         if file_id is None:
             file_id = meta.get("id") or self.new_id()
-            res = {"id": file_id, "name": meta.get("name", "Untitled"),
-                   "mimeType": meta.get("mimeType", "application/octet-stream"),
-                   "parents": list(meta.get("parents") or ["root"]), "trashed": False,
-                   "appProperties": dict(meta.get("appProperties") or {}), "createdTime": now}
+            parents = list(meta["parents"]) if "parents" in meta else ["root"]  # [] = a shared drive's root
+            res = {"id": file_id, "name": "Untitled", "mimeType": "application/octet-stream", "parents": parents,
+                   "trashed": False, "appProperties": {}, "properties": {}, "createdTime": now, "creator": creator}
+            parent = self.files.get(parents[0]) if parents else None
+            if parent is not None and parent.get("driveId"):
+                res["driveId"] = parent["driveId"]
             self.files[file_id] = res
             if self.listing_lags:
                 self.unindexed.add(file_id)
-        else:
-            res = self.files[file_id]
-            for key in ("name", "mimeType", "trashed"):
-                if key in meta:
-                    res[key] = meta[key]
-            for k, v in (meta.get("appProperties") or {}).items():
+        res = self.files[file_id]
+        for key in ("name", "mimeType", "trashed"):
+            if key in meta:
+                res[key] = meta[key]
+        private = res["appProperties"].setdefault(creator, {})
+        for store, given in ((private, meta.get("appProperties")), (res["properties"], meta.get("properties"))):
+            for k, v in (given or {}).items():
                 if v is None:
-                    res["appProperties"].pop(k, None)
+                    store.pop(k, None)
                 else:
-                    res["appProperties"][k] = v
+                    store[k] = v
         res["modifiedTime"] = now
         if data is not None:
             self.content[file_id] = bytes(data)
             res["md5Checksum"] = hashlib.md5(data).hexdigest()
             res["size"] = str(len(data))
         return res
+
+
+def _mask(fields: str) -> dict:
+    """Parse a fields selector like 'nextPageToken,files(id,name)' into {name: submask or None} [REF_FIELDS]."""
+    tokens = re.findall(r"[A-Za-z_*][A-Za-z0-9_]*|[(),]|\S", fields)
+
+    def parse(i: int) -> tuple[dict, int]:
+        mask = {}
+        while i < len(tokens) and tokens[i] != ")":
+            name = tokens[i]
+            if not re.fullmatch(r"[A-Za-z_*][A-Za-z0-9_]*", name):
+                raise ValueError(f"the fake does not parse {name!r} in fields={fields!r}")
+            i += 1
+            if i < len(tokens) and tokens[i] == "(":
+                mask[name], i = parse(i + 1)
+                i += 1  # the closing ")"
+            else:
+                mask[name] = None
+            if i < len(tokens) and tokens[i] == ",":
+                i += 1
+        return mask, i
+    return parse(0)[0]
+
+
+def _apply_mask(resource: dict, mask: dict | None) -> dict:
+    """The resource reduced to the fields in mask (None = all of it; '*' = all)."""
+    if mask is None or "*" in mask:
+        return resource
+    out = {}
+    for key, sub in mask.items():
+        if key in resource:
+            value = resource[key]
+            if sub is not None and isinstance(value, list):
+                value = [_apply_mask(v, sub) for v in value]
+            elif sub is not None and isinstance(value, dict):
+                value = _apply_mask(value, sub)
+            out[key] = value
+    return out
+
+
+FILE_DEFAULT = {"kind": None, "id": None, "name": None, "mimeType": None}  # v3's default partial response
+LIST_DEFAULT = {"kind": None, "nextPageToken": None, "incompleteSearch": None, "files": FILE_DEFAULT}
 
 
 class _Reset(Exception):
@@ -225,10 +350,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, reason: str, message: str, headers: dict | None = None) -> None:
-        self._send(status, {"error": {"code": status, "message": message,
-                                      "errors": [{"domain": "global", "reason": reason, "message": message}]}},
-                   headers)
+    GRPC_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                   409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+
+    def _error(self, status: int, reason: str, message: str, headers: dict | None = None,
+               new_format_only: bool = False) -> None:
+        """An error body as Google sends it: error.code/message/status, details[] (ErrorInfo) and, unless
+        new_format_only, the legacy errors[] with domain and reason [REF_ERRORS]."""
+        error = {"code": status, "message": message, "status": self.GRPC_STATUS.get(status, "UNKNOWN"),
+                 "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason,
+                              "domain": "googleapis.com"}]}
+        if not new_format_only:
+            error["errors"] = [{"domain": "global", "reason": reason, "message": message}]
+        self._send(status, {"error": error}, headers)
 
     def _reset(self) -> None:
         """Close the TCP connection with RST (SO_LINGER 0), like a dropped network."""
@@ -251,7 +385,7 @@ class _Handler(BaseHTTPRequestHandler):
             # acted out by _send: hold the response (a stall), then drop the connection
             self.stall = fault if fault.kind == "stall" else Fault("stall", fault.on, seconds=0)
             return False
-        if fault.kind in ("expire", "corrupt"):
+        if fault.kind in ("expire", "corrupt", "partial"):
             return False
         if fault.kind == "reset":
             if not body_read:
@@ -268,6 +402,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(403, "storageQuotaExceeded", "The user's Drive storage quota has been exceeded.")
         elif fault.kind == "401":
             self._error(401, "authError", "Invalid Credentials")
+        elif fault.kind == "http":
+            self._error(fault.status, fault.reason, f"injected {fault.status} {fault.reason}",
+                        {"Retry-After": fault.retry_after} if fault.retry_after else None,
+                        new_format_only=fault.new_format_only)
         else:
             self._error(int(fault.kind), "backendError", "Backend Error")
         return True
@@ -280,7 +418,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if path == "/token" and method == "POST":
                 return self._token()
-            if not self._authorized():
+            self.grant = self._grant()
+            if self.grant is None:
                 self._body()
                 return self._error(401, "authError", "Invalid Credentials")
             route = self._route(method, path, query)
@@ -298,6 +437,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.close_connection = True
+        except Exception as e:  # a request the fake cannot handle: a permanent error, never a silent retry
+            self.close_connection = True
+            self._error(400, "fakeDriveUnsupported", f"{type(e).__name__}: {e}")
 
     def do_GET(self):
         self._dispatch("GET")
@@ -314,9 +456,38 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._dispatch("DELETE")
 
-    def _authorized(self) -> bool:
+    def _grant(self) -> Grant | None:
         auth = self.headers.get("Authorization", "")
-        return auth.startswith("Bearer ") and auth[7:] in self.fake.tokens
+        return self.fake.tokens.get(auth[7:]) if auth.startswith("Bearer ") else None
+
+    # ---- what the caller may see, and how it sees it --------------------------------------------------------
+    def _visible(self, res: dict, query: dict) -> bool:
+        """Visible to this grant: drive.file sees only its own client's files [REF_DRIVE_FILE]; a shared-drive
+        item only to callers that say supportsAllDrives=true [REF_SHARED]."""
+        if res.get("driveId") and query.get("supportsAllDrives") != "true":
+            return False
+        if DRIVE not in self.grant.scopes and res["id"] != "root":
+            return DRIVE_FILE in self.grant.scopes and res.get("creator") == self.grant.client
+        return True
+
+    def _view(self, res: dict) -> dict:
+        """The resource as this client sees it: its own appProperties only [REF_APP_PROPERTIES]."""
+        out = {k: v for k, v in res.items() if k not in ("appProperties", "creator")}
+        out["kind"] = "drive#file"
+        mine = res["appProperties"].get(self.grant.client)
+        if mine:
+            out["appProperties"] = dict(mine)
+        if not out.get("properties"):
+            out.pop("properties", None)
+        return out
+
+    def _fields(self, query: dict, resource: dict, default: dict) -> dict:
+        """Honour the fields mask; without one, v3's default subset [REF_FIELDS]."""
+        return _apply_mask(resource, _mask(query["fields"]) if query.get("fields") else default)
+
+    def _lookup(self, fid: str, query: dict) -> dict | None:
+        res = self.fake.files.get(fid)
+        return res if res is not None and self._visible(res, query) else None
 
     def _route(self, method, path, query):
         m = re.fullmatch(r"/drive/v3/files(?:/([^/]+))?", path)
@@ -345,18 +516,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---- endpoints ----------------------------------------------------------------------------------------
     def _token(self) -> None:
+        """OAuth token endpoint: refresh-token grants (the client is the form's client_id; the scopes are the
+        refresh token's grant) and service-account JWT grants (the client is the JWT issuer)."""
         form = dict(urllib.parse.parse_qsl(self._body().decode()))
         with self.fake.lock:
             self.fake.token_requests += 1
             fault = self.fake.take_fault("token")
         if fault and self._apply_fault(fault, body_read=True):
             return
-        if form.get("grant_type") not in ("refresh_token", "urn:ietf:params:oauth:grant-type:jwt-bearer"):
+        grant_type = form.get("grant_type")
+        if grant_type == "refresh_token":
+            granted = self.fake.refresh_scopes.get(form.get("refresh_token", ""), frozenset({DRIVE}))
+            asked = frozenset(form.get("scope", "").split())
+            if asked - granted:  # [REF_RFC6749_6]
+                return self._send(400, {"error": "invalid_scope",
+                                        "error_description": "scope not granted to this refresh token"})
+            grant = Grant(form.get("client_id", ""), asked or granted)
+        elif grant_type == "urn:ietf:params:oauth:grant-type:jwt-bearer":
+            claims = _jwt_claims(form.get("assertion", ""))
+            grant = Grant(claims.get("iss", ""), frozenset(str(claims.get("scope", "")).split()))
+        else:
             return self._send(400, {"error": "unsupported_grant_type"})
         token = f"fake-access-{uuid.uuid4().hex}"
         with self.fake.lock:
-            self.fake.tokens.add(token)
-        self._send(200, {"access_token": token, "expires_in": 3600, "token_type": "Bearer"})
+            self.fake.tokens[token] = grant
+        self._send(200, {"access_token": token, "expires_in": 3600, "token_type": "Bearer",
+                         "scope": " ".join(sorted(grant.scopes))})
 
     def _generate_ids(self, query, fault) -> None:
         count = int(query.get("count", 10))
@@ -366,20 +551,37 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"kind": "drive#generatedIds", "space": "drive", "ids": ids})
 
     def _list(self, query, fault) -> None:
-        try:
-            pred = parse(query.get("q", ""))
-        except QueryError as e:
-            return self._error(400, "invalidQuery", str(e))
-        with self.fake.lock:
-            found = sorted((f for f in self.fake.files.values()
-                            if f["id"] != "root" and f["id"] not in self.fake.unindexed and pred(f)),
-                           key=lambda f: (f["createdTime"], f["id"]))
+        """files.list: trashed files included unless q excludes them [REF_TRASH]; shared-drive items only with
+        includeItemsFromAllDrives and supportsAllDrives [REF_SHARED]; order unspecified: shuffled [REF_ORDER]."""
+        if query.get("includeItemsFromAllDrives") == "true" and query.get("supportsAllDrives") != "true":
+            return self._error(403, "teamDrivesSupportRequired",
+                               "includeItemsFromAllDrives can only be set when supportsAllDrives is true.")
+        token = query.get("pageToken")
+        if token:
+            with self.fake.lock:
+                remaining = self.fake.cursors.pop(token, None)
+            if remaining is None:
+                return self._error(400, "invalid", "Invalid page token.")
+        else:
+            try:
+                pred = parse(query.get("q", ""))
+            except QueryError as e:
+                return self._error(400, "invalidQuery", str(e))
+            all_drives = query.get("includeItemsFromAllDrives") == "true"
+            with self.fake.lock:
+                remaining = [f["id"] for f in self.fake.files.values()
+                             if f["id"] != "root" and f["id"] not in self.fake.unindexed
+                             and (all_drives or not f.get("driveId")) and self._visible(f, query)
+                             and pred(self._view(f))]
+            random.shuffle(remaining)
         size = min(int(query.get("pageSize", 100)), 1000)
-        start = int(query.get("pageToken", 0))
-        page = {"kind": "drive#fileList", "files": [dict(f) for f in found[start:start + size]]}
-        if start + size < len(found):
-            page["nextPageToken"] = str(start + size)
-        self._send(200, page)
+        with self.fake.lock:
+            files = [self._view(self.fake.files[i]) for i in remaining[:size] if i in self.fake.files]
+            page = {"kind": "drive#fileList", "incompleteSearch": False, "files": files}
+            if len(remaining) > size:
+                page["nextPageToken"] = uuid.uuid4().hex
+                self.fake.cursors[page["nextPageToken"]] = remaining[size:]
+        self._send(200, self._fields(query, page, LIST_DEFAULT))
 
     def _check_new_id(self, meta: dict) -> bool:
         """Reject a client-chosen id that is unknown or taken (409), as Drive does."""
@@ -394,23 +596,33 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
+    def _check_parents(self, meta: dict, query: dict) -> bool:
+        """The parent must exist and be visible (a shared-drive parent needs supportsAllDrives) [REF_SHARED]."""
+        for parent in meta.get("parents") or ["root"]:
+            if self._lookup(parent, query) is None:
+                self._error(404, "notFound", f"File not found: {parent}.")
+                return False
+        return True
+
     def _create_metadata(self, query, fault) -> None:
         meta = json.loads(self._body() or b"{}")
         with self.fake.lock:
-            if not self._check_new_id(meta):
+            if not self._check_new_id(meta) or not self._check_parents(meta, query):
                 return
-            res = self.fake._store(meta, None, None)
-        self._send(200, res)
+            res = self.fake._store(meta, None, None, self.grant.client)
+            view = self._view(res)
+        self._send(200, self._fields(query, view, FILE_DEFAULT))
 
     def _get(self, query, fault, fid) -> None:
         self._body()
         with self.fake.lock:
-            res = self.fake.files.get(fid)
+            res = self._lookup(fid, query)
             data = self.fake.content.get(fid, b"")
+            view = self._view(res) if res is not None else None
         if res is None:
             return self._error(404, "notFound", f"File not found: {fid}.")
         if query.get("alt") != "media":
-            return self._send(200, res)
+            return self._send(200, self._fields(query, view, FILE_DEFAULT))
         rng = self.headers.get("Range")
         if rng:
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng)
@@ -424,17 +636,34 @@ class _Handler(BaseHTTPRequestHandler):
     def _update_metadata(self, query, fault, fid) -> None:
         meta = json.loads(self._body() or b"{}")
         with self.fake.lock:
-            if fid not in self.fake.files:
+            if self._lookup(fid, query) is None:
                 return self._error(404, "notFound", f"File not found: {fid}.")
-            self._send(200, self.fake._store(meta, None, fid))
+            view = self._view(self.fake._store(meta, None, fid, self.grant.client))
+        self._send(200, self._fields(query, view, FILE_DEFAULT))
 
     def _delete(self, query, fault, fid) -> None:
+        """Permanent delete (no trash); in a shared drive only an organizer may [REF_DELETE]."""
         self._body()
         with self.fake.lock:
-            if self.fake.files.pop(fid, None) is None:
+            res = self._lookup(fid, query)
+            if res is None:
                 return self._error(404, "notFound", f"File not found: {fid}.")
+            if res.get("driveId") and (res["driveId"], self.grant.client) not in self.fake.organizers:
+                return self._error(403, "insufficientFilePermissions",
+                                   "The user does not have sufficient permissions for this file.")
+            del self.fake.files[fid]
             self.fake.content.pop(fid, None)
         self._send(204)
+
+    def _over_quota(self, data: bytes, fid: str | None) -> bool:
+        """Storage is checked against every stored byte, trashed files included [REF_TRASH]."""
+        if self.fake.storage_limit is None:
+            return False
+        replaced = len(self.fake.content.get(fid, b"")) if fid else 0
+        if self.fake.usage() - replaced + len(data) <= self.fake.storage_limit:
+            return False
+        self._error(403, "storageQuotaExceeded", "The user's Drive storage quota has been exceeded.")
+        return True
 
     def _multipart(self, query, fault, fid) -> None:
         body = self._body()
@@ -447,24 +676,27 @@ class _Handler(BaseHTTPRequestHandler):
             parts.append(content)
         meta, data = json.loads(parts[0] or b"{}"), parts[1]
         with self.fake.lock:
-            if fid is None and not self._check_new_id(meta):
+            if fid is None and (not self._check_new_id(meta) or not self._check_parents(meta, query)):
                 return
-            if fid is not None and fid not in self.fake.files:
+            if fid is not None and self._lookup(fid, query) is None:
                 return self._error(404, "notFound", f"File not found: {fid}.")
+            if self._over_quota(data, fid):
+                return
             if fault and fault.kind == "corrupt":
                 data = _corrupt(data)
-            res = self.fake._store(meta, data, fid)
-        self._send(200, res)
+            view = self._view(self.fake._store(meta, data, fid, self.grant.client))
+        self._send(200, self._fields(query, view, FILE_DEFAULT))
 
     def _start_resumable(self, query, fault, fid) -> None:
         meta = json.loads(self._body() or b"{}")
         with self.fake.lock:
-            if fid is None and not self._check_new_id(meta):
+            if fid is None and (not self._check_new_id(meta) or not self._check_parents(meta, query)):
                 return
-            if fid is not None and fid not in self.fake.files:
+            if fid is not None and self._lookup(fid, query) is None:
                 return self._error(404, "notFound", f"File not found: {fid}.")
             total = self.headers.get("X-Upload-Content-Length")
-            session = Session(uuid.uuid4().hex, meta, fid, int(total) if total else None)
+            session = Session(uuid.uuid4().hex, meta, fid, int(total) if total else None,
+                              query=dict(query), client=self.grant.client)
             self.fake.sessions[session.id] = session
             self.fake.sessions_started += 1
         base = "/upload/drive/v3/files" + (f"/{fid}" if fid else "")
@@ -472,6 +704,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, b"", {"Location": location})
 
     def _chunk(self, query, fault, upload_id) -> None:
+        """A resumable chunk: non-final chunks must be multiples of 256 KiB [REF_CHUNKS]; a 'partial' fault
+        stores only part of it and says so in the 308 Range [REF_PARTIAL]."""
         crange = self.headers.get("Content-Range", "")
         with self.fake.lock:
             session = self.fake.sessions.get(upload_id)
@@ -497,6 +731,12 @@ class _Handler(BaseHTTPRequestHandler):
                 session.total = int(m.group(3))
             if m.group(1) is not None:
                 start = int(m.group(1))
+                final = session.total is not None and start + len(data) >= session.total
+                if not final and len(data) % CHUNK_UNIT:
+                    return self._error(400, "badRequest", f"chunk of {len(data)} bytes is not a multiple of "
+                                                          f"{CHUNK_UNIT} (only the final chunk may be)")
+                if fault and fault.kind == "partial" and len(data) > 1:
+                    data = data[:len(data) // 2]
                 self.fake.chunk_bytes_received += len(data)
                 have = len(session.data)
                 if start > have:
@@ -505,15 +745,27 @@ class _Handler(BaseHTTPRequestHandler):
                 session.data += data[have - start:]
             if session.done is None and session.total is not None and len(session.data) >= session.total:
                 content = bytes(session.data[:session.total])
+                if self._over_quota(content, session.file_id):
+                    return
                 if fault and fault.kind == "corrupt":
                     content = _corrupt(content)
                 if session.file_id is None and session.metadata.get("id") in self.fake.files:
                     return self._error(409, "duplicate", "A file already exists with the provided ID.")
-                session.done = self.fake._store(session.metadata, content, session.file_id)
+                session.done = self._view(self.fake._store(session.metadata, content, session.file_id,
+                                                           session.client))
             done, have = session.done, len(session.data)
         if done is not None:
-            return self._send(200, done)
+            return self._send(200, self._fields(session.query, done, FILE_DEFAULT))
         self._send(308, b"", {"Range": f"bytes=0-{have - 1}"} if have else None)
+
+
+def _jwt_claims(assertion: str) -> dict:
+    """The (unverified) claims of a service-account JWT assertion."""
+    try:
+        payload = assertion.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return {}
 
 
 def _corrupt(data: bytes) -> bytes:

@@ -1,6 +1,7 @@
 """Fixtures for sync tests: the HTTPS fake Drive and a drive-backend SyncConfig that reaches it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -43,3 +44,25 @@ def drive_config(fake_drive, user_credentials):
 @pytest.fixture(autouse=True)
 def _sync_debug_logs(caplog):
     caplog.set_level(logging.INFO, logger="sync")
+
+
+def credentials_file(path, fake, client_id: str, refresh_token: str, scopes: list[str] | None = None):
+    """An authorized-user JSON of OAuth client client_id whose token_uri is the fake's (optionally with scopes)."""
+    info = {"type": "authorized_user", "client_id": client_id, "client_secret": f"secret-of-{client_id}",
+            "refresh_token": refresh_token, "token_uri": fake.token_uri}
+    if scopes is not None:
+        info["scopes"] = scopes
+    path.write_text(json.dumps(info))
+    return path
+
+
+@pytest.fixture
+def other_machine_config(fake_drive, drive_config, tmp_path):
+    """Machine B: the same Drive account and folder through another OAuth client (its own app)."""
+    path = credentials_file(tmp_path / "machine-b.json", fake_drive, "machine-b.apps.googleusercontent.com",
+                            "b-refresh")
+    return dataclasses.replace(drive_config, credentials=str(path))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: subprocess-heavy tests (real training runs)")

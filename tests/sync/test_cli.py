@@ -62,7 +62,7 @@ def test_push_sends_the_last_checkpoint_handed_to_sync(tmp_path):
     out = run_cli(config_file(tmp_path, remote, run_dir), "push")
     assert out.returncode == 0, out.stderr
     assert "snapshot step 300 uploaded and verified" in out.stdout
-    assert open_sync(SyncConfig(folder=str(remote)), tmp_path / "vm2", tmp_path / "c2", "x").restore_latest() == 300
+    assert open_sync(SyncConfig(folder=str(remote)), tmp_path / "vm2", tmp_path / "c2", "run").restore_latest() == 300
     assert set(tree(tmp_path / "vm2")) == set(files)
     again = run_cli(config_file(tmp_path, remote, run_dir), "push")
     assert "already in" in again.stdout

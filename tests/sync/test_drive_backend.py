@@ -197,8 +197,7 @@ def test_refused_credentials_give_a_clear_error_without_secrets(backend, fake_dr
 
 
 def test_folder_given_by_id_is_used_as_is(drive_config, fake_drive, small, tmp_path):
-    folder = fake_drive.add_file("shared", b"", app_properties={})
-    folder["mimeType"] = "application/vnd.google-apps.folder"
+    folder = fake_drive.add_file("shared", b"", mime="application/vnd.google-apps.folder")
     drive_config.folder = f"id:{folder['id']}"
     make_backend(drive_config, tmp_path / "s").put("a.bin", small, {"kind": "x"})
     assert fake_drive.path_of(fake_drive.live_files("a.bin")[0]) == "shared/a.bin"

@@ -32,9 +32,9 @@ def test_snapshot_and_cache_go_to_drive_and_restore_into_a_new_vm(drive_config, 
     assert sync.close(timeout=60) == "sync: snapshot step 200 uploaded and verified (Google Drive folder runs/flowers)"
     names = sorted(fake_drive.path_of(f) for f in fake_drive.live_files())
     assert "runs/flowers/latest.json" in names and "runs/flowers/snapshot-000000200-r1.tar.gz" in names
-    assert sum(n.startswith("runs/flowers/cache-") for n in names) == 2  # each shard once
+    assert sum(n.startswith("runs/flowers/cache/cache-") for n in names) == 2  # each shard once, in cache/
 
-    vm2 = open_sync(drive_config, tmp_path / "vm2/run", tmp_path / "vm2/cache", "r2")
+    vm2 = open_sync(drive_config, tmp_path / "vm2/run", tmp_path / "vm2/cache", "r1")
     assert vm2.restore_latest() == 200
     assert tree(tmp_path / "vm2/run") == expected
     assert tree(tmp_path / "vm2/cache") == expected_cache
@@ -49,7 +49,7 @@ def test_restore_finds_a_new_snapshot_through_the_pointer_while_the_listing_lags
         assert f"step {step} uploaded" in sync.close(timeout=60)
     assert [f["name"] for f in fake_drive.live_files() if f["id"] in fake_drive.unindexed] == [
         "snapshot-000000200-r1.tar.gz"]
-    vm2 = open_sync(drive_config, tmp_path / "vm2", tmp_path / "vm2cache", "r2")
+    vm2 = open_sync(drive_config, tmp_path / "vm2", tmp_path / "vm2cache", "r1")
     assert vm2.restore_latest() == 200
 
 
@@ -58,7 +58,7 @@ def test_restore_falls_back_to_the_listing_when_the_pointer_is_gone(drive_config
     _checkpoint(sync, 100)
     sync.close(timeout=60)
     fake_drive.files[fake_drive.live_files(POINTER)[0]["id"]]["trashed"] = True
-    vm2 = open_sync(drive_config, tmp_path / "vm2", tmp_path / "vm2cache", "r2")
+    vm2 = open_sync(drive_config, tmp_path / "vm2", tmp_path / "vm2cache", "r1")
     assert vm2.restore_latest() == 100
 
 
@@ -150,7 +150,7 @@ def test_upload_killed_mid_way_continues_the_same_session_after_restart(drive_co
     assert resent <= size - 4 * 256 * 1024  # the acknowledged chunks were not sent again
     assert fake_drive.chunk_bytes_duplicated <= 256 * 1024
 
-    restored = open_sync(drive_config, tmp_path / "vm2", tmp_path / "vm2cache", "r2")
+    restored = open_sync(drive_config, tmp_path / "vm2", tmp_path / "vm2cache", "r1")
     assert restored.restore_latest() == 300
     assert (tmp_path / "vm2/checkpoints/ckpt-300.data-00000-of-00001").read_bytes() == \
         (ck / "ckpt-300.data-00000-of-00001").read_bytes()

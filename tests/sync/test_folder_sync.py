@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from sync import SyncConfig, open_sync, Sync
+from sync import Sync, SyncConfig, SyncError, open_sync
 from sync.backends.folder import FolderBackend
 from sync.remote import POINTER, list_snapshots
 from tests.sync.helpers import hand_over, tree, write_cache, write_checkpoint
@@ -100,10 +100,17 @@ def test_checkpoints_faster_than_the_network_are_coalesced_to_the_newest(tmp_pat
     assert [s.step for s in list_snapshots(backend)][0] == 400
 
 
+class _FullFolder(FolderBackend):
+    """A folder whose disk is full: every write fails."""
+
+    def put(self, name, local, properties):
+        raise SyncError(f"sync: cannot write {name} to {self.root}: no space left there")
+
+
 def test_snapshots_queued_by_a_failed_run_are_sent_by_the_next_one_newest_only(tmp_path):
-    blocked = tmp_path / "not-a-dir"
-    blocked.write_text("a file where the remote folder should be")
-    sync = _open(tmp_path, blocked)
+    blocked = tmp_path / "full"
+    sync = Sync(SyncConfig(folder=str(blocked)), tmp_path / "run", tmp_path / "cache", "r1",
+                backend=_FullFolder(blocked))
     for step in (100, 200, 300):
         _checkpoint(sync, step)
     outcome = sync.close(timeout=30)
@@ -145,8 +152,8 @@ def test_restore_uses_the_pointer_when_the_listing_lags(tmp_path):
     sync = _open(tmp_path, remote)
     _checkpoint(sync, 100)
     sync.close(timeout=30)
-    (remote / ".props" / "snapshot-000000100-r1.tar.gz.json").unlink()  # listing no longer shows it as a snapshot
     fresh = _open(tmp_path, remote, run="vm2")
+    fresh.backend.list = lambda: []  # the listing does not show it (yet)
     assert fresh.restore_latest() == 100
 
 
