@@ -1,6 +1,8 @@
-"""Head training on the cache: time per epoch and memory for a 1,000-class head on 100k cached vectors.
+"""Head training on the cache: time per epoch and memory for a 1,000-class head on 100k cached vectors,
+and the cost of the default head search next to one fixed head, side by side in one run.
 
     python bench/head.py [--vectors 100000] [--classes 1000] [--dim 1280] [--batch-size 100]
+                         [--search-epochs 10] [--no-search]
 
 The vectors are synthetic (class means plus noise), written as float16 shards through the real
 BottleneckCache and read back memory-mapped, exactly as training reads them.
@@ -23,8 +25,9 @@ import tensorflow as tf  # noqa: E402
 
 from runner.cache import BottleneckCache  # noqa: E402
 from runner.config import Config  # noqa: E402
-from runner.head import build_head, build_optimizer  # noqa: E402
+from runner.head import build_head, build_optimizer, feature_statistics  # noqa: E402
 from runner.job import make_head_step  # noqa: E402
+from runner.search import build_search, candidate_grid, head_budget  # noqa: E402
 from runner.train import BatchOrder  # noqa: E402
 
 
@@ -46,6 +49,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--search-epochs", type=float, default=10.0,
+                        help="budget (train.epochs) of the search-vs-fixed comparison, the same for both")
+    parser.add_argument("--no-search", action="store_true", help="skip the search-vs-fixed comparison")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     labels = rng.integers(0, args.classes, args.vectors).astype(np.int32)
@@ -85,6 +91,7 @@ def main() -> None:
             float(loss)
             times.append((time.perf_counter() - start, gather))
         rss_end = current_rss_mib()
+        comparison = None if args.no_search else compare_search(cache, keys, labels, args)
         size_mib = sum(p.stat().st_size for p in Path(tmp).rglob("*.npy")) / 2 ** 20
     print(f"\n{args.classes}-class head on {args.vectors} cached {args.dim}-d float16 vectors "
           f"({size_mib:.0f} MiB on disk, written in {write_seconds:.1f} s), batch {args.batch_size}, "
@@ -96,6 +103,64 @@ def main() -> None:
     print(f"  RSS after opening the cache {rss_after_open:.0f} MiB; after training {rss_end:.0f} MiB; "
           f"peak (incl. writing the shards) {peak_rss_mib():.0f} MiB "
           f"(the vectors alone would be {args.vectors * args.dim * 4 / 2 ** 20:.0f} MiB as float32)")
+    if comparison:
+        fixed, search, steps, epoch_steps, budget, log = comparison
+        print(f"\nhead search vs one fixed head, same budget (train.epochs = {args.search_epochs:g}: {budget} steps, "
+              f"90/10 train/validation split of the vectors above, validation once per epoch):")
+        print(f"  one fixed head (head.search = off):   {fixed:7.1f} s for {budget} steps")
+        print(f"  default search ({len(candidate_grid(1))} candidates):   {search:7.1f} s for {steps} steps "
+              f"({epoch_steps / max(steps, 1):.1f} candidates trained per step on average) = "
+              f"{search / fixed:.2f}x the fixed head")
+        print(f"  {log}")
+
+
+def compare_search(cache: BottleneckCache, keys: list[str], labels: np.ndarray, args) -> tuple:
+    """Wall time of one fixed head and of the default search on the same vectors, budget and evaluations."""
+    cut = len(keys) * 9 // 10
+    train_table, val_table = cache.table(keys[:cut]), cache.table(keys[cut:])
+    train_labels, val_labels = labels[:cut], labels[cut:]
+    config = Config()
+    config.train.batch_size, config.train.epochs = args.batch_size, args.search_epochs
+    budget = head_budget(config.train, cut)
+    order = BatchOrder(cut, args.batch_size, 0)
+    weights = tf.ones(args.batch_size)
+    mean, std = feature_statistics(train_table)
+
+    fixed_head = build_head(args.classes, args.dim, config.head, 0)
+    fixed_head.set_standardization(mean, std)
+    optimizer = build_optimizer(config.train, fixed_head.trainable_variables)
+    step_fn = make_head_step(fixed_head, optimizer, tf.distribute.get_strategy(), config, args.classes)
+    val_all = val_table.all()
+    start = time.perf_counter()
+    for step in range(budget.steps):
+        rows = order.indices(step)
+        loss, _ = step_fn(tf.constant(train_table.gather(rows)), tf.constant(train_labels[rows]), weights,
+                          tf.constant([0, step], tf.int64))
+        if (step + 1) % budget.eval_every == 0:
+            fixed_head(tf.constant(val_all)).numpy()
+    float(loss)
+    fixed = time.perf_counter() - start
+
+    head = build_head(args.classes, args.dim, config.head, 0)
+    head.set_standardization(mean, std)
+    search = build_search(candidate_grid(cut), head, config, budget, args.classes)
+    val_features = search.standardize(val_all)
+    start, step, candidate_steps = time.perf_counter(), 0, 0
+    while step < budget.steps and not search.done():
+        rows = order.indices(step)
+        candidate_steps += len(search.record.active())
+        search.train_step(tf.constant(search.standardize(train_table.gather(rows))),
+                          tf.constant(train_labels[rows]), weights, tf.constant([0, step], tf.int64))
+        step += 1
+        if step % budget.eval_every == 0:
+            search.evaluate(step, val_features, val_labels)
+    search.write_selected(head, val_features, val_labels)
+    elapsed = time.perf_counter() - start
+    selected = search.summary()["selected"]
+    log = (f"selected: learning rate {selected['learning_rate']:g}, weight decay {selected['weight_decay']:.3g}, "
+           f"best step {selected['best_step']}, validation accuracy {selected['best_val_accuracy']:.4f}; "
+           f"averaged with {len(selected['averaged']) - 1} more")
+    return fixed, elapsed, step, candidate_steps, budget.steps, log
 
 
 if __name__ == "__main__":

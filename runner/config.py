@@ -58,13 +58,23 @@ class CacheConfig:
 class HeadConfig:
     hidden_units: int = _opt(0, "units of an optional ReLU hidden layer; 0 = plain softmax", min=0)
     dropout: float = _opt(0.0, "dropout rate before the logits layer", min=0.0, max=0.95)
+    search: str = _opt("auto", "auto: train a grid of learning rates x weight decays at once and keep the best "
+                               "validation step of the best; off: train exactly the configured head",
+                       choices=("auto", "off"))
+    weight_decay: float = _opt(0.0, "L2 penalty on the kernels with head.search = off (the search sets its own)",
+                               min=0.0)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _opt(4000, "total head training steps", min=0)
+    steps: int = _opt(0, "head training steps; 0 = train.epochs passes over the training split", min=0)
+    epochs: float = _opt(100.0, "head training budget in passes over the training split (with train.steps = 0)",
+                         min=0.01)
+    patience: int = _opt(10, "head search: a candidate stops after this many evaluations (one per epoch) "
+                             "without a lower validation loss", min=1)
     batch_size: int = _opt(100, "vectors per training step", min=1)
-    learning_rate: float = _opt(0.0003, "RMSProp learning rate", min=0.0)
+    learning_rate: float = _opt(0.001, "RMSProp learning rate with head.search = off; fine-tuning uses a tenth",
+                                min=0.0)
     rho: float = _opt(0.9, "RMSProp discounting factor", min=0.0, max=1.0)
     momentum: float = _opt(0.0, "RMSProp momentum", min=0.0, max=1.0)
     epsilon: float = _opt(1e-7, "RMSProp epsilon", min=0.0)
@@ -165,7 +175,8 @@ class Config:
         """The settings a checkpoint cannot be continued without (backbone and head shape)."""
         b = self.backbone
         return {"backbone": b.name, "weights": b.weights, "image_size": b.image_size,
-                "alpha": b.alpha, "hidden_units": self.head.hidden_units}
+                "alpha": b.alpha, "hidden_units": self.head.hidden_units, "head_search": self.head.search,
+                "standardized": True}
 
     def fine_tune_fingerprint(self) -> dict:
         """What a fine-tuning checkpoint additionally depends on: which layers are trainable."""

@@ -27,9 +27,10 @@ from runner.evaluate import loss_and_accuracy, predict_logits, test_report
 from runner.export import export_run
 from runner.extract import extract_missing
 from runner.finetune import ImageBatches, ImageFeatures, unfreeze_top
-from runner.head import build_head, build_optimizer
+from runner.head import build_head, build_optimizer, feature_statistics
 from runner.report import write_report
 from runner.rundir import CheckpointRef, RunDir, read_json, write_json
+from runner.search import HeadSearch, build_search, candidate_grid, head_budget
 from runner.train import (BatchOrder, Stage, StopFlag, TrainState, class_weight_vector, make_train_step,
                           run_stage)
 from sync import HandOver
@@ -138,8 +139,10 @@ class Job:
         self._hand_to_sync(run.latest(), final=True)
         return True
 
-    def _restore(self, store: CheckpointStore, total_steps: int, setting: str) -> tuple[list[int], dict]:
-        """Restore the newest usable checkpoint of a stage: (the run's resume history, its stored evaluation)."""
+    def _restore(self, store: CheckpointStore, total_steps: int, setting: str,
+                 stopped_early=lambda: False) -> tuple[list[int], dict]:
+        """Restore the newest usable checkpoint of a stage: (the run's resume history, its stored evaluation).
+        `stopped_early()` says, once restored, whether the stage ended before its total (a finished search)."""
         ref = store.restore()
         if ref is None:
             if store.stage.steps():
@@ -151,7 +154,7 @@ class Job:
             log.warning("%s = %d is below the step this stage already reached (%d); nothing to train, and the "
                         "run keeps step %d (use another run.dir to train fewer steps)", setting, total_steps,
                         ref.local_step, ref.local_step)
-        if ref.local_step < total_steps:  # training continues: this is a resume
+        if ref.local_step < total_steps and not stopped_early():  # training continues: this is a resume
             age = time.time() - ref.marker.get("saved_at", time.time())
             where = "" if ref.stage == "head" else "fine-tuning "
             print(f"resumed from {where}step {ref.local_step}, checkpoint {_age(age)} old", flush=True)
@@ -187,36 +190,36 @@ class Job:
             head = build_head(len(dataset.classes), cache.dim, config.head, config.train.seed)
         marker = {"classes": dataset.classes, "backbone": backbone_info, "runner_version": __version__}
 
-        finetune_started = run.stage("finetune").latest() is not None
+        finetune_latest = run.stage("finetune").latest()
         resumed_from: list[int] = []
-        if finetune_started:
-            head_result = None  # the head stage finished before fine-tuning began
+        if finetune_latest is not None:  # the head stage finished before fine-tuning began
+            head_result, head_record = None, self._head_record(finetune_latest)
         else:
             head_result, resumed_from = self._head_stage(config, strategy, head, train, val, class_weights,
                                                          dict(marker, fingerprint=config.compatibility_fingerprint()))
             if head_result.stopped_by:
                 return {"stopped_by": head_result.stopped_by, "global_step": head_result.step, "stage": "head"}
-            if head_result.trained or read_json(run.head_record) is None:
+            head_record = read_json(run.head_record)
+            if head_result.trained or head_record is None:
                 head_only = loss_and_accuracy(predict_logits(head, test.table.all()), test.labels)[1]
-                write_json(run.head_record, {"test_accuracy": head_only, "step": head_result.step})
-        head_record = read_json(run.head_record)
-        if head_record is None:
-            raise IncompatibleRunError(f"{run.head_record} is missing although {run.path} was fine-tuned; "
-                                       f"restore the run from its snapshot, or use another run.dir.")
+                head_record = {"test_accuracy": head_only, "steps": head_result.step, "search": head_result.search}
+                write_json(run.head_record, head_record)
+        head_steps = head_record["steps"]
         last_eval, stage, global_step, features_of = (head_result.last_eval if head_result else {}), "head", \
-            head_record["step"], None
+            head_steps, None
         if config.fine_tune.enabled:
             features_of = ImageFeatures(backbone, config.cache.batch_size)
             ft_result, history = self._finetune_stage(config, strategy, backbone, head, train, val, class_weights,
-                                                      features_of, head_record["step"],
+                                                      features_of, head_steps,
+                                                      _selected_learning_rate(head_record, config.train.learning_rate),
                                                       dict(marker, fingerprint=config.fine_tune_fingerprint()),
                                                       resumed_from)
             resumed_from = history
             if ft_result.stopped_by:
-                return {"stopped_by": ft_result.stopped_by, "global_step": head_record["step"] + ft_result.step,
+                return {"stopped_by": ft_result.stopped_by, "global_step": head_steps + ft_result.step,
                         "stage": "finetune"}
-            last_eval, stage, global_step = ft_result.last_eval, "finetune", head_record["step"] + ft_result.step
-        elif finetune_started:
+            last_eval, stage, global_step = ft_result.last_eval, "finetune", head_steps + ft_result.step
+        elif finetune_latest is not None:
             raise IncompatibleRunError(f"{run.path} was fine-tuned already; keep fine_tune.enabled = true to "
                                        f"continue it, or use another run.dir for a head-only run.")
 
@@ -226,13 +229,14 @@ class Job:
         summary = {
             "test_accuracy": report["test_accuracy"], "test_loss": report["test_loss"],
             "val_accuracy": last_eval.get("val_accuracy"), "val_loss": last_eval.get("val_loss"),
-            "global_step": global_step, "stage": stage, "head_steps": head_record["step"],
-            "finetune_steps": global_step - head_record["step"],
+            "global_step": global_step, "stage": stage, "head_steps": head_steps,
+            "finetune_steps": global_step - head_steps,
             "num_classes": len(dataset.classes), "classes": dataset.classes,
             "num_train": len(train.records), "num_val": len(val.records), "num_test": len(test.records),
             "head_only_test_accuracy": head_record["test_accuracy"],
             "backbone": backbone_info, "resumed_from": resumed_from, "skipped_images": dataset.skipped,
             "per_class_accuracy": report["per_class_accuracy"], "runner_version": __version__,
+            **(head_record.get("search") or {}),
         }
         if not self._finish(summary, report):
             summary["unchanged"] = True
@@ -240,40 +244,84 @@ class Job:
 
     def _head_stage(self, config: Config, strategy, head, train: Split, val: Split, class_weights,
                     marker: dict):
+        head.set_standardization(*feature_statistics(train.table))
+        search = self._make_search(config, head, train, val)
         with strategy.scope():
-            optimizer = build_optimizer(config.train, head.trainable_variables)
             state = TrainState(tf.Variable(0, dtype=tf.int64, name="global_step"),
                                tf.Variable(config.train.seed, dtype=tf.int64, name="data_seed"))
-        checkpoint = tf.train.Checkpoint(head=head, optimizer=optimizer, global_step=state.step,
-                                         data_seed=state.seed)
+        if search is None:
+            with strategy.scope():
+                optimizer = build_optimizer(config.train, head.trainable_variables)
+            parts = {"optimizer": optimizer}
+        else:
+            parts = {"search": search.heads, "search_record": search.record}
+        checkpoint = tf.train.Checkpoint(head=head, global_step=state.step, data_seed=state.seed, **parts)
         store = CheckpointStore(self.rundir.stage("head"), checkpoint, config.checkpoint.max_to_keep)
-        history, restored_eval = self._restore(store, config.train.steps, "train.steps")
+        budget = head_budget(config.train, len(train.records))
+        history, restored_eval = self._restore(store, budget.steps, "the head's step budget (train.steps / "
+                                               "train.epochs)", search.done if search else lambda: False)
         if not store.stage.steps():  # a new run: no curve of an earlier attempt survives
             self.rundir.metrics.reset()
         self._warn_if_seed_changed(state, config.train.seed)
         base_marker = dict(marker, stage="head", step_offset=0, resumed_from=history)
         order = BatchOrder(len(train.records), config.train.batch_size, int(state.seed.numpy()))
+        save = self._checkpoint_callback(store, base_marker)
+        prepare = search.standardize if search else (lambda features: features)
+        val_features = prepare(val.table.all())
 
         def next_batch(step: int):
             rows = order.indices(step)
-            return train.table.gather(rows), train.labels[rows]
+            return prepare(train.table.gather(rows)), train.labels[rows]
 
-        val_features = val.table.all()
-        stage = Stage("head", config.train.steps, 0, state,
-                      make_head_step(head, optimizer, strategy, config, len(class_weights)), next_batch,
-                      lambda: loss_and_accuracy(predict_logits(head, val_features), val.labels),
-                      self._checkpoint_callback(store, base_marker), restored_eval)
-        return self._run_stage(stage, strategy, class_weights), history
+        if search is None:
+            stage = Stage("head", budget.steps, 0, state,
+                          make_head_step(head, optimizer, strategy, config, len(class_weights)), next_batch,
+                          lambda step: loss_and_accuracy(predict_logits(head, val_features), val.labels),
+                          save, config.eval.every_steps, restored_eval=restored_eval)
+        else:
+            def save_selected(step: int, metrics: dict) -> None:
+                # every checkpoint holds the best head so far, ready to export; the last one the final soup
+                if step >= budget.steps or search.done():
+                    search.write_selected(head, val_features, val.labels)
+                    metrics = dict(metrics, **_val_metrics(head, val))
+                else:
+                    search.write_selected(head)
+                save(step, metrics)
+
+            stage = Stage("head", budget.steps, 0, state, search.train_step, next_batch,
+                          lambda step: search.evaluate(step, val_features, val.labels),
+                          save_selected, budget.eval_every, search.done, restored_eval)
+        result = self._run_stage(stage, strategy, class_weights)
+        if search is not None and not result.stopped_by:
+            search.log_selection()
+            result.search = search.summary()
+            result.last_eval = dict(result.last_eval, **_val_metrics(head, val))
+        return result, history
+
+    @staticmethod
+    def _make_search(config: Config, head, train: Split, val: Split) -> HeadSearch | None:
+        """The head search of head.search = auto, or None to train the configured head (also, with a warning,
+        when there is no validation split to choose with)."""
+        if config.head.search == "off":
+            return None
+        if len(val.records) == 0:
+            log.warning("head.search = auto needs validation images to choose a head, and this run has none "
+                        "(split.validation_percent = %g); training the configured head (learning rate %g) "
+                        "instead. Raise split.validation_percent to let validation choose.",
+                        config.split.validation_percent, config.train.learning_rate)
+            return None
+        budget = head_budget(config.train, len(train.records))
+        return build_search(candidate_grid(len(train.records)), head, config, budget, head.num_classes)
 
     def _finetune_stage(self, config: Config, strategy, backbone: Backbone, head, train: Split, val: Split,
-                        class_weights, features_of: ImageFeatures, head_steps: int, marker: dict,
-                        earlier_history: list[int]):
+                        class_weights, features_of: ImageFeatures, head_steps: int, head_learning_rate: float,
+                        marker: dict, earlier_history: list[int]):
         ft = config.fine_tune
         unfrozen = unfreeze_top(backbone, ft)
         variables = backbone.model.trainable_variables + head.trainable_variables
         with strategy.scope():
             ft_train = dataclasses.replace(config.train,
-                                           learning_rate=ft.learning_rate or config.train.learning_rate / 10)
+                                           learning_rate=ft.learning_rate or head_learning_rate / 10)
             optimizer = build_optimizer(ft_train, variables)
             state = TrainState(tf.Variable(0, dtype=tf.int64, name="finetune_step"),
                                tf.Variable(config.train.seed, dtype=tf.int64, name="data_seed"))
@@ -297,13 +345,20 @@ class Job:
         step_fn = make_train_step(forward, variables, optimizer, strategy, ft.batch_size, len(class_weights),
                             config.train.label_smoothing)
         stage = Stage("finetune", ft.steps, head_steps, state, step_fn, batches,
-                      lambda: loss_and_accuracy(predict_logits(head, features_of(val.paths)), val.labels),
-                      self._checkpoint_callback(store, base_marker), restored_eval)
+                      lambda step: loss_and_accuracy(predict_logits(head, features_of(val.paths)), val.labels),
+                      self._checkpoint_callback(store, base_marker), config.eval.every_steps,
+                      restored_eval=restored_eval)
         return self._run_stage(stage, strategy, class_weights), history
 
     def _run_stage(self, stage: Stage, strategy, class_weights):
         return run_stage(self.config, stage, strategy, class_weights, self.rundir.metrics, self.rundir.tensorboard,
                          self.stop)
+
+    def _head_record(self, finetune_latest: CheckpointRef) -> dict:
+        """head_stage.json (test accuracy, steps and search of the finished head stage); without it, what the
+        fine-tuning checkpoint says."""
+        return read_json(self.rundir.head_record) or {
+            "test_accuracy": None, "steps": int(finetune_latest.marker["step_offset"]), "search": None}
 
     @staticmethod
     def _warn_if_seed_changed(state: TrainState, configured: int) -> None:
@@ -314,10 +369,27 @@ class Job:
 
 
 def make_head_step(head, optimizer, strategy, config: Config, num_classes: int):
-    """The compiled step of the head stage."""
+    """The compiled step of the head stage (head.search = off): cross-entropy plus head.weight_decay L2."""
+    decay = config.head.weight_decay
+    kernels = [v for v in head.trainable_variables if "kernel" in v.path]
+
+    def l2():
+        return 0.5 * decay * tf.add_n([tf.reduce_sum(tf.square(k)) for k in kernels])
     return make_train_step(lambda features, seed: head(features, training=True, dropout_seed=seed),
-                     head.trainable_variables, optimizer, strategy, config.train.batch_size, num_classes,
-                     config.train.label_smoothing)
+                           head.trainable_variables, optimizer, strategy, config.train.batch_size, num_classes,
+                           config.train.label_smoothing, l2 if decay > 0 else None)
+
+
+def _val_metrics(head, val: Split) -> dict:
+    """The validation loss and accuracy of `head` as it is now."""
+    loss, accuracy = loss_and_accuracy(predict_logits(head, val.table.all()), val.labels)
+    return {"val_loss": loss, "val_accuracy": accuracy}
+
+
+def _selected_learning_rate(head_record: dict, configured: float) -> float:
+    """The head stage's learning rate: the search's choice, or the configured one."""
+    search = head_record.get("search") or {}
+    return float(search.get("selected", {}).get("learning_rate", configured))
 
 
 def _write_if_changed(path: Path, text: str) -> None:

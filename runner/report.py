@@ -2,8 +2,8 @@
 
     python -m runner.report --run RUN_DIR
 
-Writes RUN_DIR/report/curves.png, confusion.png (up to 50 classes), top_confusions.txt and
-misclassified.txt. Uses matplotlib's Agg canvas (no display needed); does not import TensorFlow.
+Writes RUN_DIR/report/curves.png, candidates.png (the head search), confusion.png (up to 50 classes),
+top_confusions.txt and misclassified.txt. Uses matplotlib's Agg canvas (no display needed); does not import TensorFlow.
 """
 from __future__ import annotations
 
@@ -85,6 +85,24 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
     _save(figure, path)
 
 
+def plot_candidates(candidates: list[dict], selected: dict, path: Path) -> None:
+    """The head search: each candidate's best validation accuracy and loss, the chosen ones marked."""
+    chosen = set(selected.get("averaged") or [selected.get("candidate")])
+    labels = [f"lr {c['learning_rate']:g}, wd {c['weight_decay']:.2g}" for c in candidates]
+    colors = ["tab:orange" if i in chosen else "tab:blue" for i in range(len(candidates))]
+    figure = Figure(figsize=(12, 3 + 0.22 * len(candidates)), layout="constrained")
+    for axes, key, title in zip(figure.subplots(1, 2, sharey=True), ("best_val_accuracy", "best_val_loss"),
+                                ("best validation accuracy", "best validation loss (chooses)")):
+        values = [c[key] if c[key] is not None else np.nan for c in candidates]
+        axes.barh(range(len(candidates)), values, color=colors)
+        axes.set(title=title, yticks=range(len(candidates)))
+        axes.set_yticklabels(labels, fontsize=8)
+        axes.invert_yaxis()
+        axes.grid(axis="x", alpha=0.3)
+    figure.suptitle("head search (orange: in the exported head; status per candidate in summary.json)")
+    _save(figure, path)
+
+
 def top_confusions(matrix: np.ndarray, classes: list[str], limit: int = TOP_CONFUSIONS) -> list[str]:
     """The most frequent (true → predicted) mistakes, as text lines."""
     off = matrix.copy()
@@ -121,6 +139,9 @@ def write_report(run_dir: Path) -> Path:
     out = run.report
     out.mkdir(exist_ok=True)
     plot_curves(metrics, out / "curves.png")
+    summary = read_json(run.summary) or {}
+    if summary.get("candidates"):
+        plot_candidates(summary["candidates"], summary["selected"], out / "candidates.png")
     report = read_json(run.test_report)
     if report is None:
         return out  # training has not finished: curves only

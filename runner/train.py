@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from runner.config import Config
 from runner.distribute import distribute_batch
+from runner.errors import RunnerError
 from runner.progress import progress
 from runner.rundir import MetricsLog
 
@@ -70,6 +71,18 @@ class StopFlag:
         return self.signal_name is not None
 
 
+class TrainingDiverged(RunnerError):
+    """The training loss became NaN or infinite: nothing from that step on is checkpointed or exported."""
+
+    def __init__(self, stage: str, step: int, loss: float):
+        setting = "train.learning_rate" if stage == "head" else "fine_tune.learning_rate"
+        super().__init__(f"{stage} training diverged at step {step}: the loss is {loss}. Nothing from this step on "
+                         f"was checkpointed or exported (the checkpoints on disk are intact). Lower {setting} and "
+                         f"run again (a retry with the same settings diverges the same way); if every candidate "
+                         f"of head.search = auto diverged, the cached vectors hold non-finite values: move "
+                         f"cache.dir away to extract them again.")
+
+
 @dataclass
 class TrainState:
     """The checkpointed variables besides the head and optimizer."""
@@ -84,6 +97,7 @@ class LoopResult:
     stopped_by: str | None
     last_eval: dict = field(default_factory=dict)
     trained: bool = False
+    search: dict | None = None      # the head search's `selected` and `candidates`, when it ran
 
 
 @dataclass
@@ -95,14 +109,21 @@ class Stage:
     state: TrainState
     train_step: Callable                         # compiled (inputs, labels, weights, seed) -> (loss, acc)
     next_batch: Callable[[int], tuple]           # stage step -> (inputs, int32 labels) as numpy
-    validate: Callable[[], tuple]                # () -> (val_loss, val_accuracy), None when no val split
+    validate: Callable[[int], tuple]             # stage step -> (val_loss, val_accuracy), None when no val split
     save_checkpoint: Callable[[int, dict], None]
+    eval_every: int                              # validate every N stage steps
+    done: Callable[[], bool] = lambda: False     # True ends the stage before total_steps (early stopping)
     restored_eval: dict = field(default_factory=dict)  # the evaluation stored with the restored checkpoint
+
+    def finished(self) -> bool:
+        """Whether the stage has nothing left to train (its total reached, or stopped early)."""
+        return int(self.state.step.numpy()) >= self.total_steps or self.done()
 
 
 def make_train_step(forward: Callable, variables: list, optimizer, strategy, batch_size: int,
-                    num_classes: int, label_smoothing: float):
-    """A compiled, distributed step: forward(inputs, seed) → logits; RMSProp on `variables`."""
+                    num_classes: int, label_smoothing: float, regularization: Callable | None = None):
+    """A compiled, distributed step: forward(inputs, seed) → logits; RMSProp on `variables`; an optional
+    regularization() loss term (e.g. L2) added once per global batch."""
 
     def replica_step(inputs, labels, weights, seed):
         with tf.GradientTape() as tape:
@@ -111,6 +132,8 @@ def make_train_step(forward: Callable, variables: list, optimizer, strategy, bat
             per_example = tf.keras.losses.categorical_crossentropy(
                 targets, logits, from_logits=True, label_smoothing=label_smoothing) * weights
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=batch_size)
+            if regularization is not None:
+                loss += tf.nn.scale_regularization_loss(regularization())
         gradients = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(gradients, variables))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1, output_type=tf.int32), labels),
@@ -133,7 +156,7 @@ def run_stage(config: Config, stage: Stage, strategy, class_weights: np.ndarray,
     A stage already at (or past) its total trains nothing, writes nothing and returns the evaluation
     stored with its checkpoint."""
     step = start = int(stage.state.step.numpy())
-    if step >= stage.total_steps:
+    if stage.finished():
         return LoopResult(step, None, dict(stage.restored_eval), trained=False)
     seed = int(stage.state.seed.numpy())
     writer = tf.summary.create_file_writer(str(tensorboard_dir))
@@ -142,7 +165,7 @@ def run_stage(config: Config, stage: Stage, strategy, class_weights: np.ndarray,
     last_save_time, last_eval, window = time.monotonic(), {}, []
 
     def evaluate(step: int) -> dict:
-        val_loss, val_accuracy = stage.validate()
+        val_loss, val_accuracy = stage.validate(step)
         recent = np.mean(window, axis=0) if window else (None, None)
         record = {"step": step + stage.step_offset, "stage": stage.name, "stage_step": step,
                   "train_loss": _round(recent[0]), "train_accuracy": _round(recent[1]),
@@ -155,27 +178,30 @@ def run_stage(config: Config, stage: Stage, strategy, class_weights: np.ndarray,
         window.clear()
         return record
 
-    while step < stage.total_steps and not stop:
+    while step < stage.total_steps and not stop and not stage.done():
         inputs, labels = stage.next_batch(step)
         batch = distribute_batch(strategy, inputs, labels, class_weights[labels])
         loss, accuracy = stage.train_step(*batch, tf.constant([seed, step], tf.int64))
+        if not np.isfinite(float(loss)):
+            raise TrainingDiverged(stage.name, step + 1, float(loss))
         step += 1
         stage.state.step.assign(step)
         window.append((float(loss), float(accuracy)))
         bar.update()
-        if step % config.eval.every_steps == 0 or step == stage.total_steps:
+        if step % stage.eval_every == 0 or step == stage.total_steps:
             last_eval = evaluate(step)
             bar.set_postfix_str(f"loss {last_eval['train_loss']:.3f} acc {last_eval['train_accuracy']:.3f} "
                                 f"val_acc {_fmt(last_eval['val_accuracy'])}")
         c = config.checkpoint
         due_by_steps = c.every_steps and step % c.every_steps == 0
         due_by_time = c.every_seconds and time.monotonic() - last_save_time >= c.every_seconds
-        if (due_by_steps or due_by_time) and step < stage.total_steps:
+        if (due_by_steps or due_by_time) and step < stage.total_steps and not stage.done():
             stage.save_checkpoint(step, last_eval)
             last_save_time = time.monotonic()
     bar.close()
     writer.flush()
-    if step == stage.total_steps and (not last_eval or last_eval.get("stage_step") != step):
+    finished = step == stage.total_steps or stage.done()
+    if finished and (not last_eval or last_eval.get("stage_step") != step):
         last_eval = evaluate(step)
     if step > start:
         stage.save_checkpoint(step, last_eval)

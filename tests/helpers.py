@@ -89,6 +89,48 @@ def write_synthetic_dataset(root: Path, num_classes: int, per_class: int, size: 
     return root
 
 
+def write_many_class_dataset(root: Path, textures: int = 12, per_class: int = 40, size: int = 128,
+                             seed: int = 0) -> Path:
+    """10 x `textures` classes from the real clothing photos: class (garment, texture) = a random photo of
+    that garment pasted at a random place on that class's striped, coloured background. Learnable (the
+    texture is easy, the garment is as hard as in clothing-small), not trivial."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    photo_side = size * 11 // 16
+    for garment in sorted(p for p in CLOTHING.iterdir() if p.is_dir()):
+        photos = sorted(garment.glob("*.jpg"))
+        for t in range(textures):
+            folder = root / f"{garment.name}-{t:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            hue = np.array([(t * 67) % 256, (t * 151) % 256, (t * 29 + 80) % 256], np.float32)
+            angle, period = t * 0.7, 6 + 3 * (t % 5)
+            for i in range(per_class):
+                phase = rng.uniform(0, 2 * np.pi)
+                stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period + phase) > 0
+                canvas = hue * (0.55 + 0.45 * stripes[..., None]) + rng.normal(0, 12, (size, size, 3))
+                photo = Image.open(photos[rng.integers(len(photos))]).convert("RGB").resize((photo_side,) * 2)
+                y, x = rng.integers(0, size - photo_side, 2)
+                canvas[y:y + photo_side, x:x + photo_side] = np.asarray(photo)
+                Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(folder / f"img_{i:03d}.jpg",
+                                                                             quality=90)
+    return root
+
+
+def logistic_regression_reference(run_dir: Path, cache_dir: Path) -> tuple[float, float]:
+    """(test accuracy, C) of a logistic regression on the run's own cached vectors and split: features
+    standardized on train, C over 0.01 ... 1 chosen on the validation split."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    (train_x, train_y, _), (val_x, val_y, _), (test_x, test_y, _) = (
+        cached_split(run_dir, cache_dir, split) for split in ("train", "validation", "test"))
+    scaler = StandardScaler().fit(train_x)
+    fits = [(LogisticRegression(C=c, max_iter=3000).fit(scaler.transform(train_x), train_y), c)
+            for c in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)]
+    model, c = max(fits, key=lambda fit: fit[0].score(scaler.transform(val_x), val_y))
+    return model.score(scaler.transform(test_x), test_y), c
+
+
 class OutputWatcher:
     """Collects a background process's output lines in a thread so a test can wait for one."""
 

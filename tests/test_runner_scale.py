@@ -13,7 +13,6 @@ def test_two_hundred_and_fifty_classes_train_and_report(shared_assets, tmp_path)
     data = write_synthetic_dataset(tmp_path / "data", num_classes=250, per_class=6, size=48)
     run_dir = tmp_path / "run"
     result = run_resume(*local_mobilenet_args(run_dir, None, "backbone.image_size=128", "train.steps=600",
-                                              "train.learning_rate=0.003", "eval.every_steps=200",
                                               "data.min_images_per_class=6", "split.validation_percent=15",
                                               "split.test_percent=15", data_dir=data))
     assert result.returncode == 0, result.stdout
@@ -31,7 +30,7 @@ def test_two_hundred_and_fifty_classes_train_and_report(shared_assets, tmp_path)
 def test_mirrored_strategy_on_two_logical_cpus_matches_the_default_strategy(shared_assets, tmp_path):
     data = write_synthetic_dataset(tmp_path / "data", num_classes=4, per_class=12, size=64)
     common = ("backbone.image_size=128", "train.steps=60", "eval.every_steps=20", "cache.batch_size=8",
-              "head.hidden_units=16", "data.min_images_per_class=3")
+              "head.hidden_units=16", "data.min_images_per_class=3", "head.search=off")
     runs = {}
     for name, extra in (("default", ()), ("mirrored", ("train.strategy=mirrored", "train.cpu_devices=2"))):
         run_dir = tmp_path / name

@@ -29,7 +29,8 @@ def test_a_killed_child_is_restarted_from_its_checkpoint(clothing_run, tmp_path)
     _, cache_dir, _ = clothing_run
     run_dir = tmp_path / "run"
     process = start_resume(*local_mobilenet_args(run_dir, cache_dir, "train.steps=8000", "head.hidden_units=256",
-                                                 "checkpoint.every_steps=200"), "--supervise", "2")
+                                                 "head.search=off", "checkpoint.every_steps=200"),
+                           "--supervise", "2")
     watcher = OutputWatcher(process)
     assert watcher.wait_for("checkpoint saved at head step"), watcher.output()
     os.kill(child_pid(process.pid), signal.SIGKILL)
@@ -54,7 +55,7 @@ def test_sigterm_to_the_supervisor_stops_the_child_gracefully(clothing_run, tmp_
     _, cache_dir, _ = clothing_run
     run_dir = tmp_path / "run"
     args = local_mobilenet_args(run_dir, cache_dir, "train.steps=1000000", "checkpoint.every_steps=0",
-                                "checkpoint.every_seconds=3600") + ["--supervise", "3"]
+                                "checkpoint.every_seconds=3600", "head.search=off") + ["--supervise", "3"]
     code, output = sigterm_after_start(args, "training head: 1/")  # once the child has taken a step
     assert code == 130
     assert "stopped by SIGTERM at step" in output and "supervisor: stopped on SIGTERM" in output

@@ -48,9 +48,10 @@ def test_fine_tuning_restored_on_a_new_disk_finishes_and_a_finished_run_changes_
     assert "downloaded the snapshot of step" in restored.stdout
     assert "resumed from fine-tuning step" in restored.stdout and "vectors computed now" in restored.stdout
     first = summary(run_dir)
-    assert first["stage"] == "finetune" and first["global_step"] == 78 and first["head_steps"] == 60
+    final_step = first["head_steps"] + 18  # the head search may stop before its 60 steps; fine-tuning runs 18
+    assert first["stage"] == "finetune" and first["global_step"] == final_step and first["finetune_steps"] == 18
     assert first["head_only_test_accuracy"] is not None
-    assert json.loads((run_dir / "export" / "model.json").read_text())["step"] == 78
+    assert json.loads((run_dir / "export" / "model.json").read_text())["step"] == final_step
 
     def results():  # every file of the run but sync's queue and the cache (its scan index is data.py's)
         return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")
@@ -58,7 +59,7 @@ def test_fine_tuning_restored_on_a_new_disk_finishes_and_a_finished_run_changes_
     before = results()
     again = run_resume(*args)
     assert again.returncode == 0, again.stdout
-    assert "already finished, nothing changed: step 78" in again.stdout
+    assert f"already finished, nothing changed: step {final_step}," in again.stdout
     assert "downloaded the snapshot" not in again.stdout and "resumed from" not in again.stdout
     after = results()
     changed = sorted(str(p.relative_to(run_dir)) for p in after if before.get(p) != after[p])

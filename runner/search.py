@@ -1,0 +1,367 @@
+"""Automatic head selection: a grid of candidate heads trained at once, chosen on the validation split.
+
+All candidates share one stacked set of variables (K heads side by side), one batch per step and one
+compiled step, so K candidates cost far less than K runs. Each has its own RMSProp learning rate and L2
+weight decay. Every evaluation (once per epoch) records, per candidate, the best validation step and a
+copy of its weights at that step; a candidate whose validation loss stalls has its learning rate halved,
+and one that stalls for `train.patience` evaluations stops. Successive halving drops the weaker
+candidates at a few rungs so the cost stays close to that of a single head on large data. The result is
+the best step of the best candidate, written into an ordinary `Head`.
+
+Everything lives in tf.Variables, so the search checkpoints and resumes exactly like a single head.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tensorflow as tf
+
+if TYPE_CHECKING:
+    from runner.config import Config, TrainConfig
+
+log = logging.getLogger("runner")
+
+LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)   # RMSProp, on standardized features: a 100x span
+INVERSE_C = (0.0, 1.0, 10.0, 100.0)               # L2 weight decay = INVERSE_C / N_train (as 1/C in LR)
+RUNG_KEEP = 1 / 3                                 # successive halving keeps the best third at each rung
+RUNG_GROWTH = 3                                   # rungs at r, 3r, 9r steps
+MIN_RUNG_STEPS = 3000                             # no pruning before this many steps (tiny data is cheap)
+
+
+MIN_STEPS = 1000                                  # a tiny training split still gets this many steps
+MIN_EVAL_STEPS = 10                               # and is not validated more often than this
+
+
+@dataclass(frozen=True)
+class HeadBudget:
+    """How long the head stage trains and how often it validates, sized by passes over the training split."""
+    steps: int
+    eval_every: int
+
+
+def head_budget(train: "TrainConfig", num_train: int) -> HeadBudget:
+    """train.steps if set, else train.epochs epochs (at least MIN_STEPS); validation once per epoch."""
+    steps_per_epoch = max(1, math.ceil(num_train / train.batch_size))
+    steps = train.steps or max(MIN_STEPS, math.ceil(train.epochs * steps_per_epoch))
+    return HeadBudget(steps, max(steps_per_epoch, MIN_EVAL_STEPS))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the grid: an RMSProp learning rate and an L2 weight decay."""
+    learning_rate: float
+    weight_decay: float
+
+    def describe(self) -> dict:
+        return {"learning_rate": self.learning_rate, "weight_decay": self.weight_decay}
+
+
+def candidate_grid(num_train: int) -> list[Candidate]:
+    """The default grid: every learning rate with every weight decay (scaled by the training-set size)."""
+    return [Candidate(lr, c / max(num_train, 1)) for lr in LEARNING_RATES for c in INVERSE_C]
+
+
+class StackedHeads(tf.Module):
+    """K heads of one shape (optional ReLU hidden layer, dropout, logits) as stacked variables.
+
+    Holds the weights, each candidate's RMSProp slots and learning rate, and a copy of each candidate's
+    weights at its best validation step.
+    """
+
+    def __init__(self, candidates: list[Candidate], dim: int, num_classes: int, hidden_units: int,
+                 dropout: float, seed: int, rho: float, momentum: float, epsilon: float):
+        super().__init__(name="search")
+        k = len(candidates)
+        self.num_candidates, self.dropout, self.rho = k, dropout, rho
+        self.momentum, self.epsilon = momentum, epsilon
+        shapes = ([(dim, hidden_units), (hidden_units,), (hidden_units, num_classes), (num_classes,)]
+                  if hidden_units else [(dim, num_classes), (num_classes,)])
+        init = []
+        for i, shape in enumerate(shapes):
+            if len(shape) == 2:
+                limit = math.sqrt(6 / sum(shape))  # Glorot uniform, as keras.layers.Dense
+                init.append(tf.random.stateless_uniform((k, *shape), [seed, i], -limit, limit))
+            else:
+                init.append(tf.zeros((k, *shape)))
+        self.weights = [tf.Variable(v, name=f"w{i}") for i, v in enumerate(init)]
+        self.velocities = [tf.Variable(tf.zeros_like(v), name=f"v{i}") for i, v in enumerate(init)]
+        self.moments = [tf.Variable(tf.zeros_like(v), name=f"m{i}") for i, v in enumerate(init)] \
+            if momentum > 0 else []
+        self.best_weights = [tf.Variable(v, name=f"best{i}") for i, v in enumerate(init)]
+        self.learning_rates = tf.Variable([c.learning_rate for c in candidates], dtype=tf.float32,
+                                          name="learning_rates")
+        self.weight_decays = tf.constant([c.weight_decay for c in candidates], tf.float32)
+        self.hidden_units = hidden_units
+        self._step_fn = tf.function(self._train_step)
+
+    def logits(self, weights: list, features, training: bool = False, seed=None):
+        """Logits [k, batch, classes] of stacked head weights on shared features [batch, dim].
+
+        As in Head: optional ReLU hidden layer, then dropout (training only), then the logits layer."""
+        x = features
+        if len(weights) == 4:
+            x = tf.nn.relu(tf.einsum("bd,kdh->kbh", x, weights[0]) + weights[1][:, None, :])
+        if training and self.dropout > 0:
+            x = tf.nn.experimental.stateless_dropout(x, rate=self.dropout, seed=seed)
+        pattern = "bd,kdc->kbc" if x.shape.rank == 2 else "kbh,khc->kbc"
+        return tf.einsum(pattern, x, weights[-2]) + weights[-1][:, None, :]
+
+    def _train_step(self, active, features, labels, example_weights, seed, num_classes, label_smoothing):
+        weights = [tf.gather(w, active) for w in self.weights]
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            logits = self.logits(weights, features, training=True, seed=seed)
+            targets = tf.broadcast_to(tf.one_hot(labels, num_classes)[None], tf.shape(logits))
+            per_example = tf.keras.losses.categorical_crossentropy(
+                targets, logits, from_logits=True, label_smoothing=label_smoothing) * example_weights
+            losses = tf.reduce_mean(per_example, axis=1)                                   # [k]
+            decay = tf.gather(self.weight_decays, active)
+            squares = [tf.reduce_sum(tf.square(w), axis=[1, 2]) for w in weights[0::2]]  # kernels only
+            total = tf.reduce_sum(losses + 0.5 * decay * tf.add_n(squares))
+        gradients = tape.gradient(total, weights)
+        lr = tf.gather(self.learning_rates, active)
+        for i, (w, g) in enumerate(zip(weights, gradients)):       # RMSProp exactly as keras.optimizers
+            lr_i = tf.reshape(lr, [-1] + [1] * (w.shape.rank - 1))
+            velocity = self.rho * tf.gather(self.velocities[i], active) + (1 - self.rho) * tf.square(g)
+            increment = lr_i * g / tf.sqrt(velocity + self.epsilon)
+            self.velocities[i].scatter_update(tf.IndexedSlices(velocity, active))
+            if self.moments:
+                increment = self.momentum * tf.gather(self.moments[i], active) + increment
+                self.moments[i].scatter_update(tf.IndexedSlices(increment, active))
+            self.weights[i].scatter_update(tf.IndexedSlices(w - increment, active))
+        correct = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 2, output_type=tf.int32), labels[None]),
+                                         tf.float32), axis=1)
+        return losses, correct
+
+    def train_step(self, active: np.ndarray, features, labels, example_weights, seed, num_classes: int,
+                   label_smoothing: float):
+        """One RMSProp step of the active candidates; returns their (losses, accuracies) on the batch."""
+        return self._step_fn(tf.constant(active, tf.int32), features, labels, example_weights, seed,
+                             num_classes, label_smoothing)
+
+    def evaluate(self, features: np.ndarray, labels: np.ndarray, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Every candidate's current validation (loss, accuracy) as two arrays of length K."""
+        loss_sum = np.zeros(self.num_candidates)
+        correct = np.zeros(self.num_candidates)
+        for lo in range(0, len(labels), batch):
+            logits = self.logits(self.weights, tf.constant(features[lo:lo + batch]))
+            y = tf.constant(labels[lo:lo + batch])
+            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.broadcast_to(y[None], logits.shape[:2]),
+                                                                logits)
+            loss_sum += tf.reduce_sum(ce, axis=1).numpy()
+            correct += tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 2, output_type=tf.int32), y[None]),
+                                             tf.float32), axis=1).numpy()
+        return loss_sum / max(len(labels), 1), correct / max(len(labels), 1)
+
+    def keep_best(self, improved: np.ndarray) -> None:
+        """Copy the current weights of the candidates in `improved` into their best-step slots."""
+        if len(improved):
+            index = tf.constant(improved, tf.int32)
+            for w, best in zip(self.weights, self.best_weights):
+                best.scatter_update(tf.IndexedSlices(tf.gather(w, index), index))
+
+    def best_of(self, k: int) -> list[np.ndarray]:
+        """Candidate k's weights at its best validation step (kernel, bias[, kernel, bias])."""
+        return [best[k].numpy() for best in self.best_weights]
+
+
+TRAINING, STOPPED, PRUNED = 0, 1, 2
+
+
+class SearchRecord(tf.Module):
+    """Per-candidate bookkeeping, as variables so it is checkpointed: best validation loss, its accuracy and
+    step, evaluations since the last improvement, and status (training / stopped / pruned)."""
+
+    def __init__(self, num_candidates: int):
+        super().__init__(name="search_record")
+        k = num_candidates
+        self.best_loss = tf.Variable(tf.fill([k], np.inf), name="best_loss")
+        self.best_accuracy = tf.Variable(tf.zeros([k]), name="best_accuracy")
+        self.best_step = tf.Variable(tf.zeros([k], tf.int64), name="best_step")
+        self.stalled = tf.Variable(tf.zeros([k], tf.int64), name="stalled")
+        self.status = tf.Variable(tf.zeros([k], tf.int64), name="status")
+        self.rungs_done = tf.Variable(0, dtype=tf.int64, name="rungs_done")
+        self.evaluated_step = tf.Variable(-1, dtype=tf.int64, name="evaluated_step")
+
+    def active(self) -> np.ndarray:
+        """Indices of the candidates still training."""
+        return np.flatnonzero(self.status.numpy() == TRAINING).astype(np.int32)
+
+    def leader(self) -> int:
+        """The candidate with the lowest best validation loss so far (the selection)."""
+        return int(np.argmin(self.best_loss.numpy()))
+
+
+@dataclass
+class SearchPolicy:
+    """When to halve a learning rate, stop a candidate, prune at a rung."""
+    patience: int                # evaluations without a lower validation loss before a candidate stops
+    first_rung_step: int         # successive halving: rungs at this step, then RUNG_GROWTH times further
+
+    def rung_step(self, rung: int) -> int:
+        return self.first_rung_step * RUNG_GROWTH ** rung
+
+
+class HeadSearch:
+    """Trains the stacked candidates on standardized cached vectors and keeps the best step of the best."""
+
+    def __init__(self, candidates: list[Candidate], heads: StackedHeads, record: SearchRecord,
+                 policy: SearchPolicy, num_classes: int, label_smoothing: float, mean: np.ndarray,
+                 std: np.ndarray):
+        self.candidates, self.heads, self.record, self.policy = candidates, heads, record, policy
+        self.num_classes, self.label_smoothing = num_classes, label_smoothing
+        self.mean, self.std = mean, std
+        self.members: list[int] = []      # the candidates averaged into the head by the last write_selected
+
+    def train_step(self, features, labels, example_weights, seed):
+        """One step of every training candidate; returns the leader's batch loss and accuracy (another
+        candidate's while the leader is not training) for the progress display. A candidate whose loss is
+        not finite stops, its weights reset to its best step: the others carry on."""
+        active = self.record.active()
+        losses, accuracies = (t.numpy() for t in self.heads.train_step(
+            active, features, labels, example_weights, seed, self.num_classes, self.label_smoothing))
+        finite = np.isfinite(losses)
+        if not finite.all() and finite.any():
+            self._stop_diverged(active[~finite], int(seed[1]) + 1, losses[~finite])
+        leader = np.flatnonzero((active == self.record.leader()) & finite)
+        i = int(leader[0]) if len(leader) else int(np.argmax(finite))
+        return losses[i], accuracies[i]
+
+    def _stop_diverged(self, diverged: np.ndarray, step: int, losses: np.ndarray) -> None:
+        index = tf.constant(diverged, tf.int32)
+        for w, best in zip(self.heads.weights, self.heads.best_weights):
+            w.scatter_update(tf.IndexedSlices(tf.gather(best, index), index))
+        status = self.record.status.numpy()
+        status[diverged] = STOPPED
+        self.record.status.assign(status)
+        for k, loss in zip(diverged, losses):
+            log.warning("head search: candidate %s diverged at step %d (loss %s); it stops, the others go on",
+                        _describe(self.candidates[k]), step, loss)
+
+    def done(self) -> bool:
+        """True once no candidate is still training."""
+        return len(self.record.active()) == 0
+
+    def evaluate(self, step: int, features: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+        """Validate every candidate: keep improved weights, halve stalled learning rates, stop and prune.
+        Returns the selected candidate's best (validation loss, accuracy). Evaluating a step twice (a resumed
+        run that had finished) changes nothing."""
+        record = self.record
+        if int(record.evaluated_step.numpy()) != step:
+            self._update(step, *self.heads.evaluate(features, labels))
+            record.evaluated_step.assign(step)
+        leader = record.leader()
+        return float(record.best_loss[leader].numpy()), float(record.best_accuracy[leader].numpy())
+
+    def _update(self, step: int, losses: np.ndarray, accuracies: np.ndarray) -> None:
+        record, active = self.record, self.record.active()
+        best = record.best_loss.numpy()
+        improved = active[losses[active] < best[active]]
+        self.heads.keep_best(improved)
+        for k in improved:
+            record.best_loss[k].assign(losses[k])
+            record.best_accuracy[k].assign(accuracies[k])
+            record.best_step[k].assign(step)
+        stalled = record.stalled.numpy()
+        stalled[active] += 1
+        stalled[improved] = 0
+        record.stalled.assign(stalled)
+        halve = active[(stalled[active] > 0) & (stalled[active] % max(self.policy.patience // 2, 1) == 0)]
+        for k in halve:
+            self.heads.learning_rates[k].assign(self.heads.learning_rates[k] * 0.5)
+        status = record.status.numpy()
+        status[active[stalled[active] >= self.policy.patience]] = STOPPED
+        rung = int(record.rungs_done.numpy())
+        if step >= self.policy.rung_step(rung):
+            status = self._prune(status)
+            record.rungs_done.assign(rung + 1)
+        record.status.assign(status)
+
+    def _prune(self, status: np.ndarray) -> np.ndarray:
+        alive = np.flatnonzero(status != PRUNED)
+        keep = max(1, math.ceil(len(alive) * RUNG_KEEP))
+        ranked = alive[np.argsort(self.record.best_loss.numpy()[alive], kind="stable")]
+        status[ranked[keep:]] = PRUNED
+        return status
+
+    def standardize(self, features: np.ndarray) -> np.ndarray:
+        """Vectors standardized as the head does it (the candidates train on standardized vectors)."""
+        return (features - self.mean) / self.std
+
+    def write_selected(self, head, features: np.ndarray | None = None, labels: np.ndarray | None = None) -> None:
+        """Put the selection into `head` (an ordinary Head): the leader's best-step weights, or, given the
+        validation split at the end, the greedy soup of linear candidates (see `soup`)."""
+        members = self.soup(features, labels) if features is not None else [self.record.leader()]
+        weights = [np.mean(parts, axis=0) for parts in zip(*(self.heads.best_of(k) for k in members))]
+        layers = [head.hidden, head.logits] if head.hidden is not None else [head.logits]
+        for layer, kernel, bias in zip(layers, weights[0::2], weights[1::2]):
+            layer.kernel.assign(kernel)
+            layer.bias.assign(bias)
+        self.members = members
+
+    def soup(self, features: np.ndarray, labels: np.ndarray) -> list[int]:
+        """Greedy soup: candidates by best validation loss, each averaged in only if the average's validation
+        loss drops. For linear heads averaging weights is averaging logits, an ensemble in one head; heads
+        with a hidden layer are not averaged (independent hidden units do not line up)."""
+        order = [int(k) for k in np.argsort(self.record.best_loss.numpy(), kind="stable")
+                 if np.isfinite(self.record.best_loss[k].numpy())]
+        if self.heads.hidden_units or len(order) < 2:
+            return order[:1]
+        members, total = [order[0]], [w.astype(np.float64) for w in self.heads.best_of(order[0])]
+        best_loss = self._loss([w.astype(np.float32) for w in total], features, labels)
+        for k in order[1:]:
+            trial = [t + w for t, w in zip(total, self.heads.best_of(k))]
+            loss = self._loss([(t / (len(members) + 1)).astype(np.float32) for t in trial], features, labels)
+            if loss < best_loss:
+                members, total, best_loss = members + [k], trial, loss
+        return members
+
+    def _loss(self, weights: list[np.ndarray], features: np.ndarray, labels: np.ndarray) -> float:
+        logits = self.heads.logits([tf.constant(w[None]) for w in weights], tf.constant(features))[0]
+        return float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)))
+
+    def log_selection(self) -> None:
+        """Say which candidate was chosen, on what evidence, and what happened to the others."""
+        record, leader = self.record, self.record.leader()
+        status = record.status.numpy()
+        log.info("head search: %s chosen from %d candidates (lowest validation loss, %.4f, accuracy %.4f at step "
+                 "%d)%s; %d pruned by successive halving, %d stopped early, %d trained to the end of the budget",
+                 _describe(self.candidates[leader]), len(self.candidates), float(record.best_loss[leader]),
+                 float(record.best_accuracy[leader]), int(record.best_step[leader]),
+                 f", averaged with {len(self.members) - 1} more that lowered the validation loss further"
+                 if len(self.members) > 1 else "", int((status == PRUNED).sum()), int((status == STOPPED).sum()),
+                 int((status == TRAINING).sum()))
+
+    def summary(self) -> dict:
+        """`selected` and `candidates` for summary.json."""
+        record, leader = self.record, self.record.leader()
+        names = {TRAINING: "training", STOPPED: "stopped", PRUNED: "pruned"}
+        rows = [dict(c.describe(), best_val_loss=_finite(record.best_loss[k]),
+                     best_val_accuracy=_finite(record.best_accuracy[k]), best_step=int(record.best_step[k]),
+                     final_learning_rate=float(self.heads.learning_rates[k].numpy()),
+                     status=names[int(record.status[k])]) for k, c in enumerate(self.candidates)]
+        return {"selected": dict(rows[leader], candidate=leader, averaged=list(self.members)), "candidates": rows}
+
+
+def build_search(candidates: list[Candidate], head, config: "Config", budget: HeadBudget,
+                 num_classes: int) -> HeadSearch:
+    """The search for `head`'s shape, standardizing with the statistics already set on `head`."""
+    heads = StackedHeads(candidates, int(head.feature_mean.shape[0]), num_classes, config.head.hidden_units,
+                         config.head.dropout, config.train.seed, config.train.rho, config.train.momentum,
+                         config.train.epsilon)
+    policy = SearchPolicy(config.train.patience, max(MIN_RUNG_STEPS, budget.eval_every))
+    return HeadSearch(candidates, heads, SearchRecord(len(candidates)), policy, num_classes,
+                      config.train.label_smoothing, head.feature_mean.numpy(), head.feature_std.numpy())
+
+
+def _describe(candidate: Candidate) -> str:
+    return f"learning rate {candidate.learning_rate:g}, weight decay {candidate.weight_decay:.3g}"
+
+
+def _finite(value) -> float | None:
+    value = float(value.numpy() if hasattr(value, "numpy") else value)
+    return round(value, 6) if math.isfinite(value) else None
