@@ -26,7 +26,7 @@ import tensorflow as tf  # noqa: E402
 from runner.cache import BottleneckCache  # noqa: E402
 from runner.config import Config  # noqa: E402
 from runner.head import build_head, build_optimizer, feature_statistics  # noqa: E402
-from runner.job import make_head_step  # noqa: E402
+from runner.stages import make_head_step  # noqa: E402
 from runner.search import build_search, candidate_grid, head_budget  # noqa: E402
 from runner.train import BatchOrder  # noqa: E402
 

@@ -4,35 +4,28 @@ The same call starts a new run or resumes the one in `run.dir`, in whichever sta
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import tensorflow as tf
-
-from runner import __version__
 from common.files import write_text_atomic
-from runner.backbones import Backbone, build_backbone
+from runner import __version__
+from runner.backbones import build_backbone
 from runner.cache import BottleneckCache
-from runner.checkpoints import CheckpointStore
 from runner.config import Config, to_toml
-from runner.data import Dataset, HashIndex, ImageRecord, check_class_sizes, scan_dataset
+from runner.data import Dataset, HashIndex, check_class_sizes, scan_dataset
 from runner.distribute import make_strategy
 from runner.errors import IncompatibleRunError, RunnerError
 from runner.evaluate import loss_and_accuracy, predict_logits, test_report
+from runner.events import CheckpointCadence, MetricsLogger, ProgressDisplay, SyncHandOver, TensorBoardScalars
 from runner.export import export_run
 from runner.extract import extract_missing
-from runner.finetune import ImageBatches, ImageFeatures, unfreeze_top
-from runner.head import build_head, build_optimizer, feature_statistics
+from runner.finetune import ImageFeatures
+from runner.head import build_head
 from runner.report import write_report
 from runner.rundir import CheckpointRef, RunDir, read_json, write_json
-from runner.search import HeadSearch, build_search, candidate_grid, head_budget
-from runner.train import (BatchOrder, Stage, StopFlag, TrainState, class_weight_vector, make_train_step,
-                          run_stage)
+from runner.stages import FineTuneStage, HeadStage, Split, TrainingStage
+from runner.train import StageLoop, StopFlag, class_weight_vector
 from sync import HandOver
 
 log = logging.getLogger("runner")
@@ -57,24 +50,6 @@ def check_compatible(marker: dict | None, fingerprint: dict, classes: list[str],
                    if old_fp.get(k) != fingerprint.get(k)]
         raise IncompatibleRunError(f"{run_dir} holds a checkpoint made with other settings "
                                    f"({'; '.join(changed)}). {fix}")
-
-
-@dataclass
-class Split:
-    """One split's images, their labels and (for the head) their cached vectors."""
-    records: list[ImageRecord]
-    labels: np.ndarray
-    table: object
-
-    @classmethod
-    def of(cls, dataset: Dataset, cache: BottleneckCache, name: str) -> "Split":
-        records = dataset.split(name)
-        return cls(records, np.array([r.label for r in records], np.int32),
-                   cache.table([r.sha256 for r in records]))
-
-    @property
-    def paths(self) -> list[str]:
-        return [r.path for r in self.records]
 
 
 class Job:
@@ -105,13 +80,6 @@ class Job:
         _write_if_changed(run.labels, json.dumps(dataset.classes, indent=1))
         return dataset
 
-    def _checkpoint_callback(self, store: CheckpointStore, base_marker: dict):
-        def save(step: int, metrics: dict) -> None:
-            checkpoint = store.save(step, dict(base_marker, metrics=metrics))
-            log.info("checkpoint saved at %s step %d", checkpoint.stage, step)
-            self._hand_to_sync(checkpoint)
-        return save
-
     def _hand_to_sync(self, checkpoint: CheckpointRef, final: bool = False) -> None:
         """Give sync a finished checkpoint: the complete file list RunDir names for it."""
         files = self.rundir.hand_over(checkpoint, final)
@@ -138,29 +106,6 @@ class Job:
         write_report(run.path)
         self._hand_to_sync(run.latest(), final=True)
         return True
-
-    def _restore(self, store: CheckpointStore, total_steps: int, setting: str,
-                 stopped_early=lambda: False) -> tuple[list[int], dict]:
-        """Restore the newest usable checkpoint of a stage: (the run's resume history, its stored evaluation).
-        `stopped_early()` says, once restored, whether the stage ended before its total (a finished search)."""
-        ref = store.restore()
-        if ref is None:
-            if store.stage.steps():
-                raise IncompatibleRunError(f"no checkpoint in {store.dir} could be loaded (see the warnings "
-                                           f"above); move that folder away to start this stage over.")
-            return [], {}
-        history = list(ref.marker.get("resumed_from", []))
-        if ref.local_step > total_steps:
-            log.warning("%s = %d is below the step this stage already reached (%d); nothing to train, and the "
-                        "run keeps step %d (use another run.dir to train fewer steps)", setting, total_steps,
-                        ref.local_step, ref.local_step)
-        if ref.local_step < total_steps and not stopped_early():  # training continues: this is a resume
-            age = time.time() - ref.marker.get("saved_at", time.time())
-            where = "" if ref.stage == "head" else "fine-tuning "
-            print(f"resumed from {where}step {ref.local_step}, checkpoint {_age(age)} old", flush=True)
-            history.append(ref.step)
-        self.rundir.metrics.trim(ref.step)
-        return history, ref.marker.get("metrics", {})
 
     # -- the job -----------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -195,8 +140,9 @@ class Job:
         if finetune_latest is not None:  # the head stage finished before fine-tuning began
             head_result, head_record = None, self._head_record(finetune_latest)
         else:
-            head_result, resumed_from = self._head_stage(config, strategy, head, train, val, class_weights,
-                                                         dict(marker, fingerprint=config.compatibility_fingerprint()))
+            head_stage = HeadStage(config, strategy, head, train, val, class_weights,
+                                   dict(marker, fingerprint=config.compatibility_fingerprint()), run.stage("head"))
+            head_result, resumed_from = self._train(head_stage, strategy, class_weights)
             if head_result.stopped_by:
                 return {"stopped_by": head_result.stopped_by, "global_step": head_result.step, "stage": "head"}
             head_record = read_json(run.head_record)
@@ -209,11 +155,10 @@ class Job:
             head_steps, None
         if config.fine_tune.enabled:
             features_of = ImageFeatures(backbone, config.cache.batch_size)
-            ft_result, history = self._finetune_stage(config, strategy, backbone, head, train, val, class_weights,
-                                                      features_of, head_steps,
-                                                      _selected_learning_rate(head_record, config.train.learning_rate),
-                                                      dict(marker, fingerprint=config.fine_tune_fingerprint()),
-                                                      resumed_from)
+            ft_stage = FineTuneStage(config, strategy, backbone, head, train, val, class_weights, features_of,
+                                     head_steps, _selected_learning_rate(head_record, config.train.learning_rate),
+                                     dict(marker, fingerprint=config.fine_tune_fingerprint()), run.stage("finetune"))
+            ft_result, history = self._train(ft_stage, strategy, class_weights, resumed_from)
             resumed_from = history
             if ft_result.stopped_by:
                 return {"stopped_by": ft_result.stopped_by, "global_step": head_steps + ft_result.step,
@@ -242,148 +187,21 @@ class Job:
             summary["unchanged"] = True
         return summary
 
-    def _head_stage(self, config: Config, strategy, head, train: Split, val: Split, class_weights,
-                    marker: dict):
-        head.set_standardization(*feature_statistics(train.table))
-        search = self._make_search(config, head, train, val)
-        with strategy.scope():
-            state = TrainState(tf.Variable(0, dtype=tf.int64, name="global_step"),
-                               tf.Variable(config.train.seed, dtype=tf.int64, name="data_seed"))
-        if search is None:
-            with strategy.scope():
-                optimizer = build_optimizer(config.train, head.trainable_variables)
-            parts = {"optimizer": optimizer}
-        else:
-            parts = {"search": search.heads, "search_record": search.record}
-        checkpoint = tf.train.Checkpoint(head=head, global_step=state.step, data_seed=state.seed, **parts)
-        store = CheckpointStore(self.rundir.stage("head"), checkpoint, config.checkpoint.max_to_keep)
-        budget = head_budget(config.train, len(train.records))
-        history, restored_eval = self._restore(store, budget.steps, "the head's step budget (train.steps / "
-                                               "train.epochs)", search.done if search else lambda: False)
-        if not store.stage.steps():  # a new run: no curve of an earlier attempt survives
-            self.rundir.metrics.reset()
-        self._warn_if_seed_changed(state, config.train.seed)
-        base_marker = dict(marker, stage="head", step_offset=0, resumed_from=history)
-        order = BatchOrder(len(train.records), config.train.batch_size, int(state.seed.numpy()))
-        save = self._checkpoint_callback(store, base_marker)
-        prepare = search.standardize if search else (lambda features: features)
-        val_features = prepare(val.table.all())
-
-        def next_batch(step: int):
-            rows = order.indices(step)
-            return prepare(train.table.gather(rows)), train.labels[rows]
-
-        if search is None:
-            stage = Stage("head", budget.steps, 0, state,
-                          make_head_step(head, optimizer, strategy, config, len(class_weights)), next_batch,
-                          lambda step: loss_and_accuracy(predict_logits(head, val_features), val.labels),
-                          save, config.eval.every_steps, restored_eval=restored_eval)
-        else:
-            def save_selected(step: int, metrics: dict) -> None:
-                # every checkpoint holds the best head so far, ready to export; the last one the final soup
-                if step >= budget.steps or search.done():
-                    search.write_selected(head, val_features, val.labels)
-                    metrics = dict(metrics, **_val_metrics(head, val))
-                else:
-                    search.write_selected(head)
-                save(step, metrics)
-
-            stage = Stage("head", budget.steps, 0, state, search.train_step, next_batch,
-                          lambda step: search.evaluate(step, val_features, val.labels),
-                          save_selected, budget.eval_every, search.done, restored_eval)
-        result = self._run_stage(stage, strategy, class_weights)
-        if search is not None and not result.stopped_by:
-            search.log_selection()
-            result.search = search.summary()
-            result.last_eval = dict(result.last_eval, **_val_metrics(head, val))
-        return result, history
-
-    @staticmethod
-    def _make_search(config: Config, head, train: Split, val: Split) -> HeadSearch | None:
-        """The head search of head.search = auto, or None to train the configured head (also, with a warning,
-        when there is no validation split to choose with)."""
-        if config.head.search == "off":
-            return None
-        if len(val.records) == 0:
-            log.warning("head.search = auto needs validation images to choose a head, and this run has none "
-                        "(split.validation_percent = %g); training the configured head (learning rate %g) "
-                        "instead. Raise split.validation_percent to let validation choose.",
-                        config.split.validation_percent, config.train.learning_rate)
-            return None
-        budget = head_budget(config.train, len(train.records))
-        return build_search(candidate_grid(len(train.records)), head, config, budget, head.num_classes)
-
-    def _finetune_stage(self, config: Config, strategy, backbone: Backbone, head, train: Split, val: Split,
-                        class_weights, features_of: ImageFeatures, head_steps: int, head_learning_rate: float,
-                        marker: dict, earlier_history: list[int]):
-        ft = config.fine_tune
-        unfrozen = unfreeze_top(backbone, ft)
-        variables = backbone.model.trainable_variables + head.trainable_variables
-        with strategy.scope():
-            ft_train = dataclasses.replace(config.train,
-                                           learning_rate=ft.learning_rate or head_learning_rate / 10)
-            optimizer = build_optimizer(ft_train, variables)
-            state = TrainState(tf.Variable(0, dtype=tf.int64, name="finetune_step"),
-                               tf.Variable(config.train.seed, dtype=tf.int64, name="data_seed"))
-        checkpoint = tf.train.Checkpoint(head=head, backbone=backbone.model, optimizer=optimizer,
-                                         global_step=state.step, data_seed=state.seed)
-        store = CheckpointStore(self.rundir.stage("finetune"), checkpoint, config.checkpoint.max_to_keep)
-        history, restored_eval = self._restore(store, ft.steps, "fine_tune.steps")
-        history = history or earlier_history
-        self._warn_if_seed_changed(state, config.train.seed)
-        log.info("fine-tuning %d backbone layers (BatchNormalization frozen) at learning rate %g",
-                 unfrozen, ft_train.learning_rate)
-        base_marker = dict(marker, stage="finetune", step_offset=head_steps, resumed_from=history)
-        start = int(state.step.numpy())
-        order = BatchOrder(len(train.records), ft.batch_size, int(state.seed.numpy()))
-        batches = ImageBatches(train.paths, train.labels, order, backbone.image_size, int(state.seed.numpy()),
-                               ft, start, max(ft.steps, start))
-
-        def forward(images, seed):
-            return head(backbone.model(images, training=False), training=True, dropout_seed=seed)
-
-        step_fn = make_train_step(forward, variables, optimizer, strategy, ft.batch_size, len(class_weights),
-                            config.train.label_smoothing)
-        stage = Stage("finetune", ft.steps, head_steps, state, step_fn, batches,
-                      lambda step: loss_and_accuracy(predict_logits(head, features_of(val.paths)), val.labels),
-                      self._checkpoint_callback(store, base_marker), config.eval.every_steps,
-                      restored_eval=restored_eval)
-        return self._run_stage(stage, strategy, class_weights), history
-
-    def _run_stage(self, stage: Stage, strategy, class_weights):
-        return run_stage(self.config, stage, strategy, class_weights, self.rundir.metrics, self.rundir.tensorboard,
-                         self.stop)
+    def _train(self, stage: TrainingStage, strategy, class_weights, earlier_history: list[int] = ()):
+        """Restore a stage and train it to its end, with the loop's listeners; (result, resume history)."""
+        config, run = self.config, self.rundir
+        stage.restore(run.metrics, config.train.seed, earlier_history)
+        listeners = [MetricsLogger(run.metrics), TensorBoardScalars(run.tensorboard),
+                     ProgressDisplay(config.train.progress),
+                     CheckpointCadence(config.checkpoint.every_steps, config.checkpoint.every_seconds),
+                     SyncHandOver(self._hand_to_sync)]
+        return stage.conclude(StageLoop(stage, listeners, strategy, class_weights, self.stop).run()), stage.history
 
     def _head_record(self, finetune_latest: CheckpointRef) -> dict:
         """head_stage.json (test accuracy, steps and search of the finished head stage); without it, what the
         fine-tuning checkpoint says."""
         return read_json(self.rundir.head_record) or {
             "test_accuracy": None, "steps": int(finetune_latest.marker["step_offset"]), "search": None}
-
-    @staticmethod
-    def _warn_if_seed_changed(state: TrainState, configured: int) -> None:
-        used = int(state.seed.numpy())
-        if used != configured:
-            log.warning("train.seed is %d but this run started with seed %d; keeping %d so the data order "
-                        "continues exactly", configured, used, used)
-
-
-def make_head_step(head, optimizer, strategy, config: Config, num_classes: int):
-    """The compiled step of the head stage (head.search = off): cross-entropy plus head.weight_decay L2."""
-    decay = config.head.weight_decay
-    kernels = [v for v in head.trainable_variables if "kernel" in v.path]
-
-    def l2():
-        return 0.5 * decay * tf.add_n([tf.reduce_sum(tf.square(k)) for k in kernels])
-    return make_train_step(lambda features, seed: head(features, training=True, dropout_seed=seed),
-                           head.trainable_variables, optimizer, strategy, config.train.batch_size, num_classes,
-                           config.train.label_smoothing, l2 if decay > 0 else None)
-
-
-def _val_metrics(head, val: Split) -> dict:
-    """The validation loss and accuracy of `head` as it is now."""
-    loss, accuracy = loss_and_accuracy(predict_logits(head, val.table.all()), val.labels)
-    return {"val_loss": loss, "val_accuracy": accuracy}
 
 
 def _selected_learning_rate(head_record: dict, configured: float) -> float:
@@ -400,12 +218,3 @@ def _write_if_changed(path: Path, text: str) -> None:
     except FileNotFoundError:
         pass
     write_text_atomic(path, text)
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"

@@ -135,3 +135,92 @@ def test_only_rundir_knows_the_run_directory_layout(package):
         if path.name != "rundir.py":
             text = path.read_text()
             assert not [name for name in LAYOUT_NAMES if name in text], path
+
+
+class _FakeStage:
+    """A stage without a model: constant loss, a step counter, checkpoints recorded."""
+    name, step_offset, eval_every, total_steps = "head", 0, 5, 10
+
+    def __init__(self, start=0, loss=0.5):
+        import tensorflow as tf
+        from runner.train import TrainState
+        self.state = TrainState(tf.Variable(start, dtype=tf.int64), tf.Variable(0, dtype=tf.int64))
+        self.loss, self.saved, self.restored_eval = loss, [], {"val_accuracy": 0.25}
+
+    step = property(lambda self: int(self.state.step.numpy()))
+
+    def finished(self):
+        return self.step >= self.total_steps
+
+    def done(self):
+        return False
+
+    def next_batch(self, step):
+        return np.zeros((2, 1), np.float32), np.zeros(2, np.int32)
+
+    def train_step(self, inputs, labels, weights, seed):
+        return self.loss, 1.0
+
+    def validate(self, step):
+        return 0.1, 0.9
+
+    def save(self, step, metrics):
+        from runner.rundir import CheckpointRef
+        self.saved.append((step, metrics.get("stage_step")))
+        return CheckpointRef("head", step, step, {}, Path("x"))
+
+
+class _Recorder:
+    """Every event the loop sends, in order."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_start(self, loop):
+        self.events.append("start")
+
+    def on_step(self, loop, step, loss, accuracy):
+        self.events.append(f"step {step}")
+
+    def on_evaluation(self, loop, record):
+        self.events.append(f"evaluation {record['stage_step']}")
+
+    def on_checkpoint(self, loop, checkpoint):
+        self.events.append(f"checkpoint {checkpoint.local_step}")
+
+    def on_end(self, loop, result):
+        self.events.append(f"end {result.step}")
+
+
+def _loop(stage, *listeners):
+    import tensorflow as tf
+    from runner.events import CheckpointCadence
+    from runner.train import StageLoop, StopFlag
+    return StageLoop(stage, [*listeners, CheckpointCadence(4, 0)], tf.distribute.get_strategy(),
+                     np.ones(1, np.float32), StopFlag())
+
+
+def test_the_loop_tells_its_listeners_and_the_cadence_checkpoints_after_the_evaluation_of_a_step(tmp_path):
+    from runner.events import MetricsLogger
+    recorder, stage, metrics = _Recorder(), _FakeStage(), RunDir(tmp_path).metrics
+    result = _loop(stage, recorder, MetricsLogger(metrics)).run()
+    assert recorder.events == ["start", "step 1", "step 2", "step 3", "step 4", "checkpoint 4", "evaluation 5",
+                               "step 5", "step 6", "step 7", "step 8", "checkpoint 8", "step 9", "evaluation 10",
+                               "step 10", "checkpoint 10", "end 10"]
+    assert stage.saved == [(4, None), (8, 5), (10, 10)]  # each checkpoint carries the latest evaluation
+    assert [r["step"] for r in metrics.read()] == [5, 10] and result.trained and result.last_eval["val_accuracy"] == 0.9
+
+
+def test_a_stage_with_nothing_left_to_train_sends_no_event_and_writes_nothing():
+    recorder, stage = _Recorder(), _FakeStage(start=10)
+    result = _loop(stage, recorder).run()
+    assert recorder.events == [] and stage.saved == []
+    assert not result.trained and result.step == 10 and result.last_eval == {"val_accuracy": 0.25}
+
+
+def test_a_non_finite_loss_stops_the_loop_before_anything_of_that_step_is_kept():
+    from runner.train import TrainingDiverged
+    recorder, stage = _Recorder(), _FakeStage(loss=float("nan"))
+    with pytest.raises(TrainingDiverged, match="diverged at step 1"):
+        _loop(stage, recorder).run()
+    assert recorder.events == ["start"] and stage.saved == [] and stage.step == 0
