@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 FINETUNE = ("train.steps=300", "train.deterministic=true", "fine_tune.enabled=true", "fine_tune.steps=36",
             "fine_tune.batch_size=16", "fine_tune.fraction=0.15", "checkpoint.every_steps=6",
-            "eval.every_steps=12", "head.dropout=0.2")
+            "eval.every_steps=12", "head.dropout=0.2", "head.search=off")  # the search has its own tests
 
 
 def finetune_prefix(run_dir) -> str:
