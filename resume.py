@@ -2,24 +2,31 @@
 
     python resume.py --config configs/clothing_local.toml [--set section.key=value ...]
 """
-from __future__ import annotations
-
 import argparse
 import os
 import sys
 import traceback
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if sys.version_info < (3, 11):  # before anything that needs 3.11 (tomllib): this file parses on 3.6+
+    sys.stderr.write("error: bottleneck-runner needs Python 3.11 or newer; this is Python %d.%d (%s). Install "
+                     "Python 3.11+ and run resume.py with it.\n" % (sys.version_info[0], sys.version_info[1],
+                                                                   sys.executable))
+    sys.exit(2)
+
 # grow GPU memory as needed instead of reserving it all at start (a notebook kernel may hold some too);
 # set before TensorFlow loads, and an explicit TF_FORCE_GPU_ALLOW_GROWTH=false is respected
 os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
-from runner.cli import EXIT_USER_ERROR, configure_logging  # noqa: E402
+from runner.tf_quiet import set_native_log_level  # noqa: E402
+
+set_native_log_level("--debug" in sys.argv[1:])
+
+from runner.cli import configure_logging  # noqa: E402
 from runner.config import describe_settings, load_config, to_toml  # noqa: E402  (no TensorFlow import)
-from runner.errors import RunnerError  # noqa: E402
+from runner.exit_codes import EXIT_OK, EXIT_STOPPED, status_of  # noqa: E402
+from runner.lock import LOCK_FILE, hold_run_dir  # noqa: E402
 from runner.rundir import RunDir  # noqa: E402
-from runner.supervise import EXIT_STOPPED, supervise  # noqa: E402
-from sync.errors import SyncError  # noqa: E402
+from runner.supervise import supervise  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,34 +59,42 @@ def child_arguments(argv: list[str]) -> list[str]:
 
 def train(config, debug: bool) -> int:
     """Run (or resume) the job; returns the exit status."""
-    from runner.distribute import configure_tensorflow
-    configure_tensorflow(config.train)
-    from runner.job import Job
-    from runner.train import StopFlag
-    from sync import open_sync
-
-    stop = StopFlag()
-    stop.install()
     created = _first_missing(config.run_dir)  # the top folder this run would create, or None
     try:
-        sync = open_sync(config.sync, config.run_dir, config.cache_dir, run_id=config.run_dir.name)
-        try:
-            summary = Job(config, sync, stop).run()
-        finally:
-            print(sync.close(config.sync.flush_timeout_s), flush=True)
+        with hold_run_dir(config.run_dir):  # first: a second trainer is refused before TensorFlow loads
+            from runner.cleanup import remove_stale_temporaries
+            remove_stale_temporaries(config.run_dir, config.cache_dir)
+            from runner.tf_quiet import import_tensorflow
+            import_tensorflow(debug)
+            from runner.train import StopFlag
+            stop = StopFlag()
+            stop.install()
+            from runner.distribute import configure_tensorflow
+            configure_tensorflow(config.train)
+            from runner.job import Job
+            from sync import open_sync
+            sync = open_sync(config.sync, config.run_dir, config.cache_dir, run_id=config.run_dir.resolve().name)
+            summary = None
+            try:
+                summary = Job(config, sync, stop).run()
+            finally:
+                outcome = sync.close(config.sync.flush_timeout_s)
+                if summary is not None or sync.enabled:  # "sync: off" before an error misleads: say it on success
+                    print(outcome, flush=True)
     except BaseException:
         if created is not None:
             remove_if_empty(created)  # a run that failed before writing anything leaves no folder behind
         raise
     if "stopped_by" in summary:
-        print(f"stopped by {summary['stopped_by']} at step {summary['global_step']}: checkpoint saved. "
-              f"Run the same command to continue.", flush=True)
+        where = f"at step {summary['global_step']}: checkpoint saved" if "global_step" in summary else \
+            f"during {summary['stopped_in']}: what was done is kept"
+        print(f"stopped by {summary['stopped_by']} {where}. Run the same command to continue.", flush=True)
         return EXIT_STOPPED
     status = "already finished, nothing changed" if summary.get("unchanged") else "done"
     print(f"{status}: step {summary['global_step']}, test accuracy {_percent(summary['test_accuracy'])}, "
           f"validation accuracy {_percent(summary['val_accuracy'])}; summary in {RunDir(config.run_dir).summary}",
           flush=True)
-    return 0
+    return EXIT_OK
 
 
 def _first_missing(path):
@@ -93,10 +108,11 @@ def _first_missing(path):
 
 
 def remove_if_empty(folder) -> None:
-    """Delete folder if it holds no file (only empty sub-folders, or nothing)."""
-    if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+    """Delete folder if it holds no file but the run-dir lock (only empty sub-folders, or nothing)."""
+    if folder.is_dir() and not any((p.is_file() or p.is_symlink()) and p.name != LOCK_FILE
+                                   for p in folder.rglob("*")):
         for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            sub.rmdir()
+            sub.unlink() if sub.is_file() else sub.rmdir()
         folder.rmdir()
 
 
@@ -111,22 +127,16 @@ def main(argv: list[str]) -> int:
         config = load_config(args.config, args.set)
         if args.print_config:
             print(to_toml(config))
-            return 0
+            return EXIT_OK
         if args.supervise:
             return supervise(child_arguments(argv), args.supervise)
         return train(config, args.debug)
-    except (RunnerError, SyncError) as e:
+    except Exception as e:  # one paragraph, exit status from the one table in runner/exit_codes.py
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except Exception as e:  # a crash: say so in one paragraph; the checkpoints on disk are intact
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: unexpected {type(e).__name__}: {e}. Checkpoints already saved are intact; run the same "
-              f"command to resume, and add --debug to see the traceback if it happens again.",
-              file=sys.stderr, flush=True)
-        return 1
+        code, message = status_of(e)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return code
 
 
 if __name__ == "__main__":

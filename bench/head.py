@@ -10,6 +10,7 @@ BottleneckCache and read back memory-mapped, exactly as training reads them.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import sys
@@ -26,8 +27,8 @@ import tensorflow as tf  # noqa: E402
 from runner.cache import BottleneckCache  # noqa: E402
 from runner.config import Config  # noqa: E402
 from runner.head import build_head, build_optimizer, feature_statistics  # noqa: E402
+from runner.search import RUNG_GROWTH, RUNG_KEEP, build_search, candidate_grid, head_budget  # noqa: E402
 from runner.stages import make_head_step  # noqa: E402
-from runner.search import build_search, candidate_grid, head_budget  # noqa: E402
 from runner.train import BatchOrder  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--search-epochs", type=float, default=10.0,
+    parser.add_argument("--search-epochs", type=float, default=3.0,
                         help="budget (train.epochs) of the search-vs-fixed comparison, the same for both")
     parser.add_argument("--no-search", action="store_true", help="skip the search-vs-fixed comparison")
     args = parser.parse_args()
@@ -104,7 +105,7 @@ def main() -> None:
           f"peak (incl. writing the shards) {peak_rss_mib():.0f} MiB "
           f"(the vectors alone would be {args.vectors * args.dim * 4 / 2 ** 20:.0f} MiB as float32)")
     if comparison:
-        fixed, search, steps, epoch_steps, budget, log = comparison
+        fixed, search, steps, epoch_steps, budget, log, per_step, projection = comparison
         print(f"\nhead search vs one fixed head, same budget (train.epochs = {args.search_epochs:g}: {budget} steps, "
               f"90/10 train/validation split of the vectors above, validation once per epoch):")
         print(f"  one fixed head (head.search = off):   {fixed:7.1f} s for {budget} steps")
@@ -112,6 +113,12 @@ def main() -> None:
               f"({epoch_steps / max(steps, 1):.1f} candidates trained per step on average) = "
               f"{search / fixed:.2f}x the fixed head")
         print(f"  {log}")
+        print("  time per step with k candidates training (successive halving shrinks k): " + ", ".join(
+            f"k={k}: {t * 1000:.1f} ms" for k, t in per_step.items()) + f"; one fixed head {per_step[0] * 1000:.1f} ms")
+        (default_steps, ratio) = projection
+        print(f"  at the default budget (train.epochs = 100: {default_steps} steps) the search's schedule, with no "
+              f"candidate stopping early, would cost {ratio:.2f}x one fixed head trained for the same budget "
+              f"(from the per-step times above; early stopping only lowers it)")
 
 
 def compare_search(cache: BottleneckCache, keys: list[str], labels: np.ndarray, args) -> tuple:
@@ -160,7 +167,45 @@ def compare_search(cache: BottleneckCache, keys: list[str], labels: np.ndarray, 
     log = (f"selected: learning rate {selected['learning_rate']:g}, weight decay {selected['weight_decay']:.3g}, "
            f"best step {selected['best_step']}, validation accuracy {selected['best_val_accuracy']:.4f}; "
            f"averaged with {len(selected['averaged']) - 1} more")
-    return fixed, elapsed, step, candidate_steps, budget.steps, log
+    per_step = step_times(search, step_fn, train_table, train_labels, order, weights)
+    config.train.epochs = 100
+    default = head_budget(config.train, cut)
+    projected = sum(n * per_step[k] for k, n in schedule(len(search.candidates), search.policy.first_rung_step,
+                                                         default.steps)) / (default.steps * per_step[0])
+    return fixed, elapsed, step, candidate_steps, budget.steps, log, per_step, (default.steps, projected)
+
+
+def schedule(candidates: int, first_rung: int, steps: int) -> list[tuple[int, int]]:
+    """(candidates training, steps) phases of successive halving over a budget, nobody stopping early."""
+    phases, k, start, rung = [], candidates, 0, 0
+    while start < steps:
+        end = min(steps, first_rung * RUNG_GROWTH ** rung)
+        phases.append((k, end - start))
+        start, rung, k = end, rung + 1, max(1, math.ceil(k * RUNG_KEEP))
+    return phases
+
+
+def step_times(search, fixed_step, table, labels, order, weights, repeats: int = 30) -> dict[int, float]:
+    """Seconds per training step with k candidates active (k = 20, 7, 3, 1), and of one fixed head (key 0)."""
+    times = {}
+    for k in sorted({len(search.candidates), *(n for n, _ in schedule(len(search.candidates), 1, 10 ** 9))}):
+        active = np.arange(k, dtype=np.int32)
+        batches = [order.indices(i) for i in range(repeats + 2)]
+        for i, rows in enumerate(batches):
+            if i == 2:
+                start = time.perf_counter()
+            search.heads.train_step(active, tf.constant(search.standardize(table.gather(rows))),
+                                    tf.constant(labels[rows]), weights, tf.constant([0, i], tf.int64),
+                                    search.num_classes, 0.0)[0].numpy()
+        times[k] = (time.perf_counter() - start) / repeats
+    start = time.perf_counter()
+    for i, rows in enumerate(batches):
+        if i == 2:
+            start = time.perf_counter()
+        fixed_step(tf.constant(table.gather(rows)), tf.constant(labels[rows]), weights,
+                   tf.constant([0, i], tf.int64))[0].numpy()
+    times[0] = (time.perf_counter() - start) / repeats
+    return times
 
 
 if __name__ == "__main__":

@@ -81,10 +81,13 @@ def build_backbone(config: BackboneConfig) -> Backbone:
         kwargs["alpha"] = config.alpha
     try:
         base = spec.constructor(**kwargs)
-    except (ValueError, OSError) as e:
-        raise RunnerError(f"could not build backbone {config.name} (weights={config.weights!r}, "
-                          f"image_size={size}, alpha={config.alpha}): {e}. Check that the weights file "
-                          f"matches this backbone, alpha and include_top=False.") from None
+    except Exception as e:  # h5py reports a damaged file as RuntimeError, KeyError, UnicodeDecodeError ...
+        if config.weights in ("imagenet", "none") and not isinstance(e, (ValueError, OSError)):
+            raise  # e.g. the ImageNet download failed: not the file's fault
+        raise RunnerError(f"could not build backbone {config.name} with backbone.weights = {config.weights!r} "
+                          f"(image_size={size}, alpha={config.alpha}): {type(e).__name__}: {str(e).rstrip('.')}. The weights file "
+                          f"is damaged or is not Keras weights of this backbone, alpha and include_top=False: "
+                          f"download it again, or fix backbone.weights.") from None
     base.trainable = False
     inputs = keras.Input((size, size, 3), dtype="float32")
     features = base(spec.preprocess(inputs), training=False)

@@ -2,7 +2,9 @@
 
 Layout: CACHE_DIR/<identity hash>/identity.json; per shard `shard-<id>.keys` (the image content hashes,
 64 ASCII bytes each) and `shard-<id>.npy` (the vectors, N x dim), the .npy renamed into place last so a
-shard counts only when complete (a kill loses at most the shard being filled); and
+shard counts only when complete (a kill loses at most the shard being filled); <id> is the start of the
+sha256 of both files' bytes, checked once each time the cache is opened (a shard that fails is set aside
+as .corrupt and its images are extracted again); and
 CACHE_DIR/undecodable.json (content hash → reason) for images TensorFlow could not decode. Keys and
 vectors live in separate files so opening the cache never pages the vectors in.
 """
@@ -28,6 +30,21 @@ def identity_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def shard_name(key_bytes: bytes, vector_bytes: bytes) -> str:
+    """A shard's file stem: named by the content of its keys and vectors files."""
+    return "shard-" + hashlib.sha256(key_bytes + vector_bytes).hexdigest()[:24]
+
+
+def check_content_hash(vectors_path: Path) -> None:
+    """Raise ValueError when a shard's bytes no longer match the hash in its name (bit rot, bad copy)."""
+    digest = hashlib.sha256(vectors_path.with_suffix(".keys").read_bytes())
+    with open(vectors_path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    if "shard-" + digest.hexdigest()[:24] != vectors_path.stem:
+        raise ValueError("its bytes do not match the content hash in its name")
+
+
 class BottleneckCache:
     """Vectors for one backbone identity, keyed by image content hash, read memory-mapped."""
 
@@ -44,7 +61,7 @@ class BottleneckCache:
         self.index: dict[bytes, tuple[int, int]] = {}
         self.undecodable: dict[str, str] = self._read_undecodable()
         for path in sorted(self.dir.glob("shard-*.npy")):
-            self._open_shard(path)
+            self._open_shard(path, verify=True)
 
     def _read_undecodable(self) -> dict[str, str]:
         try:
@@ -52,9 +69,11 @@ class BottleneckCache:
         except (FileNotFoundError, ValueError):
             return {}
 
-    def _open_shard(self, path: Path) -> None:
+    def _open_shard(self, path: Path, verify: bool) -> None:
         keys_path = path.with_suffix(".keys")
         try:
+            if verify:
+                check_content_hash(path)
             vectors = np.load(path, mmap_mode="r")
             keys = np.fromfile(keys_path, dtype=f"S{KEY_BYTES}")
             if vectors.shape != (len(keys), self.dim):
@@ -81,10 +100,10 @@ class BottleneckCache:
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(vectors, dtype=self.dtype))
         vector_bytes = buffer.getvalue()
-        name = "shard-" + hashlib.sha256(key_bytes + vector_bytes).hexdigest()[:24]
+        name = shard_name(key_bytes, vector_bytes)
         write_atomic(self.dir / f"{name}.keys", lambda f: f.write(key_bytes))
         write_atomic(self.dir / f"{name}.npy", lambda f: f.write(vector_bytes))
-        self._open_shard(self.dir / f"{name}.npy")
+        self._open_shard(self.dir / f"{name}.npy", verify=False)  # its bytes were hashed just above
         return self.dir / f"{name}.npy"
 
     def mark_undecodable(self, reasons: dict[str, str]) -> None:

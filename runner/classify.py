@@ -11,17 +11,17 @@ from __future__ import annotations
 import argparse
 import logging
 import json
-import os
 import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from runner.tf_quiet import import_tensorflow
+
+tf = import_tensorflow()
 
 from runner.cli import EXIT_USER_ERROR  # noqa: E402
 from runner.data import sniff_format  # noqa: E402
@@ -106,6 +106,11 @@ class ExportedModel:
         except (OSError, ValueError, KeyError, tf.errors.OpError) as e:
             raise RunnerError(f"{folder} could not be loaded as a SavedModel ({type(e).__name__}: {e}); "
                               f"export it again with python -m runner.export.") from None
+        outputs = self._serve.structured_outputs["probabilities"].shape[-1]
+        if outputs is not None and outputs != len(self.classes):
+            raise RunnerError(f"{folder / 'labels.txt'} names {len(self.classes)} classes but the model has "
+                              f"{outputs} outputs, so names would be wrong; restore labels.txt (one class per "
+                              f"line, in the model's order) or export again with python -m runner.export.")
 
     def probabilities(self, image_bytes: bytes) -> np.ndarray:
         """Class probabilities of one encoded image; raises ValueError if it cannot be decoded."""

@@ -6,8 +6,7 @@ import sys
 from typing import Callable
 
 from runner.errors import RunnerError
-
-EXIT_USER_ERROR = 2  # bad config, bad data, bad arguments: a retry cannot fix it
+from runner.exit_codes import EXIT_USER_ERROR
 
 
 def configure_logging(debug: bool = False) -> None:

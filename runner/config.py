@@ -110,7 +110,8 @@ class FineTuneConfig:
     steps: int = _opt(500, "fine-tuning steps", min=0)
     from_layer: str = _opt("", "name of the first backbone layer to unfreeze; '' = use fraction")
     fraction: float = _opt(0.2, "share of the backbone's layers (from the top) to unfreeze", min=0.0, max=1.0)
-    learning_rate: float = _opt(0.0, "RMSProp learning rate; 0 = train.learning_rate / 10", min=0.0)
+    learning_rate: float = _opt(3e-5, "RMSProp learning rate of backbone and head; 0 = a tenth of the head "
+                                      "stage's (the search's choice)", min=0.0)
     batch_size: int = _opt(32, "images per fine-tuning step", min=1)
     flip: bool = _opt(True, "augment: random horizontal flip")
     crop_scale: float = _opt(0.8, "augment: random crop keeping at least this share of the side; 1 = off",

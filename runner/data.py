@@ -1,16 +1,20 @@
 """Class folders → stable hash split → validated image list (no TensorFlow here)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.files import write_text_atomic
-from runner.errors import DataError
+from runner.errors import DataError, StopRequested
 from runner.progress import progress
+
+log = logging.getLogger("runner")
 
 IMAGE_EXTENSIONS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".gif": "gif", ".bmp": "bmp"}
 MAX_NUM_IMAGES_PER_CLASS = 2 ** 27 - 1  # retrain.py's constant: keeps the split stable as images are added
@@ -79,8 +83,9 @@ def problem_with(data: bytes, extension: str) -> str | None:
     expected = IMAGE_EXTENSIONS[extension]
     if fmt != expected:
         return f"mislabelled: the content is {fmt.upper()} but the name says {extension}; rename the file"
-    if fmt == "jpeg" and b"\xff\xd9" not in data[-1024:]:
-        return "truncated JPEG (no end-of-image marker)"
+    end = data.rfind(b"\xff\xd9")  # bytes after the end marker are fine: the decoder ignores them
+    if fmt == "jpeg" and (end < 0 or end < data.rfind(b"\xff\xda")):  # none, or only a thumbnail's
+        return "truncated JPEG (no end-of-image marker after the image data)"
     if fmt == "png" and b"IEND" not in data[-64:]:
         return "truncated PNG (no IEND chunk)"
     return None
@@ -123,8 +128,10 @@ def list_class_folders(data_dir: Path) -> list[str]:
 
 
 def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
-                 hash_index: HashIndex, min_images_per_class: int, progress_mode: str = "auto") -> Dataset:
-    """Find, hash, check and split every image below data_dir; bad files are skipped and listed."""
+                 hash_index: HashIndex, min_images_per_class: int, progress_mode: str = "auto",
+                 stop=None) -> Dataset:
+    """Find, hash, check and split every image below data_dir; bad files are skipped and listed. A truthy
+    `stop` (a StopFlag) ends the scan with StopRequested, the hashes read so far saved for the next start."""
     data_dir = Path(data_dir).resolve()
     classes = list_class_folders(data_dir)
     candidates = []
@@ -133,17 +140,29 @@ def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
             if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS and not file.name.startswith("."):
                 candidates.append((label, file))
     images, skipped = [], []
+    log.info("checking %d image files in %s", len(candidates), data_dir)
     bar = progress(len(candidates), "checking images", "img", progress_mode)
     for label, file in candidates:
+        if stop:
+            hash_index.save()
+            raise StopRequested(stop.signal_name, "the image scan")
         bar.update()
         relpath = file.relative_to(data_dir).as_posix()
-        stat = file.stat()
-        digest = hash_index.lookup(file, stat)
+        try:
+            stat = file.stat()
+            digest = hash_index.lookup(file, stat)
+            if digest is not None and not os.access(file, os.R_OK):  # known, but extraction could not read it
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+            data = file.read_bytes() if digest is None else b""
+        except OSError as e:
+            skipped.append({"path": relpath, "reason": f"unreadable: {e.strerror or e}; fix its permissions"})
+            log.warning("skipped %s: %s", relpath, skipped[-1]["reason"])
+            continue
         if digest is None:
-            data = file.read_bytes()
             reason = problem_with(data, file.suffix.lower())
             if reason:
                 skipped.append({"path": relpath, "reason": reason})
+                log.warning("skipped %s: %s", relpath, reason)
                 continue
             digest = hashlib.sha256(data).hexdigest()
             hash_index.remember(file, stat, digest)
@@ -171,3 +190,9 @@ def check_class_sizes(dataset: Dataset, min_images_per_class: int) -> None:
     if not dataset.split("train"):
         raise DataError("no image fell into the training split; lower split.validation_percent / "
                         "split.test_percent or add images.")
+    in_train = {r.label for r in dataset.split("train")}
+    untrained = [name for label, name in enumerate(dataset.classes) if label not in in_train]
+    if untrained:
+        raise DataError(f"class(es) {', '.join(repr(n) for n in untrained[:10])} have no image in the training "
+                        f"split (all of theirs fell into validation or test), so the head could never learn "
+                        f"them. Add images to those class folders, or remove the folders.")

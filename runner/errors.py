@@ -11,3 +11,12 @@ class DataError(RunnerError):
 
 class IncompatibleRunError(RunnerError):
     """The run directory holds a run that this configuration cannot continue."""
+
+
+class StopRequested(BaseException):
+    """SIGTERM / SIGINT arrived during a phase that keeps what it finished (scan, extraction, restore); a
+    BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signal_name: str, phase: str):
+        super().__init__(f"stopped by {signal_name} during {phase}")
+        self.signal_name, self.phase = signal_name, phase

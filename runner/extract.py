@@ -10,6 +10,7 @@ import tensorflow as tf
 from runner.backbones import Backbone, decode_and_resize
 from runner.cache import BottleneckCache
 from runner.data import ImageRecord
+from runner.errors import StopRequested
 from runner.progress import progress
 
 log = logging.getLogger("runner")
@@ -38,8 +39,9 @@ def make_forward(backbone: Backbone, strategy: tf.distribute.Strategy):
 
 def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: BottleneckCache,
                     strategy: tf.distribute.Strategy, batch_size: int, shard_size: int,
-                    progress_mode: str = "auto") -> int:
-    """Compute and cache the vectors of images not cached yet; returns how many were computed."""
+                    progress_mode: str = "auto", stop=None) -> int:
+    """Compute and cache the vectors of images not cached yet; returns how many were computed. A truthy
+    `stop` (a StopFlag) writes the vectors computed so far as a shard and raises StopRequested."""
     todo, seen = [], set()
     for r in records:
         if not cache.has(r.sha256) and r.sha256 not in cache.undecodable and r.sha256 not in seen:
@@ -75,6 +77,11 @@ def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: Bottl
                 flush()
                 cache.mark_undecodable(failed)
         bar.update(len(positions))
+        if stop:
+            flush()
+            cache.mark_undecodable(failed)
+            bar.close()
+            raise StopRequested(stop.signal_name, "extraction")
     for skipped in range(next_expected, len(todo)):
         failed[todo[skipped].sha256] = UNDECODABLE
     flush()

@@ -15,7 +15,7 @@ from runner.cache import BottleneckCache
 from runner.config import Config, to_toml
 from runner.data import Dataset, HashIndex, check_class_sizes, scan_dataset
 from runner.distribute import make_strategy
-from runner.errors import IncompatibleRunError, RunnerError
+from runner.errors import IncompatibleRunError, RunnerError, StopRequested
 from runner.evaluate import loss_and_accuracy, predict_logits, test_report
 from runner.events import CheckpointCadence, MetricsLogger, ProgressDisplay, SyncHandOver, TensorBoardScalars
 from runner.export import export_run
@@ -31,13 +31,19 @@ from sync import HandOver
 log = logging.getLogger("runner")
 
 
-def check_compatible(marker: dict | None, fingerprint: dict, classes: list[str], run: RunDir) -> None:
-    """Refuse to continue a run whose checkpoint was made with other classes or another backbone."""
+def check_compatible(marker: dict | None, fingerprint: dict, classes: list[str], run: RunDir,
+                     sync_folder: str = "") -> None:
+    """Refuse to continue a run whose checkpoint was made with other classes or another backbone
+    (`sync_folder`: where sync restores snapshots from, '' when sync is off)."""
     if marker is None:
         return
     run_dir = run.path
     fix = (f"To start a new run, use another run directory (--set run.dir=...) or delete {run_dir}; "
            f"to continue this one, go back to its settings (see {run.config}).")
+    if sync_folder:
+        fix = (f"Sync restores a new run directory from sync.folder {sync_folder!r}, which holds that run: to "
+               f"start a new run, use another sync.folder (--set sync.folder=...) and another run.dir "
+               f"(--set run.dir=...); to continue that run, go back to its settings (see {run.config}).")
     if marker.get("classes") != classes:
         old, new = marker.get("classes", []), classes
         added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
@@ -66,16 +72,18 @@ class Job:
         config, run = self.config, self.rundir
         run.path.mkdir(parents=True, exist_ok=True)
         if run.latest() is None and self.sync.enabled:
-            restored_step = self.sync.restore_latest()
+            with self.stop.raising("the snapshot restore"):  # each restored file is renamed into place whole
+                restored_step = self.sync.restore_latest()
             if restored_step is not None:
                 log.info("downloaded the snapshot of step %d from sync (%s)", restored_step, config.sync.backend)
         dataset = scan_dataset(Path(config.data.dir), config.split.validation_percent, config.split.test_percent,
                                HashIndex(config.cache_dir / "file-hashes.json"),
-                               config.data.min_images_per_class, config.train.progress)
+                               config.data.min_images_per_class, config.train.progress, self.stop)
+        sync_folder = config.sync.folder if self.sync.enabled else ""
         for stage, fingerprint in (("head", config.compatibility_fingerprint()),
                                    ("finetune", config.fine_tune_fingerprint())):
             latest = run.stage(stage).latest()
-            check_compatible(latest.marker if latest else None, fingerprint, dataset.classes, run)
+            check_compatible(latest.marker if latest else None, fingerprint, dataset.classes, run, sync_folder)
         _write_if_changed(run.config, to_toml(config))
         _write_if_changed(run.labels, json.dumps(dataset.classes, indent=1))
         return dataset
@@ -110,6 +118,12 @@ class Job:
     # -- the job -----------------------------------------------------------------------------------
     def run(self) -> dict:
         """Train (or continue) both stages and return the summary written to summary.json."""
+        try:
+            return self._run()
+        except StopRequested as e:  # scan, extraction or restore: what they finished is kept for the next start
+            return {"stopped_by": e.signal_name, "stopped_in": e.phase}
+
+    def _run(self) -> dict:
         config, run = self.config, self.rundir
         dataset = self._prepare_data()
         strategy = make_strategy(config.train)
@@ -118,11 +132,12 @@ class Job:
         cache = BottleneckCache(config.cache_dir, backbone.cache_identity, backbone.feature_dim, config.cache.dtype)
         self._list_cache_files = cache.files
         computed = extract_missing(dataset.images, backbone, cache, strategy, config.cache.batch_size,
-                                   config.cache.shard_size, config.train.progress)
+                                   config.cache.shard_size, config.train.progress, self.stop)
+        scanned = len(dataset.skipped)
         dataset = dataset.without(cache.undecodable)
-        check_class_sizes(dataset, config.data.min_images_per_class)
-        for item in dataset.skipped:
+        for item in dataset.skipped[scanned:]:  # the scan already named the files it skipped
             log.warning("skipped %s: %s", item["path"], item["reason"])
+        check_class_sizes(dataset, config.data.min_images_per_class)
         train, val, test = (Split.of(dataset, cache, name) for name in ("train", "validation", "test"))
         log.info("%d classes; %d train / %d validation / %d test images; %d skipped; %d vectors computed "
                  "now, %d cached", len(dataset.classes), len(train.records), len(val.records),

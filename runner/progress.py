@@ -31,17 +31,21 @@ class LineProgress:
     def __init__(self, total: int, desc: str, unit: str, initial: int = 0, interval: float = 10.0):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.interval, self.start, self.start_n = interval, time.monotonic(), initial
-        self.last_print, self.postfix = 0.0, ""
+        self.last_print, self.postfix, self.printed = 0.0, "", 0
 
     def set_postfix_str(self, text: str) -> None:
         self.postfix = text
 
     def update(self, count: int = 1) -> None:
+        if count <= 0:
+            return
+        finished = self.n >= self.total
         self.n += count
         now = time.monotonic()
-        if now - self.last_print >= self.interval or self.n >= self.total:
-            self.last_print = now
-            print(self.line(now), flush=True)
+        if now - self.last_print >= self.interval or (self.n >= self.total and not finished):
+            self.last_print, self.printed = now, self.printed + 1
+            first = self.printed == 1 and self.n < self.total  # a rate over one item means nothing yet
+            print(f"{self.desc}: {self.n}/{self.total} (started)" if first else self.line(now), flush=True)
 
     def line(self, now: float) -> str:
         """The progress line at monotonic time `now`."""

@@ -7,12 +7,9 @@ import subprocess
 import sys
 import time
 
-from runner.cli import EXIT_USER_ERROR
+from runner.exit_codes import EXIT_CRASH, EXIT_OK, EXIT_STOPPED, EXIT_TRANSIENT, NOT_RETRIED
 
 log = logging.getLogger("runner")
-
-EXIT_OK = 0
-EXIT_STOPPED = 130         # stopped on request after a final checkpoint
 
 
 def backoff_seconds(attempt: int, base: float = 2.0, cap: float = 60.0) -> float:
@@ -25,6 +22,8 @@ def describe_exit(code: int) -> str:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
         hint = " (often the out-of-memory killer)" if -code == signal.SIGKILL else ""
         return f"killed by {name}{hint}"
+    if code == EXIT_TRANSIENT:
+        return f"exited with status {code} (a transient failure, e.g. the network)"
     return f"exited with status {code}"
 
 
@@ -48,12 +47,12 @@ def supervise(child_args: list[str], max_restarts: int, base_delay: float = 2.0)
             print(f"supervisor: stopped on {signal.Signals(stopping['signal']).name}; the child "
                   f"{describe_exit(code)}", flush=True)
             return EXIT_STOPPED if code in (EXIT_OK, EXIT_STOPPED) else code
-        if code in (EXIT_OK, EXIT_USER_ERROR, EXIT_STOPPED):
+        if code in NOT_RETRIED:  # done, stopped, or a problem only the user can fix
             return code
         if restarts >= max_restarts:
             print(f"supervisor: training {describe_exit(code)}; giving up after {restarts} restart(s). "
                   f"Run the same command again to continue from the latest checkpoint.", flush=True)
-            return code if code > 0 else 1
+            return code if code > 0 else EXIT_CRASH
         restarts += 1
         delay = backoff_seconds(restarts, base_delay)
         print(f"supervisor: training {describe_exit(code)}; restart {restarts}/{max_restarts} from the latest "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from runner.distribute import distribute_batch
-from runner.errors import RunnerError
+from runner.errors import RunnerError, StopRequested
 
 log = logging.getLogger("runner")
 
@@ -58,6 +59,7 @@ class StopFlag:
 
     def __init__(self):
         self.signal_name: str | None = None
+        self._raise_in: str | None = None
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -65,6 +67,19 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
+        if self._raise_in is not None:
+            raise StopRequested(self.signal_name, self._raise_in)
+
+    @contextmanager
+    def raising(self, phase: str):
+        """Within the block a signal raises StopRequested at once (for code that does not poll the flag)."""
+        if self:
+            raise StopRequested(self.signal_name, phase)
+        self._raise_in = phase
+        try:
+            yield
+        finally:
+            self._raise_in = None
 
     def __bool__(self) -> bool:
         return self.signal_name is not None

@@ -181,7 +181,7 @@ def test_a_diverging_configured_head_stops_with_exit_2_and_nothing_non_finite_is
     from tests.helpers import checkpoint_values, local_mobilenet_args, run_resume
     _, cache_dir, _ = clothing_run
     run_dir = tmp_path / "run"
-    result = run_resume(*local_mobilenet_args(run_dir, cache_dir, "head.search=off", "train.learning_rate=1e30",
+    result = run_resume(*local_mobilenet_args(run_dir, cache_dir, "head.search=off", "train.learning_rate=1e38",
                                               "train.steps=200", "checkpoint.every_steps=1", "export.enabled=true"))
     assert result.returncode == 2, result.stdout
     assert "head training diverged at step" in result.stdout and "Lower train.learning_rate" in result.stdout
