@@ -30,9 +30,9 @@ def finished_run(tmp_path_factory, shared_assets):
 
 
 def run_files(run_dir):
-    """Every result file of the run with its modification time (sync's queue and the cache aside)."""
+    """Every result file of the run with its modification time (sync's queue, the cache and the lock aside)."""
     return {p.relative_to(run_dir).as_posix(): p.stat().st_mtime_ns for p in run_dir.rglob("*")
-            if p.is_file() and not {".sync", "cache"} & set(p.relative_to(run_dir).parts)}
+            if p.is_file() and not {".sync", "cache", ".lock"} & set(p.relative_to(run_dir).parts)}
 
 
 def test_a_finished_run_started_again_writes_nothing(finished_run):

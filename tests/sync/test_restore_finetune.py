@@ -72,9 +72,9 @@ def test_fine_tuning_restored_on_a_new_disk_finishes_and_a_finished_run_changes_
     assert first["head_only_test_accuracy"] is not None
     assert json.loads((run_dir / "export" / "model.json").read_text())["step"] == final_step
 
-    def results():  # every file of the run but sync's queue and the cache (its scan index is data.py's)
+    def results():  # every file of the run but sync's queue, the cache (its scan index is data.py's), the lock
         return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")
-                if p.is_file() and not {".sync", "cache"} & set(p.relative_to(run_dir).parts)}
+                if p.is_file() and not {".sync", "cache", ".lock"} & set(p.relative_to(run_dir).parts)}
     before = results()
     again = run_resume(*args)
     assert again.returncode == 0, again.stdout
