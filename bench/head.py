@@ -1,8 +1,10 @@
 """Head training on the cache: time per epoch and memory for a 1,000-class head on 100k cached vectors,
-and the cost of the default head search next to one fixed head, side by side in one run.
+the cost of the default head search next to one fixed head, side by side in one run; the cost of
+safety (training with the default checkpoint cadence vs checkpoints off) and the resume latency
+(process start to the first training step of a resumed run with 100,000 cached vectors).
 
     python bench/head.py [--vectors 100000] [--classes 1000] [--dim 1280] [--batch-size 100]
-                         [--search-epochs 10] [--no-search]
+                         [--search-epochs 10] [--no-search] [--safety-steps 2000] [--resume-files 100000]
 
 The vectors are synthetic (class means plus noise), written as float16 shards through the real
 BottleneckCache and read back memory-mapped, exactly as training reads them.
@@ -19,7 +21,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -43,6 +46,19 @@ def current_rss_mib() -> float:
     return float("nan")
 
 
+def write_synthetic_cache(root: Path, identity: dict, keys: list[str], labels: np.ndarray, classes: int,
+                          dim: int) -> float:
+    """Vectors (class means plus noise) for `keys` written as cache shards; returns the seconds it took."""
+    rng = np.random.default_rng(0)
+    means = rng.normal(0, 1, (classes, dim)).astype(np.float32)
+    cache = BottleneckCache(root, identity, dim)
+    start = time.perf_counter()
+    for lo in range(0, len(keys), 4096):
+        hi = min(lo + 4096, len(keys))
+        cache.add_shard(keys[lo:hi], means[labels[lo:hi]] + rng.normal(0, 2, (hi - lo, dim)).astype(np.float32))
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vectors", type=int, default=100_000)
@@ -53,19 +69,15 @@ def main() -> None:
     parser.add_argument("--search-epochs", type=float, default=3.0,
                         help="budget (train.epochs) of the search-vs-fixed comparison, the same for both")
     parser.add_argument("--no-search", action="store_true", help="skip the search-vs-fixed comparison")
+    parser.add_argument("--safety-steps", type=int, default=2000,
+                        help="steps per run of the cost-of-safety section (0 = skip it)")
+    parser.add_argument("--resume-files", type=int, default=100_000,
+                        help="images (and cached vectors) of the resume-latency section (0 = skip it)")
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, args.classes, args.vectors).astype(np.int32)
-    means = rng.normal(0, 1, (args.classes, args.dim)).astype(np.float32)
+    labels = np.random.default_rng(0).integers(0, args.classes, args.vectors).astype(np.int32)
     with tempfile.TemporaryDirectory() as tmp:
-        cache = BottleneckCache(Path(tmp), {"bench": True}, args.dim)
         keys = [f"{i:064x}" for i in range(args.vectors)]
-        start = time.perf_counter()
-        for lo in range(0, args.vectors, 4096):
-            hi = min(lo + 4096, args.vectors)
-            vectors = means[labels[lo:hi]] + rng.normal(0, 2, (hi - lo, args.dim)).astype(np.float32)
-            cache.add_shard(keys[lo:hi], vectors)
-        write_seconds = time.perf_counter() - start
+        write_seconds = write_synthetic_cache(Path(tmp), {"bench": True}, keys, labels, args.classes, args.dim)
         cache = BottleneckCache(Path(tmp), {"bench": True}, args.dim)  # reopen: memory-mapped reads only
         rss_after_open = current_rss_mib()
         table = cache.table(keys)
@@ -94,6 +106,7 @@ def main() -> None:
         rss_end = current_rss_mib()
         comparison = None if args.no_search else compare_search(cache, keys, labels, args)
         size_mib = sum(p.stat().st_size for p in Path(tmp).rglob("*.npy")) / 2 ** 20
+        safety = cost_of_safety(table, labels, args, Path(tmp) / "safety") if args.safety_steps else None
     print(f"\n{args.classes}-class head on {args.vectors} cached {args.dim}-d float16 vectors "
           f"({size_mib:.0f} MiB on disk, written in {write_seconds:.1f} s), batch {args.batch_size}, "
           f"{os.cpu_count()} CPUs")
@@ -119,6 +132,10 @@ def main() -> None:
         print(f"  at the default budget (train.epochs = 100: {default_steps} steps) the search's schedule, with no "
               f"candidate stopping early, would cost {ratio:.2f}x one fixed head trained for the same budget "
               f"(from the per-step times above; early stopping only lowers it)")
+    if safety:
+        print_cost_of_safety(safety, args)
+    if args.resume_files:
+        print_resume_latency(resume_latency(args.resume_files))
 
 
 def compare_search(cache: BottleneckCache, keys: list[str], labels: np.ndarray, args) -> tuple:
@@ -206,6 +223,157 @@ def step_times(search, fixed_step, table, labels, order, weights, repeats: int =
                    tf.constant([0, i], tf.int64))[0].numpy()
     times[0] = (time.perf_counter() - start) / repeats
     return times
+
+
+# -- cost of safety: checkpoint cadence overhead and resume latency (issue 12) --------------------------
+def train_through_the_loop(table, labels: np.ndarray, args, run_dir: Path, checkpoints: bool) -> tuple[float, float]:
+    """(seconds in all, seconds inside checkpoint saves) to train args.safety_steps steps through the runner's
+    step loop (validation every eval.every_steps on a tenth of the vectors), saving checkpoints on the
+    default cadence, or never."""
+    from runner.checkpoints import CheckpointStore
+    from runner.evaluate import loss_and_accuracy, predict_logits
+    from runner.train import Stage, StopFlag, TrainState, run_stage
+    config = Config()
+    config.run.dir, config.train.batch_size, config.train.progress = str(run_dir), args.batch_size, "lines"
+    strategy = tf.distribute.get_strategy()
+    head = build_head(args.classes, args.dim, config.head, 0)
+    optimizer = build_optimizer(config.train, head.trainable_variables)
+    state = TrainState(tf.Variable(0, dtype=tf.int64), tf.Variable(0, dtype=tf.int64))
+    store = CheckpointStore(run_dir / "checkpoints", tf.train.Checkpoint(
+        head=head, optimizer=optimizer, global_step=state.step, data_seed=state.seed), config.checkpoint.max_to_keep)
+    order = BatchOrder(len(table), args.batch_size, 0)
+    val_rows = np.arange(0, len(table), 10)
+    val_features = table.gather(val_rows)
+
+    def next_batch(step: int):
+        rows = order.indices(step)
+        return table.gather(rows), labels[rows]
+
+    saving = [0.0]
+
+    def save(step: int, metrics: dict) -> None:
+        if checkpoints:
+            began = time.perf_counter()
+            store.save(step, {"metrics": metrics})
+            saving[0] += time.perf_counter() - began
+
+    stage = Stage("head", args.safety_steps, 0, state, make_head_step(head, optimizer, strategy, config, args.classes),
+                  next_batch, lambda step: loss_and_accuracy(predict_logits(head, val_features), labels[val_rows]), save,
+                  config.eval.every_steps)
+    start = time.perf_counter()
+    run_stage(config, stage, strategy, np.ones(args.classes, np.float32), run_dir / "metrics.jsonl", StopFlag())
+    return time.perf_counter() - start, saving[0]
+
+
+def cost_of_safety(table, labels: np.ndarray, args, root: Path) -> dict:
+    """Training time with the default checkpoint cadence vs checkpoints off (runs alternated, best of two),
+    and the time spent inside the saves themselves (the direct cost, less sensitive to a shared machine)."""
+    runs = {"off": [], "on": []}
+    saving = []
+    for attempt in range(2):
+        for mode in ("off", "on"):
+            total, saves = train_through_the_loop(table, labels, args, root / f"{mode}-{attempt}", mode == "on")
+            runs[mode].append(total)
+            if mode == "on":
+                saving.append((saves, total))
+    c = Config().checkpoint
+    saves = args.safety_steps // c.every_steps if c.every_steps else 1
+    return {"off": min(runs["off"]), "on": min(runs["on"]), "runs": runs, "saving": min(saving), "saves": saves}
+
+
+def print_cost_of_safety(safety: dict, args) -> None:
+    c = Config().checkpoint
+    overhead = safety["on"] / safety["off"] - 1
+    print(f"\ncost of safety: {args.safety_steps} steps through the step loop (validation every "
+          f"{Config().eval.every_steps} steps), best of 2 alternated runs each")
+    print(f"  checkpoints off                          {safety['off']:6.2f} s  (runs: "
+          f"{', '.join(f'{t:.2f}' for t in safety['runs']['off'])})")
+    print(f"  checkpoints every {c.every_steps} steps / {c.every_seconds:.0f} s (default) {safety['on']:6.2f} s  "
+          f"(runs: {', '.join(f'{t:.2f}' for t in safety['runs']['on'])})")
+    print(f"  overhead {100 * overhead:+.1f} %  (target <= 2 %)")
+    inside, total = safety["saving"]
+    print(f"  inside the {safety['saves']} saves: {inside:.2f} s of {total:.2f} s = {100 * inside / (total - inside):.1f} % "
+          f"on top of training without them ({1000 * inside / safety['saves']:.0f} ms per checkpoint)")
+
+
+def resume_latency(files: int, classes: int = 1000) -> dict:
+    """Seconds from process start to the first training step of a resumed run (resume.py in a child)
+    whose data.dir holds `files` images, all of them cached; and the phases seen on its output."""
+    import signal
+    import subprocess
+    import threading
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scan import write_tree
+    from runner.backbones import build_backbone
+    from runner.config import BackboneConfig
+    from runner.data import HashIndex, scan_dataset
+    weights = REPO.parent / "shared" / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+    backbone = build_backbone(BackboneConfig(name="mobilenet", weights=str(weights), alpha=0.25))
+    with tempfile.TemporaryDirectory() as tmp:
+        data, run_dir, cache_dir = Path(tmp) / "data", Path(tmp) / "run", Path(tmp) / "cache"
+        write_tree(data, classes, files // classes)
+        dataset = scan_dataset(data, 10, 10, HashIndex(cache_dir / "file-hashes.json"), 1, "lines")
+        write_synthetic_cache(cache_dir, backbone.cache_identity, [r.sha256 for r in dataset.images],
+                              np.array([r.label for r in dataset.images]), classes, backbone.feature_dim)
+        command = [sys.executable, str(REPO / "resume.py"), "--config", str(REPO / "configs" / "clothing_local.toml")]
+        for setting in (f"data.dir={data}", f"run.dir={run_dir}", f"cache.dir={cache_dir}", f"backbone.weights={weights}",
+                        "train.steps=1000000", "head.search=off", "checkpoint.every_steps=100", "export.enabled=false",
+                        "train.progress=lines"):
+            command += ["--set", setting]
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+
+        def start(extra: list[str]):
+            process = subprocess.Popen(command + extra, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True)
+            lines: list[tuple[float, str]] = []
+            threading.Thread(target=lambda: lines.extend((time.perf_counter(), line) for line in process.stdout),
+                             daemon=True).start()
+            return process, lines
+
+        def wait_for(lines, text: str, process, timeout: float = 600) -> float:
+            deadline = time.perf_counter() + timeout
+            while time.perf_counter() < deadline and process.poll() is None:
+                for at, line in list(lines):
+                    if text in line:
+                        return at
+                time.sleep(0.01)
+            raise SystemExit(f"resume.py never printed {text!r}:\n" + "".join(line for _, line in lines))
+
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import tensorflow, keras"], env=env, check=True)
+        import_seconds = time.perf_counter() - began
+        first, lines = start([])
+        wait_for(lines, "checkpoint saved", first)
+        first.send_signal(signal.SIGTERM)
+        first.wait(120)
+        began = time.perf_counter()
+        resumed, lines = start(["--set", "eval.every_steps=1"])
+        at_resumed = wait_for(lines, "resumed from step", resumed)
+        step = int(next(line for _, line in lines if "resumed from step" in line).split("step ")[1].split(",")[0])
+        metrics = run_dir / "metrics.jsonl"
+        while resumed.poll() is None:
+            if metrics.exists() and f'"step": {step + 1},' in metrics.read_text():
+                at_first_step = time.perf_counter()
+                break
+            time.sleep(0.01)
+        else:
+            raise SystemExit("the resumed run ended before its first step:\n" + "".join(line for _, line in lines))
+        resumed.send_signal(signal.SIGTERM)
+        resumed.wait(120)
+        scanned = next((at for at, line in lines if f"checking images: {len(dataset.images)}/" in line), None)
+    return {"files": len(dataset.images), "step": step, "import": import_seconds,
+            "scan_done": None if scanned is None else scanned - began,
+            "restored": at_resumed - began, "first_step": at_first_step - began}
+
+
+def print_resume_latency(latency: dict) -> None:
+    print(f"\nresume latency: resume.py restarted on a run whose data.dir has {latency['files']} images, all "
+          f"cached ({latency['files']} vectors), resuming at step {latency['step']}")
+    print(f"  (a bare `python -c 'import tensorflow, keras'` takes {latency['import']:.2f} s here)")
+    if latency["scan_done"] is not None:
+        print(f"  scan done (stat cache)              {latency['scan_done']:6.2f} s after process start")
+    print(f"  checkpoint restored                 {latency['restored']:6.2f} s")
+    print(f"  first training step                 {latency['first_step']:6.2f} s")
 
 
 if __name__ == "__main__":

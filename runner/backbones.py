@@ -48,6 +48,7 @@ class Backbone:
     feature_dim: int
     cache_identity: dict        # everything the cached vectors depend on
     base: keras.Model           # the keras.applications model inside `model` (its layers, for fine-tuning)
+    config: BackboneConfig      # what it was built from (extraction_model reads mixed_precision)
 
 
 def image_size_for(config: BackboneConfig) -> int:
@@ -66,16 +67,10 @@ def weights_identity(config: BackboneConfig) -> str:
     return "sha256:" + file_digest(path)
 
 
-def build_backbone(config: BackboneConfig) -> Backbone:
-    """Construct the frozen backbone with its preprocessing folded into the model."""
+def _construct(config: BackboneConfig, weights: str | None) -> keras.Model:
+    """The frozen keras.applications model (without top, average-pooled) of `config`."""
     spec = REGISTRY[config.name]
     size = image_size_for(config)
-    identity = {"backbone": config.name, "weights": weights_identity(config), "image_size": size,
-                "alpha": config.alpha if spec.takes_alpha else None}
-    weights = None if config.weights == "none" else config.weights
-    if weights is None:
-        log.warning("backbone.weights = 'none': the backbone is RANDOM. Its features carry no ImageNet "
-                    "knowledge and the accuracy of this run means nothing.")
     kwargs = dict(input_shape=(size, size, 3), include_top=False, weights=weights, pooling="avg")
     if spec.takes_alpha:
         kwargs["alpha"] = config.alpha
@@ -89,14 +84,77 @@ def build_backbone(config: BackboneConfig) -> Backbone:
                           f"is damaged or is not Keras weights of this backbone, alpha and include_top=False: "
                           f"download it again, or fix backbone.weights.") from None
     base.trainable = False
+    return base
+
+
+def _with_preprocessing(config: BackboneConfig, base: keras.Model) -> keras.Model:
+    """float32 images in [0, 255] → the backbone's preprocessing → base → float32 pooled vectors."""
+    size = image_size_for(config)
     inputs = keras.Input((size, size, 3), dtype="float32")
-    features = base(spec.preprocess(inputs), training=False)
-    model = keras.Model(inputs, features, name=f"{config.name}_extractor")
-    return Backbone(config.name, size, model, int(features.shape[-1]), identity, base)
+    features = base(REGISTRY[config.name].preprocess(inputs), training=False)
+    if features.dtype != "float32":  # a mixed-precision base computes and returns float16
+        features = keras.ops.cast(features, "float32")
+    return keras.Model(inputs, features, name=f"{config.name}_extractor")
+
+
+def build_backbone(config: BackboneConfig) -> Backbone:
+    """Construct the frozen backbone with its preprocessing folded into the model."""
+    spec = REGISTRY[config.name]
+    size = image_size_for(config)
+    identity = {"backbone": config.name, "weights": weights_identity(config), "image_size": size,
+                "alpha": config.alpha if spec.takes_alpha else None}
+    weights = None if config.weights == "none" else config.weights
+    if weights is None:
+        log.warning("backbone.weights = 'none': the backbone is RANDOM. Its features carry no ImageNet "
+                    "knowledge and the accuracy of this run means nothing.")
+    base = _construct(config, weights)
+    model = _with_preprocessing(config, base)
+    return Backbone(config.name, size, model, int(model.outputs[0].shape[-1]), identity, base, config)
+
+
+def extraction_model(backbone: Backbone) -> keras.Model:
+    """The model bottleneck extraction runs: the backbone itself, or with backbone.mixed_precision a copy
+    with the same weights computing in float16 (its vectors are cast back to float32, stored as before)."""
+    if not backbone.config.mixed_precision:
+        return backbone.model
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        half = _construct(backbone.config, None)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    half.set_weights(backbone.base.get_weights())
+    if not tf.config.list_logical_devices("GPU"):
+        log.warning("backbone.mixed_precision = true without a GPU: float16 on the CPU is slower than float32; "
+                    "set it to false on this machine.")
+    return _with_preprocessing(backbone.config, half)
+
+
+JPEG_RATIOS = (1, 2, 4, 8)  # the scale-downs libjpeg applies in the DCT domain while decoding
+
+
+def jpeg_ratio_index(height: tf.Tensor, width: tf.Tensor, size: int) -> tf.Tensor:
+    """Index into JPEG_RATIOS of the largest ratio that keeps both sides of the decoded image >= size."""
+    short = tf.minimum(height, width)
+    # libjpeg rounds a scaled side up: ceil(short / r) >= size exactly when short > (size - 1) * r
+    return tf.add_n([tf.cast(short > (size - 1) * r, tf.int32) for r in JPEG_RATIOS[1:]])
 
 
 def decode_and_resize(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP bytes → float32 [size, size, 3] in [0, 255]."""
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    """Encoded JPEG/PNG/GIF/BMP bytes → float32 [size, size, 3] in [0, 255].
+
+    A JPEG is decoded at the largest DCT scale-down (1/2, 1/4, 1/8) whose sides stay >= size, read from its
+    header; other formats take the general decoder. The one function used for extraction, fine-tuning and
+    the exported graph, so all of them see the same pixels."""
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(image_bytes)
+        index = jpeg_ratio_index(shape[0], shape[1], size)
+        return tf.switch_case(index, [lambda r=r: tf.io.decode_jpeg(image_bytes, channels=3, ratio=r)
+                                      for r in JPEG_RATIOS])
+
+    def other():
+        return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+
+    image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
     image = tf.image.resize(image, (size, size), method="bilinear")
     return tf.ensure_shape(image, (size, size, 3))

@@ -43,6 +43,9 @@ class BackboneConfig:
     image_size: int = _opt(0, "input size in pixels; 0 = the backbone's default", min=0, max=1024)
     alpha: float = _opt(1.0, "width multiplier of MobileNet / MobileNetV2", min=0.1, max=2.0)
     allow_random_weights: bool = _opt(False, "must be true to accept weights='none' (accuracy is meaningless)")
+    mixed_precision: bool = _opt(False, "extract bottlenecks computing in float16 (for GPUs; vectors are stored "
+                                        "as cache.dtype either way; slower on a CPU)")
+    xla: bool = _opt(False, "compile the extraction forward pass with XLA (for GPUs; much slower on a CPU)")
 
 
 @dataclass

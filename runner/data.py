@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,27 +93,67 @@ def problem_with(data: bytes, extension: str) -> str | None:
 
 
 class HashIndex:
-    """Remembers file content hashes by (size, mtime) so a restart does not re-read every image."""
+    """Content hashes of data.dir's files by (name relative to data.dir, size, mtime), so an unchanged file
+    is never read again: not by a second scan, nor after a restore on a fresh disk (the index travels with
+    the cache, and tar, Drive and `cp -p` keep sizes and modification times).
+
+    The inode is deliberately not part of the key: a fresh disk gives every file a new one. A file written
+    less than RACY_SECONDS before its hash was taken is not remembered (it could still change within the
+    same mtime tick); it is hashed again next time.
+
+    Saved as `file-hashes.json` (the working copy) plus an immutable, content-named copy
+    `file-hashes-<sha>.json` that is handed to sync with the cache shards (see shipped_name)."""
+
+    FORMAT = 2
+    RACY_SECONDS = 2.0
 
     def __init__(self, path: Path):
-        self.path = path
-        try:
-            self.entries = json.loads(path.read_text())
-        except (FileNotFoundError, ValueError):
-            self.entries = {}
+        self.path = Path(path)
+        self.entries: dict[str, list] = {}
+        self.shipped_name: str | None = None
+        for candidate in [self.path] + self._shipped_copies():  # the working copy, else one restored by sync
+            try:
+                data = json.loads(candidate.read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("format") == self.FORMAT:
+                self.entries = data["entries"]
+                break
 
-    def lookup(self, file: Path, stat: os.stat_result) -> str | None:
-        entry = self.entries.get(str(file))
+    def _shipped_copies(self) -> list[Path]:
+        """The content-named copies beside the working copy, newest first."""
+        copies = self.path.parent.glob(f"{self.path.stem}-*{self.path.suffix}")
+        return sorted(copies, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+    def lookup(self, relpath: str, stat: os.stat_result) -> str | None:
+        """The remembered hash of `relpath` if its size and mtime are unchanged, else None."""
+        entry = self.entries.get(relpath)
         if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
             return entry[2]
         return None
 
-    def remember(self, file: Path, stat: os.stat_result, digest: str) -> None:
-        self.entries[str(file)] = [stat.st_size, stat.st_mtime_ns, digest]
+    def remember(self, relpath: str, stat: os.stat_result, digest: str, now: float) -> None:
+        """Record the hash of a file just read (unless it was modified too recently to trust its mtime)."""
+        if now - stat.st_mtime_ns / 1e9 >= self.RACY_SECONDS:
+            self.entries[relpath] = [stat.st_size, stat.st_mtime_ns, digest]
+        else:
+            self.entries.pop(relpath, None)
 
-    def save(self) -> None:
+    def save(self, keep: set[str] | None = None) -> None:
+        """Write the working copy and the content-named copy for sync; forget files not in `keep` (a whole
+        scan's names; None, for a scan cut short, keeps every entry)."""
+        if keep is not None:
+            self.entries = {k: v for k, v in self.entries.items() if k in keep}
+        text = json.dumps({"format": self.FORMAT, "entries": self.entries}, separators=(",", ":"))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path, json.dumps(self.entries))
+        write_text_atomic(self.path, text)
+        name = f"{self.path.stem}-{hashlib.sha256(text.encode()).hexdigest()[:16]}{self.path.suffix}"
+        if not (self.path.parent / name).exists():
+            write_text_atomic(self.path.parent / name, text)
+        for old in self._shipped_copies():
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        self.shipped_name = name
 
 
 def list_class_folders(data_dir: Path) -> list[str]:
@@ -127,6 +168,20 @@ def list_class_folders(data_dir: Path) -> list[str]:
     return classes
 
 
+def image_entries(folder: Path, parts: tuple[str, ...]) -> list[tuple[tuple[str, ...], os.DirEntry]]:
+    """The image files below `folder` as (path parts relative to data.dir, directory entry), in any order
+    (os.scandir: one stat per file, none for the listing)."""
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                found += image_entries(Path(entry.path), parts + (entry.name,))
+            elif (entry.is_file() and not entry.name.startswith(".")
+                  and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS):
+                found.append((parts + (entry.name,), entry))
+    return found
+
+
 def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
                  hash_index: HashIndex, min_images_per_class: int, progress_mode: str = "auto",
                  stop=None) -> Dataset:
@@ -134,23 +189,21 @@ def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
     `stop` (a StopFlag) ends the scan with StopRequested, the hashes read so far saved for the next start."""
     data_dir = Path(data_dir).resolve()
     classes = list_class_folders(data_dir)
-    candidates = []
-    for label, name in enumerate(classes):
-        for file in sorted((data_dir / name).rglob("*")):
-            if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS and not file.name.startswith("."):
-                candidates.append((label, file))
-    images, skipped = [], []
+    candidates = [(label, parts, entry) for label, name in enumerate(classes)
+                  for parts, entry in sorted(image_entries(data_dir / name, (name,)), key=lambda c: c[0])]
+    images, skipped, seen = [], [], set()
     log.info("checking %d image files in %s", len(candidates), data_dir)
     bar = progress(len(candidates), "checking images", "img", progress_mode)
-    for label, file in candidates:
+    for label, parts, entry in candidates:
         if stop:
             hash_index.save()
             raise StopRequested(stop.signal_name, "the image scan")
         bar.update()
-        relpath = file.relative_to(data_dir).as_posix()
+        file, relpath = Path(entry.path), "/".join(parts)
+        seen.add(relpath)
         try:
-            stat = file.stat()
-            digest = hash_index.lookup(file, stat)
+            stat = entry.stat()
+            digest = hash_index.lookup(relpath, stat)
             if digest is not None and not os.access(file, os.R_OK):  # known, but extraction could not read it
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
             data = file.read_bytes() if digest is None else b""
@@ -165,11 +218,11 @@ def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
                 log.warning("skipped %s: %s", relpath, reason)
                 continue
             digest = hashlib.sha256(data).hexdigest()
-            hash_index.remember(file, stat, digest)
+            hash_index.remember(relpath, stat, digest, time.time())
         split = split_of(relpath, validation_percent, test_percent)
         images.append(ImageRecord(str(file), relpath, label, split, digest))
     bar.close()
-    hash_index.save()
+    hash_index.save(seen)
     dataset = Dataset(classes, images, skipped)
     check_class_sizes(dataset, min_images_per_class)
     return dataset

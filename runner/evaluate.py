@@ -1,6 +1,8 @@
 """Metrics of the head on a split: loss, accuracy, per-class accuracy, confusion, misclassified."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import tensorflow as tf
 
@@ -22,24 +24,39 @@ def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float | N
     return float(np.mean(losses)), float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """counts[true, predicted]."""
-    counts = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(counts, (labels, predictions), 1)
-    return counts
+def sparse_confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict:
+    """The confusion matrix as its non-zero cells: {"format": "sparse", "num_classes": n,
+    "entries": [[true, predicted, count], ...]} sorted by (true, predicted); never n x n in memory."""
+    cells, counts = np.unique(np.asarray(labels, np.int64) * num_classes + np.asarray(predictions, np.int64),
+                              return_counts=True)
+    entries = [[int(c // num_classes), int(c % num_classes), int(n)] for c, n in zip(cells, counts)]
+    return {"format": "sparse", "num_classes": num_classes, "entries": entries}
 
 
 def test_report(logits: np.ndarray, labels: np.ndarray, classes: list[str], paths: list[str]) -> dict:
-    """Accuracy, per-class accuracy, confusion matrix and misclassified images of the test split."""
+    """Accuracy, per-class accuracy, sparse confusion matrix and misclassified images of the test split."""
     loss, accuracy = loss_and_accuracy(logits, labels)
     predictions = np.argmax(logits, axis=1) if len(labels) else np.zeros(0, np.int64)
-    confusion = confusion_matrix(labels, predictions, len(classes))
-    totals = confusion.sum(axis=1)
-    per_class = {name: (float(confusion[i, i] / totals[i]) if totals[i] else None)
+    totals = np.bincount(labels, minlength=len(classes))
+    correct = np.bincount(labels[predictions == labels], minlength=len(classes))
+    per_class = {name: (float(correct[i] / totals[i]) if totals[i] else None)
                  for i, name in enumerate(classes)}
     probabilities = tf.nn.softmax(logits).numpy() if len(labels) else logits
     misclassified = [{"path": paths[i], "true": classes[labels[i]], "predicted": classes[predictions[i]],
                       "probability": round(float(probabilities[i, predictions[i]]), 4)}
                      for i in np.flatnonzero(predictions != labels)]
     return {"test_loss": loss, "test_accuracy": accuracy, "per_class_accuracy": per_class,
-            "confusion_matrix": confusion.tolist(), "misclassified": misclassified}
+            "confusion_matrix": sparse_confusion(labels, predictions, len(classes)), "misclassified": misclassified}
+
+
+def report_json(report: dict) -> str:
+    """test_report.json's text: one line per key, and one line per item of a list (a confusion cell, a
+    misclassified image), so it stays readable and small at thousands of classes."""
+    def block(value, indent: str) -> str:
+        if isinstance(value, dict) and any(isinstance(v, list) for v in value.values()):
+            inner = ",\n".join(f"{indent} {json.dumps(k)}: {block(v, indent + ' ')}" for k, v in value.items())
+            return "{\n" + inner + "\n" + indent + "}"
+        if isinstance(value, list) and value:
+            return "[\n" + ",\n".join(f"{indent} {json.dumps(v)}" for v in value) + "\n" + indent + "]"
+        return json.dumps(value)
+    return block(report, "") + "\n"

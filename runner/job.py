@@ -16,7 +16,7 @@ from runner.config import Config, to_toml
 from runner.data import Dataset, HashIndex, check_class_sizes, scan_dataset
 from runner.distribute import make_strategy
 from runner.errors import IncompatibleRunError, RunnerError, StopRequested
-from runner.evaluate import loss_and_accuracy, predict_logits, test_report
+from runner.evaluate import loss_and_accuracy, predict_logits, report_json, test_report
 from runner.events import CheckpointCadence, MetricsLogger, ProgressDisplay, SyncHandOver, TensorBoardScalars
 from runner.export import export_run
 from runner.extract import extract_missing
@@ -76,9 +76,10 @@ class Job:
                 restored_step = self.sync.restore_latest()
             if restored_step is not None:
                 log.info("downloaded the snapshot of step %d from sync (%s)", restored_step, config.sync.backend)
+        self.hash_index = HashIndex(config.cache_dir / "file-hashes.json")
         dataset = scan_dataset(Path(config.data.dir), config.split.validation_percent, config.split.test_percent,
-                               HashIndex(config.cache_dir / "file-hashes.json"),
-                               config.data.min_images_per_class, config.train.progress, self.stop)
+                               self.hash_index, config.data.min_images_per_class, config.train.progress,
+                               self.stop)
         sync_folder = config.sync.folder if self.sync.enabled else ""
         for stage, fingerprint in (("head", config.compatibility_fingerprint()),
                                    ("finetune", config.fine_tune_fingerprint())):
@@ -104,7 +105,7 @@ class Job:
         export_current = not config.export.enabled or (export_info or {}).get("step") == summary["global_step"]
         if read_json(run.summary) == summary and read_json(run.test_report) == report and export_current:
             return False
-        write_json(run.test_report, report)
+        write_text_atomic(run.test_report, report_json(report))
         write_json(run.summary, summary)
         if config.export.enabled:
             try:
@@ -130,7 +131,8 @@ class Job:
         with strategy.scope():
             backbone = build_backbone(config.backbone)
         cache = BottleneckCache(config.cache_dir, backbone.cache_identity, backbone.feature_dim, config.cache.dtype)
-        self._list_cache_files = cache.files
+        # what sync ships of the cache: its immutable shards and the file-hash index's content-named copy
+        self._list_cache_files = lambda: cache.files() + [n for n in [self.hash_index.shipped_name] if n]
         computed = extract_missing(dataset.images, backbone, cache, strategy, config.cache.batch_size,
                                    config.cache.shard_size, config.train.progress, self.stop)
         scanned = len(dataset.skipped)

@@ -146,8 +146,11 @@ def run_status(run_dir: Path) -> list[str]:
 
 def per_class_table(report: dict, classes: list[str], limit: int = 50) -> list[str]:
     """Per-class test accuracy with the number of test images, worst classes first."""
-    matrix = np.array(report["confusion_matrix"], dtype=np.int64).reshape(len(classes), len(classes))
-    totals, correct = matrix.sum(axis=1), np.diag(matrix)
+    from runner.report import confusion_entries  # the sparse cells (or an older run's dense matrix)
+    entries = confusion_entries(report, len(classes))
+    diagonal = entries[entries[:, 0] == entries[:, 1]]
+    totals = np.bincount(entries[:, 0], weights=entries[:, 2], minlength=len(classes)).astype(np.int64)
+    correct = np.bincount(diagonal[:, 0], weights=diagonal[:, 2], minlength=len(classes)).astype(np.int64)
     order = sorted(range(len(classes)), key=lambda i: (correct[i] / totals[i] if totals[i] else 2.0, classes[i]))
     width = max([len(name) for name in classes] + [5])
     lines = [f"{'class':<{width}}  {'test images':>11}  {'correct':>7}  accuracy"]

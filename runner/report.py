@@ -103,18 +103,37 @@ def plot_candidates(candidates: list[dict], selected: dict, path: Path) -> None:
     _save(figure, path)
 
 
-def top_confusions(matrix: np.ndarray, classes: list[str], limit: int = TOP_CONFUSIONS) -> list[str]:
+def confusion_entries(report: dict, num_classes: int) -> np.ndarray:
+    """The non-zero confusion cells of a test report as rows (true, predicted, count); reads the sparse form
+    written since the runner stores it so, and the dense n x n list of older runs."""
+    matrix = report["confusion_matrix"]
+    if isinstance(matrix, dict):
+        entries = np.array(matrix["entries"], dtype=np.int64).reshape(-1, 3)
+    else:
+        dense = np.array(matrix, dtype=np.int64).reshape(num_classes, num_classes)
+        true, predicted = np.nonzero(dense)
+        entries = np.stack([true, predicted, dense[true, predicted]], axis=1)
+    if len(entries) and (entries[:, :2].min() < 0 or entries[:, :2].max() >= num_classes):
+        raise RunnerError(f"test_report.json's confusion matrix names a class index outside 0..{num_classes - 1} "
+                          f"(labels.json has {num_classes} classes); re-run the evaluation of this run.")
+    return entries
+
+
+def dense_confusion(entries: np.ndarray, num_classes: int) -> np.ndarray:
+    """counts[true, predicted] as an n x n array (only for plotting a few classes)."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (entries[:, 0], entries[:, 1]), entries[:, 2])
+    return matrix
+
+
+def top_confusions(entries: np.ndarray, classes: list[str], limit: int = TOP_CONFUSIONS) -> list[str]:
     """The most frequent (true → predicted) mistakes, as text lines."""
-    off = matrix.copy()
-    np.fill_diagonal(off, 0)
-    order = np.argsort(-off, axis=None, kind="stable")[:limit]
-    totals = matrix.sum(axis=1)
+    totals = np.bincount(entries[:, 0], weights=entries[:, 2], minlength=len(classes))
+    mistakes = entries[entries[:, 0] != entries[:, 1]]
+    order = np.lexsort((mistakes[:, 1], mistakes[:, 0], -mistakes[:, 2]))[:limit]
     lines = []
-    for flat in order:
-        i, j = np.unravel_index(flat, off.shape)
-        if off[i, j] == 0:
-            break
-        lines.append(f"{off[i, j]:5d}  {classes[i]} → {classes[j]}  ({off[i, j] / totals[i]:.0%} of {classes[i]})")
+    for i, j, count in mistakes[order]:
+        lines.append(f"{count:5d}  {classes[i]} → {classes[j]}  ({count / totals[i]:.0%} of {classes[i]})")
     return lines
 
 
@@ -146,12 +165,12 @@ def write_report(run_dir: Path) -> Path:
     if report is None:
         return out  # training has not finished: curves only
     classes = read_json(run.labels)
-    matrix = np.array(report["confusion_matrix"], dtype=np.int64).reshape(len(classes), len(classes))
+    entries = confusion_entries(report, len(classes))
     if len(classes) <= MAX_CONFUSION_CLASSES:
-        plot_confusion(matrix, classes, out / "confusion.png")
+        plot_confusion(dense_confusion(entries, len(classes)), classes, out / "confusion.png")
     else:
         (out / "confusion.png").unlink(missing_ok=True)
-    lines = top_confusions(matrix, classes) or ["no test image was misclassified"]
+    lines = top_confusions(entries, classes) or ["no test image was misclassified"]
     write_text_atomic(out / "top_confusions.txt", "count  true → predicted\n" + "\n".join(lines) + "\n")
     write_text_atomic(out / "misclassified.txt", misclassified_text(report.get("misclassified", [])))
     return out
