@@ -232,36 +232,52 @@ def train_through_the_loop(table, labels: np.ndarray, args, run_dir: Path, check
     default cadence, or never."""
     from runner.checkpoints import CheckpointStore
     from runner.evaluate import loss_and_accuracy, predict_logits
-    from runner.train import Stage, StopFlag, TrainState, run_stage
+    from runner.events import CheckpointCadence, MetricsLogger
+    from runner.rundir import CheckpointRef, RunDir
+    from runner.stages import TrainingStage
+    from runner.train import StageLoop, StopFlag, TrainState
     config = Config()
     config.run.dir, config.train.batch_size, config.train.progress = str(run_dir), args.batch_size, "lines"
     strategy = tf.distribute.get_strategy()
     head = build_head(args.classes, args.dim, config.head, 0)
     optimizer = build_optimizer(config.train, head.trainable_variables)
     state = TrainState(tf.Variable(0, dtype=tf.int64), tf.Variable(0, dtype=tf.int64))
-    store = CheckpointStore(run_dir / "checkpoints", tf.train.Checkpoint(
+    run = RunDir(run_dir)
+    store = CheckpointStore(run.stage("head"), tf.train.Checkpoint(
         head=head, optimizer=optimizer, global_step=state.step, data_seed=state.seed), config.checkpoint.max_to_keep)
     order = BatchOrder(len(table), args.batch_size, 0)
     val_rows = np.arange(0, len(table), 10)
     val_features = table.gather(val_rows)
-
-    def next_batch(step: int):
-        rows = order.indices(step)
-        return table.gather(rows), labels[rows]
-
+    step_fn = make_head_step(head, optimizer, strategy, config, args.classes)
     saving = [0.0]
 
-    def save(step: int, metrics: dict) -> None:
-        if checkpoints:
-            began = time.perf_counter()
-            store.save(step, {"metrics": metrics})
-            saving[0] += time.perf_counter() - began
+    class BenchStage(TrainingStage):
+        """The head stage's loop on synthetic vectors; saves timed, or skipped when checkpoints are off."""
+        name = "head"
 
-    stage = Stage("head", args.safety_steps, 0, state, make_head_step(head, optimizer, strategy, config, args.classes),
-                  next_batch, lambda step: loss_and_accuracy(predict_logits(head, val_features), labels[val_rows]), save,
-                  config.eval.every_steps)
+        def next_batch(self, step: int):
+            rows = order.indices(step)
+            return table.gather(rows), labels[rows]
+
+        def train_step(self, inputs, batch_labels, weights, seed):
+            return step_fn(inputs, batch_labels, weights, seed)
+
+        def validate(self, step: int):
+            return loss_and_accuracy(predict_logits(head, val_features), labels[val_rows])
+
+        def save(self, step: int, metrics: dict) -> CheckpointRef:
+            if not checkpoints:
+                return CheckpointRef("head", step, step, {}, run.stage("head").prefix(step))
+            began = time.perf_counter()
+            ref = super().save(step, metrics)
+            saving[0] += time.perf_counter() - began
+            return ref
+
+    stage = BenchStage(store, state, {}, args.safety_steps, 0, config.eval.every_steps, "train.steps")
+    listeners = [MetricsLogger(run.metrics), CheckpointCadence(config.checkpoint.every_steps,
+                                                               config.checkpoint.every_seconds)]
     start = time.perf_counter()
-    run_stage(config, stage, strategy, np.ones(args.classes, np.float32), run_dir / "metrics.jsonl", StopFlag())
+    StageLoop(stage, listeners, strategy, np.ones(args.classes, np.float32), StopFlag()).run()
     return time.perf_counter() - start, saving[0]
 
 
