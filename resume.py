@@ -24,7 +24,8 @@ set_native_log_level("--debug" in sys.argv[1:])
 from runner.cli import configure_logging  # noqa: E402
 from runner.config import describe_settings, load_config, to_toml  # noqa: E402  (no TensorFlow import)
 from runner.exit_codes import EXIT_OK, EXIT_STOPPED, status_of  # noqa: E402
-from runner.lock import hold_run_dir  # noqa: E402
+from runner.lock import LOCK_FILE, hold_run_dir  # noqa: E402
+from runner.rundir import RunDir  # noqa: E402
 from runner.supervise import supervise  # noqa: E402
 
 
@@ -58,35 +59,61 @@ def child_arguments(argv: list[str]) -> list[str]:
 
 def train(config, debug: bool) -> int:
     """Run (or resume) the job; returns the exit status."""
-    with hold_run_dir(config.run_dir):  # first: a second trainer is refused before TensorFlow loads
-        from runner.cleanup import remove_stale_temporaries
-        remove_stale_temporaries(config.run_dir, config.cache_dir)
-        from runner.tf_quiet import import_tensorflow
-        import_tensorflow(debug)
-        from runner.train import StopFlag
-        stop = StopFlag()
-        stop.install()
-        from runner.distribute import configure_tensorflow
-        configure_tensorflow(config.train)
-        from runner.job import Job
-        from sync import open_sync
-        sync = open_sync(config.sync, config.run_dir, config.cache_dir, run_id=config.run_dir.resolve().name)
-        summary = None
-        try:
-            summary = Job(config, sync, stop).run()
-        finally:
-            outcome = sync.close(config.sync.flush_timeout_s)
-            if summary is not None or sync.enabled:  # "sync: off" before an error misleads: say it on success
-                print(outcome, flush=True)
+    created = _first_missing(config.run_dir)  # the top folder this run would create, or None
+    try:
+        with hold_run_dir(config.run_dir):  # first: a second trainer is refused before TensorFlow loads
+            from runner.cleanup import remove_stale_temporaries
+            remove_stale_temporaries(config.run_dir, config.cache_dir)
+            from runner.tf_quiet import import_tensorflow
+            import_tensorflow(debug)
+            from runner.train import StopFlag
+            stop = StopFlag()
+            stop.install()
+            from runner.distribute import configure_tensorflow
+            configure_tensorflow(config.train)
+            from runner.job import Job
+            from sync import open_sync
+            sync = open_sync(config.sync, config.run_dir, config.cache_dir, run_id=config.run_dir.resolve().name)
+            summary = None
+            try:
+                summary = Job(config, sync, stop).run()
+            finally:
+                outcome = sync.close(config.sync.flush_timeout_s)
+                if summary is not None or sync.enabled:  # "sync: off" before an error misleads: say it on success
+                    print(outcome, flush=True)
+    except BaseException:
+        if created is not None:
+            remove_if_empty(created)  # a run that failed before writing anything leaves no folder behind
+        raise
     if "stopped_by" in summary:
         where = f"at step {summary['global_step']}: checkpoint saved" if "global_step" in summary else \
             f"during {summary['stopped_in']}: what was done is kept"
         print(f"stopped by {summary['stopped_by']} {where}. Run the same command to continue.", flush=True)
         return EXIT_STOPPED
-    print(f"done: step {summary['global_step']}, test accuracy {_percent(summary['test_accuracy'])}, "
-          f"validation accuracy {_percent(summary['val_accuracy'])}; summary in {config.run_dir}/summary.json",
+    status = "already finished, nothing changed" if summary.get("unchanged") else "done"
+    print(f"{status}: step {summary['global_step']}, test accuracy {_percent(summary['test_accuracy'])}, "
+          f"validation accuracy {_percent(summary['val_accuracy'])}; summary in {RunDir(config.run_dir).summary}",
           flush=True)
     return EXIT_OK
+
+
+def _first_missing(path):
+    """The outermost folder of `path` that does not exist yet (None when `path` exists)."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
+
+
+def remove_if_empty(folder) -> None:
+    """Delete folder if it holds no file but the run-dir lock (only empty sub-folders, or nothing)."""
+    if folder.is_dir() and not any((p.is_file() or p.is_symlink()) and p.name != LOCK_FILE
+                                   for p in folder.rglob("*")):
+        for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            sub.unlink() if sub.is_file() else sub.rmdir()
+        folder.rmdir()
 
 
 def _percent(value) -> str:

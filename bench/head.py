@@ -30,9 +30,9 @@ import tensorflow as tf  # noqa: E402
 from runner.cache import BottleneckCache  # noqa: E402
 from runner.config import Config  # noqa: E402
 from runner.head import build_head, build_optimizer, feature_statistics  # noqa: E402
-from runner.job import make_head_step  # noqa: E402
 from runner.search import (RUNG_GROWTH, RUNG_KEEP, StackedHeads, build_search, candidate_grid,  # noqa: E402
                            head_budget)
+from runner.stages import make_head_step  # noqa: E402
 from runner.train import BatchOrder  # noqa: E402
 
 
@@ -224,3 +224,174 @@ def timed(step, batches: list) -> float:
             start = time.perf_counter()
         step(i, rows)
     return (time.perf_counter() - start) / (len(batches) - 2)
+
+
+# -- cost of safety: checkpoint cadence overhead and resume latency (issue 12) --------------------------
+def train_through_the_loop(table, labels: np.ndarray, args, run_dir: Path, checkpoints: bool) -> tuple[float, float]:
+    """(seconds in all, seconds inside checkpoint saves) to train args.safety_steps steps through the runner's
+    step loop (validation every eval.every_steps on a tenth of the vectors), saving checkpoints on the
+    default cadence, or never."""
+    from runner.checkpoints import CheckpointStore
+    from runner.evaluate import loss_and_accuracy, predict_logits
+    from runner.events import CheckpointCadence, MetricsLogger
+    from runner.rundir import CheckpointRef, RunDir
+    from runner.stages import TrainingStage
+    from runner.train import StageLoop, StopFlag, TrainState
+    config = Config()
+    config.run.dir, config.train.batch_size, config.train.progress = str(run_dir), args.batch_size, "lines"
+    strategy = tf.distribute.get_strategy()
+    head = build_head(args.classes, args.dim, config.head, 0)
+    optimizer = build_optimizer(config.train, head.trainable_variables)
+    state = TrainState(tf.Variable(0, dtype=tf.int64), tf.Variable(0, dtype=tf.int64))
+    run = RunDir(run_dir)
+    store = CheckpointStore(run.stage("head"), tf.train.Checkpoint(
+        head=head, optimizer=optimizer, global_step=state.step, data_seed=state.seed), config.checkpoint.max_to_keep)
+    order = BatchOrder(len(table), args.batch_size, 0)
+    val_rows = np.arange(0, len(table), 10)
+    val_features = table.gather(val_rows)
+    step_fn = make_head_step(head, optimizer, strategy, config, args.classes)
+    saving = [0.0]
+
+    class BenchStage(TrainingStage):
+        """The head stage's loop on synthetic vectors; saves timed, or skipped when checkpoints are off."""
+        name = "head"
+
+        def next_batch(self, step: int):
+            rows = order.indices(step)
+            return table.gather(rows), labels[rows]
+
+        def train_step(self, inputs, batch_labels, weights, seed):
+            return step_fn(inputs, batch_labels, weights, seed)
+
+        def validate(self, step: int):
+            return loss_and_accuracy(predict_logits(head, val_features), labels[val_rows])
+
+        def save(self, step: int, metrics: dict) -> CheckpointRef:
+            if not checkpoints:
+                return CheckpointRef("head", step, step, {}, run.stage("head").prefix(step))
+            began = time.perf_counter()
+            ref = super().save(step, metrics)
+            saving[0] += time.perf_counter() - began
+            return ref
+
+    stage = BenchStage(store, state, {}, args.safety_steps, 0, config.eval.every_steps, "train.steps")
+    listeners = [MetricsLogger(run.metrics), CheckpointCadence(config.checkpoint.every_steps,
+                                                               config.checkpoint.every_seconds)]
+    start = time.perf_counter()
+    StageLoop(stage, listeners, strategy, np.ones(args.classes, np.float32), StopFlag()).run()
+    return time.perf_counter() - start, saving[0]
+
+
+def cost_of_safety(table, labels: np.ndarray, args, root: Path) -> dict:
+    """Training time with the default checkpoint cadence vs checkpoints off (runs alternated, best of two),
+    and the time spent inside the saves themselves (the direct cost, less sensitive to a shared machine)."""
+    runs = {"off": [], "on": []}
+    saving = []
+    for attempt in range(2):
+        for mode in ("off", "on"):
+            total, saves = train_through_the_loop(table, labels, args, root / f"{mode}-{attempt}", mode == "on")
+            runs[mode].append(total)
+            if mode == "on":
+                saving.append((saves, total))
+    c = Config().checkpoint
+    saves = args.safety_steps // c.every_steps if c.every_steps else 1
+    return {"off": min(runs["off"]), "on": min(runs["on"]), "runs": runs, "saving": min(saving), "saves": saves}
+
+
+def print_cost_of_safety(safety: dict, args) -> None:
+    c = Config().checkpoint
+    overhead = safety["on"] / safety["off"] - 1
+    print(f"\ncost of safety: {args.safety_steps} steps through the step loop (validation every "
+          f"{Config().eval.every_steps} steps), best of 2 alternated runs each")
+    print(f"  checkpoints off                          {safety['off']:6.2f} s  (runs: "
+          f"{', '.join(f'{t:.2f}' for t in safety['runs']['off'])})")
+    print(f"  checkpoints every {c.every_steps} steps / {c.every_seconds:.0f} s (default) {safety['on']:6.2f} s  "
+          f"(runs: {', '.join(f'{t:.2f}' for t in safety['runs']['on'])})")
+    print(f"  overhead {100 * overhead:+.1f} %  (target <= 2 %)")
+    inside, total = safety["saving"]
+    print(f"  inside the {safety['saves']} saves: {inside:.2f} s of {total:.2f} s = {100 * inside / (total - inside):.1f} % "
+          f"on top of training without them ({1000 * inside / safety['saves']:.0f} ms per checkpoint)")
+
+
+def resume_latency(files: int, classes: int = 1000) -> dict:
+    """Seconds from process start to the first training step of a resumed run (resume.py in a child)
+    whose data.dir holds `files` images, all of them cached; and the phases seen on its output."""
+    import signal
+    import subprocess
+    import threading
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scan import write_tree
+    from runner.backbones import build_backbone
+    from runner.config import BackboneConfig
+    from runner.data import HashIndex, scan_dataset
+    weights = REPO.parent / "shared" / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+    backbone = build_backbone(BackboneConfig(name="mobilenet", weights=str(weights), alpha=0.25))
+    with tempfile.TemporaryDirectory() as tmp:
+        data, run_dir, cache_dir = Path(tmp) / "data", Path(tmp) / "run", Path(tmp) / "cache"
+        write_tree(data, classes, files // classes)
+        dataset = scan_dataset(data, 10, 10, HashIndex(cache_dir / "file-hashes.json"), 1, "lines")
+        write_synthetic_cache(cache_dir, backbone.cache_identity, [r.sha256 for r in dataset.images],
+                              np.array([r.label for r in dataset.images]), classes, backbone.feature_dim)
+        command = [sys.executable, str(REPO / "resume.py"), "--config", str(REPO / "configs" / "clothing_local.toml")]
+        for setting in (f"data.dir={data}", f"run.dir={run_dir}", f"cache.dir={cache_dir}", f"backbone.weights={weights}",
+                        "train.steps=1000000", "head.search=off", "checkpoint.every_steps=100", "export.enabled=false",
+                        "train.progress=lines"):
+            command += ["--set", setting]
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+
+        def start(extra: list[str]):
+            process = subprocess.Popen(command + extra, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True)
+            lines: list[tuple[float, str]] = []
+            threading.Thread(target=lambda: lines.extend((time.perf_counter(), line) for line in process.stdout),
+                             daemon=True).start()
+            return process, lines
+
+        def wait_for(lines, text: str, process, timeout: float = 600) -> float:
+            deadline = time.perf_counter() + timeout
+            while time.perf_counter() < deadline and process.poll() is None:
+                for at, line in list(lines):
+                    if text in line:
+                        return at
+                time.sleep(0.01)
+            raise SystemExit(f"resume.py never printed {text!r}:\n" + "".join(line for _, line in lines))
+
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import tensorflow, keras"], env=env, check=True)
+        import_seconds = time.perf_counter() - began
+        first, lines = start([])
+        wait_for(lines, "checkpoint saved", first)
+        first.send_signal(signal.SIGTERM)
+        first.wait(120)
+        began = time.perf_counter()
+        resumed, lines = start(["--set", "eval.every_steps=1"])
+        at_resumed = wait_for(lines, "resumed from step", resumed)
+        step = int(next(line for _, line in lines if "resumed from step" in line).split("step ")[1].split(",")[0])
+        metrics = run_dir / "metrics.jsonl"
+        while resumed.poll() is None:
+            if metrics.exists() and f'"step": {step + 1},' in metrics.read_text():
+                at_first_step = time.perf_counter()
+                break
+            time.sleep(0.01)
+        else:
+            raise SystemExit("the resumed run ended before its first step:\n" + "".join(line for _, line in lines))
+        resumed.send_signal(signal.SIGTERM)
+        resumed.wait(120)
+        scanned = next((at for at, line in lines if f"checking images: {len(dataset.images)}/" in line), None)
+    return {"files": len(dataset.images), "step": step, "import": import_seconds,
+            "scan_done": None if scanned is None else scanned - began,
+            "restored": at_resumed - began, "first_step": at_first_step - began}
+
+
+def print_resume_latency(latency: dict) -> None:
+    print(f"\nresume latency: resume.py restarted on a run whose data.dir has {latency['files']} images, all "
+          f"cached ({latency['files']} vectors), resuming at step {latency['step']}")
+    print(f"  (a bare `python -c 'import tensorflow, keras'` takes {latency['import']:.2f} s here)")
+    if latency["scan_done"] is not None:
+        print(f"  scan done (stat cache)              {latency['scan_done']:6.2f} s after process start")
+    print(f"  checkpoint restored                 {latency['restored']:6.2f} s")
+    print(f"  first training step                 {latency['first_step']:6.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,6 @@
 """Registry of frozen ImageNet backbones: name → keras.applications constructor, size, preprocessing."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
+from common.files import file_digest
 from runner.config import BackboneConfig
 from runner.errors import RunnerError
 
@@ -64,7 +64,7 @@ def weights_identity(config: BackboneConfig) -> str:
     if not path.is_file():
         raise RunnerError(f"backbone.weights = {config.weights!r}: no such file. Use 'imagenet', 'none', "
                           f"or the path of a Keras weights file (.h5) for backbone {config.name}.")
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    return "sha256:" + file_digest(path)
 
 
 def _construct(config: BackboneConfig, weights: str | None) -> keras.Model:

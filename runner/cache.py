@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.atomic import write_atomic, write_text_atomic
+from common.files import write_atomic, write_text_atomic
 
 log = logging.getLogger("runner")
 

@@ -1,134 +1,71 @@
-"""Atomic checkpoints: tf.train.CheckpointManager for the variables, plus a JSON marker per checkpoint.
+"""Atomic checkpoints of one stage: tf.train.Checkpoint for the variables, plus a JSON marker each.
 
-A checkpoint counts only once its marker `ckpt-STEP.json` exists: the marker is written (atomically)
-after TensorFlow has finished writing, and records the sha256 of every file, the compatibility
-fingerprint, the label map and the resume history. Restore takes the newest checkpoint whose files
-verify and load, falling back to older ones and saying so.
+A checkpoint counts only once its marker exists: the marker is written (atomically) after TensorFlow
+has finished writing, and records the sha256 of every file, the compatibility fingerprint, the label
+map and the resume history. Restore takes the newest checkpoint whose files verify and load, falling
+back to older ones and saying so. File names come from RunDir (runner/rundir.py).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import tensorflow as tf
 
-from runner.atomic import write_text_atomic
+from common.files import file_digest
+from runner.rundir import CheckpointRef, StageCheckpoints
 
 log = logging.getLogger("runner")
 
-PREFIX = "ckpt"
-HEAD_CHECKPOINTS = "checkpoints"                 # folders inside a run dir
-FINETUNE_CHECKPOINTS = "finetune/checkpoints"
-MARKER = re.compile(rf"^{PREFIX}-(\d+)\.json$")
-
-
-@dataclass
-class Restored:
-    """What restore() found: the step, its marker, and how many newer checkpoints were unusable."""
-    step: int
-    marker: dict
-    skipped: list[str]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def marked_steps(directory: Path) -> list[int]:
-    """Steps of complete (marked) checkpoints in a folder, newest first."""
-    if not Path(directory).is_dir():
-        return []
-    found = [int(m.group(1)) for p in Path(directory).iterdir() if (m := MARKER.match(p.name))]
-    return sorted(found, reverse=True)
-
-
-def latest_marker(directory: Path) -> dict | None:
-    """The newest readable checkpoint marker in a folder, without loading any variables."""
-    for step in marked_steps(directory):
-        try:
-            return json.loads((Path(directory) / f"{PREFIX}-{step}.json").read_text())
-        except (OSError, ValueError):
-            continue
-    return None
-
 
 class CheckpointStore:
-    """Save, list, verify and restore the checkpoints in one folder."""
+    """Save, verify and restore the checkpoints of one stage; keeps the newest `keep`."""
 
-    def __init__(self, directory: Path, checkpoint: tf.train.Checkpoint, max_to_keep: int):
-        self.dir = Path(directory)
+    def __init__(self, stage: StageCheckpoints, checkpoint: tf.train.Checkpoint, keep: int):
+        self.stage, self.checkpoint, self.keep = stage, checkpoint, keep
+        self.dir = stage.dir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoint = checkpoint
-        self.max_to_keep = max_to_keep
-        self.manager = tf.train.CheckpointManager(checkpoint, str(self.dir), max_to_keep=max_to_keep,
-                                                  checkpoint_name=PREFIX)
 
-    def steps(self) -> list[int]:
-        """Steps of complete (marked) checkpoints, newest first."""
-        return marked_steps(self.dir)
+    def save(self, local_step: int, marker: dict) -> CheckpointRef:
+        """Write a checkpoint and, last, its marker; prune older ones; return the new checkpoint."""
+        self.checkpoint.write(str(self.stage.prefix(local_step)))
+        files = {p.name: file_digest(p) for p in self.stage.data_files(local_step)}
+        marker = dict(marker, step=local_step, saved_at=time.time(), files=files)
+        self.stage.write_marker(local_step, marker)
+        self.stage.prune(self.keep)
+        return self.stage.ref(local_step, marker)
 
-    def marker(self, step: int) -> dict:
-        return json.loads((self.dir / f"{PREFIX}-{step}.json").read_text())
-
-    def _data_files(self, step: int) -> list[Path]:
-        return sorted(p for p in self.dir.glob(f"{PREFIX}-{step}.*") if p.suffix != ".json")
-
-    def save(self, step: int, marker: dict) -> list[str]:
-        """Write a checkpoint and its marker; return its files relative to the checkpoint folder."""
-        self.manager.save(checkpoint_number=step)
-        files = {p.name: _sha256(p) for p in self._data_files(step)}
-        marker = dict(marker, step=step, saved_at=time.time(), files=files)
-        marker_path = self.dir / f"{PREFIX}-{step}.json"
-        write_text_atomic(marker_path, json.dumps(marker, indent=1, sort_keys=True))
-        self._prune()
-        return sorted(files) + [marker_path.name]
-
-    def _prune(self) -> None:
-        for step in self.steps()[self.max_to_keep:]:
-            (self.dir / f"{PREFIX}-{step}.json").unlink(missing_ok=True)
-            for path in self._data_files(step):
-                path.unlink(missing_ok=True)
-
-    def _verify(self, step: int, marker: dict) -> str | None:
-        for name, digest in marker.get("files", {}).items():
+    def _verify(self, marker: dict) -> str | None:
+        if not marker.get("files"):
+            return "its marker lists no files"
+        for name, digest in marker["files"].items():
             path = self.dir / name
             if not path.exists():
                 return f"{name} is missing"
-            if _sha256(path) != digest:
+            if file_digest(path) != digest:
                 return f"{name} does not match its recorded sha256 (corrupt or half-written)"
-        if not marker.get("files"):
-            return "its marker lists no files"
         return None
 
-    def restore(self) -> Restored | None:
+    def restore(self) -> CheckpointRef | None:
         """Load the newest usable checkpoint into the tracked objects; None if there is none."""
         skipped = []
-        for step in self.steps():
+        for local_step in self.stage.steps():
             try:
-                marker = self.marker(step)
-            except (OSError, ValueError) as e:
-                skipped.append(f"step {step}: marker unreadable ({e})")
+                ref = self.stage.ref(local_step, self.stage.read_marker(local_step))
+            except (OSError, ValueError, KeyError) as e:
+                skipped.append(f"step {local_step}: marker unreadable ({e})")
                 continue
-            problem = self._verify(step, marker)
+            problem = self._verify(ref.marker)
             if problem is None:
                 try:
-                    self.checkpoint.read(str(self.dir / f"{PREFIX}-{step}")).assert_existing_objects_matched()
+                    self.checkpoint.read(str(ref.prefix)).assert_existing_objects_matched()
                 except (tf.errors.OpError, ValueError, AssertionError) as e:
                     problem = f"TensorFlow could not load it ({type(e).__name__})"
             if problem is None:
                 for note in skipped:
-                    log.warning("checkpoint %s: skipped; fell back to step %d", note, step)
-                return Restored(step, marker, skipped)
-            skipped.append(f"step {step}: {problem}")
+                    log.warning("checkpoint %s: skipped; fell back to step %d", note, local_step)
+                return ref
+            skipped.append(f"step {local_step}: {problem}")
         for note in skipped:
             log.warning("checkpoint %s: skipped", note)
         return None

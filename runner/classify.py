@@ -24,9 +24,9 @@ from runner.tf_quiet import import_tensorflow
 tf = import_tensorflow()
 
 from runner.cli import EXIT_USER_ERROR  # noqa: E402
-from runner.config import parse_override  # noqa: E402
 from runner.data import sniff_format  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
+from runner.rundir import RunDir  # noqa: E402
 
 log = logging.getLogger("runner")
 
@@ -63,16 +63,10 @@ def extract_archive(archive: Path, into: Path) -> Path:
 def download_from_drive(folder: str, sync_settings: list[str], workdir: Path) -> Path:
     """The newest verified snapshot of a Drive folder, downloaded through sync into `workdir`."""
     from sync import SyncConfig, SyncError, open_sync
-    table = {"backend": "drive", "folder": folder}
-    for item in sync_settings:
-        key, value = parse_override(item)
-        if not key.startswith("sync."):
-            raise RunnerError(f"--set {item!r}: only sync.* settings apply here, e.g. --set sync.credentials=FILE.json.")
-        table[key.removeprefix("sync.")] = value
     run_dir = workdir / "snapshot"
     try:
-        config = SyncConfig.from_mapping(table)
-        sync = open_sync(config, run_dir, workdir / "cache", run_id="classify")
+        config = SyncConfig.from_settings({"backend": "drive", "folder": folder}, sync_settings)
+        sync = open_sync(config, run_dir, workdir / "cache", run_id="classify", start_uploader=False)
         try:
             step = sync.download_latest(run_dir)
         finally:
@@ -93,7 +87,8 @@ def resolve_model(spec: str, workdir: Path, sync_settings: list[str] = ()) -> Pa
         return _find_export(download_from_drive(spec.removeprefix("drive:"), sync_settings, workdir), spec)
     path = Path(spec)
     if path.is_dir():
-        return _find_export(path, str(path))
+        run_export = RunDir(path).export  # a run folder: its own export first
+        return _find_export(run_export if _is_export(run_export) else path, str(path))
     if path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES):
         return extract_archive(path, workdir)
     raise RunnerError(f"MODEL {spec!r} is neither an export folder nor a .tar.gz snapshot; pass RUN_DIR/export "

@@ -4,34 +4,26 @@ This module does not import TensorFlow, so `resume.py --help` and `--print-confi
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from common import settings
+from common.settings import DEFAULT_CACHE_SUBDIR, DEFAULT_RUN_DIR, SettingError
+from common.settings import setting as _opt
 from runner.errors import RunnerError
 from sync.config import SyncConfig
-
-
-def _opt(default, help: str, choices: tuple | None = None, min: float | None = None,
-         max: float | None = None):
-    """A config field with its help text, allowed values and range."""
-    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max})
+from sync.errors import SyncError
 
 
 @dataclass
 class DataConfig:
-    dir: str = _opt("", "folder with one sub-folder of images per class")
+    dir: str = _opt("", "folder with one sub-folder of images per class", path=True)
     min_images_per_class: int = _opt(5, "a class with fewer valid images stops the run early", min=1)
 
 
 @dataclass
 class RunConfig:
-    dir: str = _opt("runs/default", "run directory: checkpoints, cache, metrics, summary")
+    dir: str = _opt(DEFAULT_RUN_DIR, "run directory: checkpoints, cache, metrics, summary", path=True)
 
 
 @dataclass
@@ -46,7 +38,8 @@ BACKBONE_NAMES = ("inception_v3", "mobilenet_v2", "mobilenet", "efficientnet_b0"
 @dataclass
 class BackboneConfig:
     name: str = _opt("mobilenet_v2", "frozen ImageNet CNN that makes the bottlenecks", choices=BACKBONE_NAMES)
-    weights: str = _opt("imagenet", "'imagenet' (downloaded), a local weights file path, or 'none' (random)")
+    weights: str = _opt("imagenet", "'imagenet' (downloaded), a local weights file path, or 'none' (random)",
+                        path=lambda section: section.weights not in ("imagenet", "none"))
     image_size: int = _opt(0, "input size in pixels; 0 = the backbone's default", min=0, max=1024)
     alpha: float = _opt(1.0, "width multiplier of MobileNet / MobileNetV2", min=0.1, max=2.0)
     allow_random_weights: bool = _opt(False, "must be true to accept weights='none' (accuracy is meaningless)")
@@ -57,7 +50,8 @@ class BackboneConfig:
 
 @dataclass
 class CacheConfig:
-    dir: str = _opt("", "bottleneck cache folder; '' = RUN_DIR/cache (share it between runs to reuse vectors)")
+    dir: str = _opt("", "bottleneck cache folder; '' = RUN_DIR/cache (share it between runs to reuse vectors)",
+                    path=True)
     dtype: str = _opt("float16", "storage type of cached vectors", choices=("float16", "float32"))
     shard_size: int = _opt(512, "vectors per cache shard (a kill loses at most one shard)", min=1)
     batch_size: int = _opt(32, "images per forward pass during extraction", min=1)
@@ -179,10 +173,7 @@ class Config:
 
     @property
     def cache_dir(self) -> Path:
-        return Path(self.cache.dir) if self.cache.dir else self.run_dir / "cache"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return Path(self.cache.dir) if self.cache.dir else self.run_dir / DEFAULT_CACHE_SUBDIR
 
     def compatibility_fingerprint(self) -> dict:
         """The settings a checkpoint cannot be continued without (backbone and head shape)."""
@@ -198,86 +189,15 @@ class Config:
                     fraction=f.fraction if not f.from_layer else None)
 
 
-def _sections(config: Config) -> dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-
-
-def _coerce(key: str, value: Any, annotation: str) -> Any:
-    """Turn a TOML or --set value into the field's type, or explain what was expected."""
-    kind = {"str": str, "int": int, "float": float, "bool": bool}[annotation]
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise RunnerError(f"setting {key} = {value!r}: expected a {annotation}.")
-
-
-def _check_field(key: str, value: Any, meta: dict) -> None:
-    choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
-    if choices and value not in choices:
-        raise RunnerError(f"setting {key} = {value!r} is not allowed; use one of: {', '.join(map(str, choices))}.")
-    if lo is not None and value < lo:
-        raise RunnerError(f"setting {key} = {value!r} is too small; it must be at least {lo}.")
-    if hi is not None and value > hi:
-        raise RunnerError(f"setting {key} = {value!r} is too large; it must be at most {hi}.")
-
-
-def _apply(config: Config, key: str, value: Any, source: str) -> None:
-    section_name, _, name = key.partition(".")
-    sections = _sections(config)
-    if section_name not in sections or not name:
-        raise RunnerError(f"{source}: unknown setting '{key}'. Sections are: {', '.join(sections)} "
-                          f"(run `python resume.py --print-config` to see every key).")
-    section = sections[section_name]
-    fields = {f.name: f for f in dataclasses.fields(section)}
-    if name not in fields:
-        raise RunnerError(f"{source}: unknown setting '{key}'. Keys of [{section_name}] are: "
-                          f"{', '.join(fields)}.")
-    hints = typing.get_type_hints(type(section))
-    coerced = _coerce(key, value, hints[name].__name__)
-    _check_field(key, coerced, fields[name].metadata)
-    setattr(section, name, coerced)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`section.key=value` → (key, value typed as TOML reads it; a bare string otherwise)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise RunnerError(f"--set {text!r}: write it as section.key=value, e.g. --set train.steps=8000.")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()  # a bare string such as a path
-    return key.strip(), value
-
-
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Build the validated Config from a TOML file (optional) and `section.key=value` overrides."""
-    config = Config()
-    if path is not None:
-        path = Path(path)
-        try:
-            table = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise RunnerError(f"config file {path} does not exist; pass an existing file to --config "
-                              f"(see configs/ for examples).") from None
-        except tomllib.TOMLDecodeError as e:
-            raise RunnerError(f"config file {path} is not valid TOML: {e}.") from None
-        for section_name, section in table.items():
-            if not isinstance(section, dict):
-                raise RunnerError(f"{path}: '{section_name}' must be a [section] table, not a bare value.")
-            for name, value in section.items():
-                _apply(config, f"{section_name}.{name}", value, str(path))
-    for text in overrides:
-        key, value = parse_override(text)
-        _apply(config, key, value, "--set")
+    """Build the validated Config from a TOML file (optional) and `section.key=value` overrides.
+
+    Nothing here looks at the file system beyond reading `path`: a stored config loads on any machine;
+    checks of the environment happen when a run starts."""
+    try:
+        config = settings.load(Config(), path, overrides)
+    except SettingError as e:
+        raise RunnerError(str(e)) from None
     validate(config)
     return config
 
@@ -299,33 +219,15 @@ def validate(config: Config) -> None:
     config.export.format_names()  # raises on an unknown format name
     try:
         config.sync.validate()
-    except Exception as e:  # sync raises its own error type; show it as a config error here
+    except SyncError as e:  # sync's own error type; shown as a config error here
         raise RunnerError(str(e)) from None
 
 
 def describe_settings() -> str:
     """Every setting with its default and help text, for --help."""
-    lines = []
-    for section_name, section in _sections(Config()).items():
-        for f in dataclasses.fields(section):
-            meta = f.metadata
-            extra = f" (one of: {', '.join(meta['choices'])})" if meta.get("choices") else ""
-            lines.append(f"  {section_name}.{f.name} = {getattr(section, f.name)!r}: "
-                         f"{meta.get('help', '')}{extra}")
-    return "\n".join(lines)
+    return settings.describe(Config())
 
 
 def to_toml(config: Config) -> str:
     """The full resolved configuration as TOML (saved in the run dir, shown by --print-config)."""
-    out = []
-    for section_name, section in config.to_dict().items():
-        out.append(f"[{section_name}]")
-        for key, value in section.items():
-            out.append(f"{key} = {json.dumps(value)}")
-        out.append("")
-    return "\n".join(out)
-
-
-def fingerprint_hash(fingerprint: dict) -> str:
-    """A short stable hash of a compatibility fingerprint."""
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    return settings.to_toml(config)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.atomic import write_text_atomic
+from common.files import write_text_atomic
 from runner.errors import DataError, StopRequested
 from runner.progress import progress
 
@@ -19,7 +19,6 @@ log = logging.getLogger("runner")
 
 IMAGE_EXTENSIONS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".gif": "gif", ".bmp": "bmp"}
 MAX_NUM_IMAGES_PER_CLASS = 2 ** 27 - 1  # retrain.py's constant: keeps the split stable as images are added
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)

@@ -26,29 +26,18 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 
 from runner import __version__  # noqa: E402
 from runner.backbones import Backbone, build_backbone, decode_and_resize  # noqa: E402
-from runner.checkpoints import FINETUNE_CHECKPOINTS, HEAD_CHECKPOINTS, PREFIX, marked_steps  # noqa: E402
 from runner.cli import configure_logging, exit_status_of  # noqa: E402
 from runner.config import EXPORT_FORMATS, Config, load_config  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
 from runner.head import Head, build_head  # noqa: E402
+from runner.rundir import EXPORT_MODEL_INFO, CheckpointRef, RunDir, read_json  # noqa: E402
 
 log = logging.getLogger("runner")
 
-EXPORT_DIR = "export"
-# the fine-tune stage's folder first: on a tie of run-wide steps its checkpoint is the newer one
-CHECKPOINT_FOLDERS = (FINETUNE_CHECKPOINTS, HEAD_CHECKPOINTS)  # newest stage first
 TFLITE_FLOAT = "model.tflite"
 TFLITE_QUANTIZED = "model_quantized.tflite"
 FROZEN_GRAPH = "frozen_graph.pb"
 META_GRAPH = "model.meta"
-
-
-@dataclass(frozen=True)
-class CheckpointRef:
-    """One complete checkpoint of either stage: its path prefix, run-wide step and marker."""
-    prefix: Path
-    step: int      # run-wide, as in metrics.jsonl and summary.json: fine-tune steps follow the head's
-    marker: dict
 
 
 @dataclass
@@ -61,54 +50,12 @@ class RunModel:
     head: Head
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError as e:
-        raise RunnerError(f"{path} is not valid JSON ({e}); delete it or re-run training to rewrite it.") from None
-
-
-def list_checkpoints(run_dir: Path) -> list[CheckpointRef]:
-    """The complete checkpoints of both stages, newest (highest run-wide step) first."""
-    found = []
-    for folder in CHECKPOINT_FOLDERS:
-        for local_step in marked_steps(Path(run_dir) / folder):
-            prefix = Path(run_dir) / folder / f"{PREFIX}-{local_step}"
-            marker = _read_json(prefix.with_suffix(".json"))
-            if marker is not None:
-                found.append(CheckpointRef(prefix, local_step + int(marker.get("step_offset", 0)), marker))
-    return sorted(found, key=lambda c: c.step, reverse=True)
-
-
-def _pick_checkpoint(run_dir: Path, step: int | None) -> CheckpointRef:
-    checkpoints = list_checkpoints(run_dir)
-    if not checkpoints:
-        raise RunnerError(f"{run_dir} holds no complete checkpoint (in {' or '.join(CHECKPOINT_FOLDERS[::-1])}); "
-                          f"train first (python resume.py --set run.dir={run_dir}) or pass the right --run folder.")
-    if step is None:
-        return checkpoints[0]
-    for checkpoint in checkpoints:
-        if checkpoint.step == step:
-            return checkpoint
-    raise RunnerError(f"--step {step}: {run_dir} has no complete checkpoint of that step; available steps: "
-                      f"{', '.join(str(c.step) for c in reversed(checkpoints))}.")
-
-
-def _has_backbone_variables(prefix: str) -> bool:
-    return any(name.startswith("backbone/") for name, _ in tf.train.list_variables(prefix))
-
-
 def load_run_state(run_dir: Path, step: int | None = None) -> tuple[Config, CheckpointRef]:
     """A run's config and the checkpoint of run-wide step `step` (the newest by default)."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.toml"
-    if not config_path.is_file():
-        raise RunnerError(f"{config_path} does not exist: --run must be a run directory made by resume.py "
-                          f"(it holds config.toml, labels.json and checkpoints/).")
-    config = load_config(config_path)
-    return config, _pick_checkpoint(run_dir, step)
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise RunnerError(f"{run.config} does not exist: --run must be a run directory made by resume.py.")
+    return load_config(run.config), run.checkpoint_at(step)
 
 
 def restore_run_model(run_dir: Path, step: int | None = None) -> RunModel:
@@ -119,13 +66,13 @@ def restore_run_model(run_dir: Path, step: int | None = None) -> RunModel:
     head = build_head(len(classes), backbone.feature_dim, config.head, config.train.seed)
     prefix = str(checkpoint.prefix)
     parts = {"head": head}
-    if _has_backbone_variables(prefix):  # a fine-tuned checkpoint carries its own backbone weights
+    if checkpoint.stage == "finetune":  # a fine-tuned checkpoint carries its own backbone weights
         parts["backbone"] = backbone.model
     try:
         tf.train.Checkpoint(**parts).read(prefix).assert_existing_objects_matched().expect_partial()
     except (tf.errors.OpError, AssertionError, ValueError) as e:
         raise RunnerError(f"checkpoint {prefix} could not be loaded into a {config.backbone.name} model with "
-                          f"{len(classes)} classes ({type(e).__name__}: {str(e)[:300]}); is {run_dir}/config.toml "
+                          f"{len(classes)} classes ({type(e).__name__}: {str(e)[:300]}); is {RunDir(run_dir).config} "
                           f"the config this run was trained with?") from None
     return RunModel(config, classes, checkpoint, backbone, head)
 
@@ -133,8 +80,8 @@ def restore_run_model(run_dir: Path, step: int | None = None) -> RunModel:
 def run_accuracy(run_dir: Path, checkpoint: CheckpointRef) -> tuple[str, float | None]:
     """The accuracy to report for a checkpoint: test accuracy if the test report is of this step, else
     the checkpoint's validation accuracy."""
-    summary = _read_json(Path(run_dir) / "summary.json") or {}
-    report = _read_json(Path(run_dir) / "test_report.json") or {}
+    run = RunDir(run_dir)
+    summary, report = read_json(run.summary) or {}, read_json(run.test_report) or {}
     if summary.get("global_step") == checkpoint.step and report.get("test_accuracy") is not None:
         return "test_accuracy", float(report["test_accuracy"])
     return "val_accuracy", checkpoint.marker.get("metrics", {}).get("val_accuracy")
@@ -146,12 +93,12 @@ def check_accuracy_gate(run_dir: Path, step: int, kind: str, accuracy: float | N
         return
     if accuracy is None:
         raise RunnerError(f"export.min_accuracy = {minimum} but {run_dir} has no accuracy for step {step} "
-                          f"(no test_report.json of that step, no validation metrics); finish training first "
-                          f"or set export.min_accuracy = 0 in {run_dir}/config.toml.")
+                          f"(no test report of that step, no validation metrics); finish training first "
+                          f"or set export.min_accuracy = 0 in {RunDir(run_dir).config}.")
     if accuracy < minimum:
         raise RunnerError(f"refusing to export step {step} of {run_dir}: {kind.replace('_', ' ')} "
                           f"{accuracy:.4f} is below export.min_accuracy = {minimum}. Train longer or on more "
-                          f"data, or lower export.min_accuracy in {run_dir}/config.toml.")
+                          f"data, or lower export.min_accuracy in {RunDir(run_dir).config}.")
 
 
 class Classifier(tf.Module):
@@ -241,7 +188,7 @@ def export_run(run_dir: Path, step: int | None = None, formats: str | None = Non
     """Write RUN_DIR/export (or `out`) from a checkpoint (the newest by default) in the run's export.formats
     (or `formats`, same syntax) and return its path."""
     run_dir = Path(run_dir)
-    target = Path(out) if out is not None else run_dir / EXPORT_DIR
+    target = Path(out) if out is not None else RunDir(run_dir).export
     config, checkpoint = load_run_state(run_dir, step)
     if formats is not None:
         config.export.formats = formats
@@ -257,9 +204,9 @@ def export_run(run_dir: Path, step: int | None = None, formats: str | None = Non
         classifier = Classifier(model)
         info = {
             "format": 1, "runner_version": __version__, "exported_at": time.time(),
-            "backbone": marker.get("backbone", {"name": model.config.backbone.name}),
+            "backbone": marker["backbone"],
             "input_size": model.backbone.image_size, "classes": model.classes,
-            "accuracy": {kind: accuracy}, "step": checkpoint.step, "stage": marker.get("stage", "head"),
+            "accuracy": {kind: accuracy}, "step": checkpoint.step, "stage": checkpoint.stage,
             "top_k": classifier.top_k, "formats": list(names),
         }
         if "saved_model" in names:
@@ -275,7 +222,7 @@ def export_run(run_dir: Path, step: int | None = None, formats: str | None = Non
             info["tf1"] = write_tf1_graphs(classifier, staging)
         if {"tflite", "tflite_quantized"} & set(names):
             info["tflite"] = write_tflite(classifier, staging, names)
-        (staging / "model.json").write_text(json.dumps(info, indent=1))
+        (staging / EXPORT_MODEL_INFO).write_text(json.dumps(info, indent=1))
         _replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -7,7 +7,6 @@ nbclient alike, whatever matplotlib backend is active.
 from __future__ import annotations
 
 import io
-import json
 import os
 import platform
 import shutil
@@ -22,6 +21,7 @@ from matplotlib.figure import Figure
 
 from runner.errors import RunnerError
 from runner.progress import clock
+from runner.rundir import RunDir, read_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
@@ -124,26 +124,23 @@ def show_samples(data_dir: Path, per_class: int = 4, max_classes: int = 8) -> No
 
 def run_status(run_dir: Path) -> list[str]:
     """The state of a run directory: its newest checkpoint and age, whether it finished and exported."""
-    from runner.export import list_checkpoints
-    run_dir = Path(run_dir)
-    checkpoints = list_checkpoints(run_dir) if run_dir.is_dir() else []
-    if not checkpoints:
+    run = RunDir(run_dir)
+    newest = run.latest()
+    if newest is None:
         return [f"{run_dir}: no checkpoint yet (a new run, or one the trainer restores from sync first)"]
-    newest = checkpoints[0]
     marker = newest.marker
     val = marker.get("metrics", {}).get("val_accuracy")
-    lines = [f"newest checkpoint: step {newest.step} ({marker.get('stage', 'head')} stage), saved "
+    lines = [f"newest checkpoint: step {newest.step} ({newest.stage} stage), saved "
              f"{clock(time.time() - marker.get('saved_at', time.time()))} ago"
              + (f", validation accuracy {val:.3f}" if val is not None else "")]
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+    summary = read_json(run.summary)
+    if summary is not None:
         accuracy = summary.get("test_accuracy")
         lines.append(f"finished: step {summary.get('global_step')}, test accuracy "
                      + ("n/a" if accuracy is None else f"{accuracy:.3f}"))
-    export = run_dir / "export" / "model.json"
-    lines.append(f"export: {', '.join(json.loads(export.read_text()).get('formats', []))} in {export.parent}"
-                 if export.is_file() else "export: not yet")
+    export = run.export_info()
+    lines.append(f"export: {', '.join(export.get('formats', []))} in {run.export}" if export is not None
+                 else "export: not yet")
     return lines
 
 
@@ -168,15 +165,13 @@ def per_class_table(report: dict, classes: list[str], limit: int = 50) -> list[s
 def show_results(run_dir: Path, data_dir: Path, max_misclassified: int = 12) -> None:
     """Summary, learning curves, confusion matrix (or top confusions), per-class table, misclassified images."""
     from IPython.display import Image, display
-    run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    report = json.loads((run_dir / "test_report.json").read_text())
-    classes = json.loads((run_dir / "labels.json").read_text())
+    run = RunDir(run_dir)
+    summary, report, classes = read_json(run.summary), read_json(run.test_report), read_json(run.labels)
     accuracy = summary["test_accuracy"]
     print(f"test accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'} on {summary['num_test']} images "
           f"at step {summary['global_step']} ({summary['stage']} stage); {len(summary['skipped_images'])} "
           f"images skipped")
-    report_dir = run_dir / "report"
+    report_dir = run.report
     display(Image(filename=str(report_dir / "curves.png")))
     if (report_dir / "confusion.png").is_file():
         display(Image(filename=str(report_dir / "confusion.png")))

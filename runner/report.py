@@ -9,51 +9,29 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from runner.atomic import write_atomic, write_text_atomic
+from common.files import write_bytes_atomic, write_text_atomic
 from runner.cli import exit_status_of
 from runner.errors import RunnerError
+from runner.rundir import RunDir, read_json
 
-REPORT_DIR = "report"
 MAX_CONFUSION_CLASSES = 50
 TOP_CONFUSIONS = 30
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The metric lines of metrics.jsonl, in order."""
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise RunnerError(f"{path} does not exist: there is nothing to plot until training has validated "
-                          f"at least once (every eval.every_steps steps).") from None
-    try:
-        return [json.loads(line) for line in lines if line.strip()]
-    except ValueError as e:
-        raise RunnerError(f"{path} has a line that is not JSON ({e}); delete that line and run again.") from None
-
-
 def curve_steps(metrics: list[dict]) -> tuple[np.ndarray, int | None]:
-    """The x position of each metric line and the x where the fine-tune stage starts (None if it never does).
-
-    Fine-tuning starts where the head stage ended; fine-tune lines whose steps restart from zero are
-    placed after the last head step."""
+    """The (run-wide) step of each metric line and the step where fine-tuning starts (None if it never does)."""
     steps = np.array([m["step"] for m in metrics], dtype=np.int64)
-    stages = [m.get("stage", "head") for m in metrics]
+    stages = [m["stage"] for m in metrics]
     if "finetune" not in stages:
         return steps, None
-    first = stages.index("finetune")
-    if first == 0:
-        return steps, int(steps[0])
-    last_head = int(steps[:first].max())
-    if steps[first] <= last_head:
-        steps[first:] = steps[first:] + last_head
-    return steps, last_head
+    head_steps = [s for s, stage in zip(steps, stages) if stage == "head"]
+    return steps, int(max(head_steps) if head_steps else steps[stages.index("finetune")])
 
 
 def _series(metrics: list[dict], key: str, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +42,7 @@ def _series(metrics: list[dict], key: str, steps: np.ndarray) -> tuple[np.ndarra
 def _save(figure: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    write_atomic(path, lambda f: f.write(buffer.getvalue()))
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def plot_curves(metrics: list[dict], path: Path) -> None:
@@ -170,20 +148,23 @@ def misclassified_text(misclassified: list[dict]) -> str:
 
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report (curves, confusion, top confusions, misclassified) and return its path."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunnerError(f"run directory {run_dir} does not exist; pass the run.dir of a run to --run.")
-    out = run_dir / REPORT_DIR
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise RunnerError(f"run directory {run} does not exist; pass the run.dir of a run to --run.")
+    metrics = run.metrics.read()
+    if not metrics:
+        raise RunnerError(f"{run.metrics.path} does not exist or is empty: there is nothing to plot until "
+                          f"training has validated at least once (every eval.every_steps steps).")
+    out = run.report
     out.mkdir(exist_ok=True)
-    plot_curves(read_metrics(run_dir / "metrics.jsonl"), out / "curves.png")
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    plot_curves(metrics, out / "curves.png")
+    summary = read_json(run.summary) or {}
     if summary.get("candidates"):
         plot_candidates(summary["candidates"], summary["selected"], out / "candidates.png")
-    report_path = run_dir / "test_report.json"
-    if not report_path.exists():
+    report = read_json(run.test_report)
+    if report is None:
         return out  # training has not finished: curves only
-    report = json.loads(report_path.read_text())
-    classes = json.loads((run_dir / "labels.json").read_text())
+    classes = read_json(run.labels)
     entries = confusion_entries(report, len(classes))
     if len(classes) <= MAX_CONFUSION_CLASSES:
         plot_confusion(dense_confusion(entries, len(classes)), classes, out / "confusion.png")

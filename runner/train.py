@@ -1,26 +1,25 @@
-"""The head's step loop: batches, RMSProp steps, evaluation, metrics, checkpoint cadence, signals.
+"""The step loop of a training stage: batches, steps, evaluation, signals; the rest listens to its events.
 
-Every batch and dropout mask is a pure function of (seed, step); the seed and the step live in the
-checkpoint, so a run killed at any step and resumed ends with exactly the weights of an unbroken run.
+The loop trains and validates a stage (runner/stages.py) and emits five events: start, step,
+evaluation, checkpoint and end. The metrics log, TensorBoard, the progress display, the checkpoint cadence and the
+sync hand-over are listeners (runner/events.py). Every batch and dropout mask is a pure function of
+(seed, step); the seed and the step live in the checkpoint, so a run killed at any step and resumed ends
+with exactly the weights of an unbroken run.
 """
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from runner.config import Config
 from runner.distribute import distribute_batch
 from runner.errors import RunnerError, StopRequested
-from runner.progress import progress
 
 log = logging.getLogger("runner")
 
@@ -107,25 +106,12 @@ class TrainState:
 
 @dataclass
 class LoopResult:
+    """Where a stage ended: its step, the signal that stopped it, its last evaluation, whether it trained."""
     step: int
     stopped_by: str | None
     last_eval: dict = field(default_factory=dict)
+    trained: bool = False
     search: dict | None = None      # the head search's `selected` and `candidates`, when it ran
-
-
-@dataclass
-class Stage:
-    """One training stage (the head on cached vectors, or fine-tuning on images) for run_stage."""
-    name: str                                    # "head" | "finetune": progress, metrics, summary
-    total_steps: int
-    step_offset: int                             # added to the stage's step in metrics (one x axis)
-    state: TrainState
-    train_step: Callable                         # compiled (inputs, labels, weights, seed) -> (loss, acc)
-    next_batch: Callable[[int], tuple]           # stage step -> (inputs, int32 labels) as numpy
-    validate: Callable[[int], tuple]             # stage step -> (val_loss, val_accuracy), None when no val split
-    save_checkpoint: Callable[[int, dict], None]
-    eval_every: int                              # validate every N stage steps
-    done: Callable[[], bool] = lambda: False     # True ends the stage before total_steps (early stopping)
 
 
 def make_train_step(forward: Callable, variables: list, optimizer, strategy, batch_size: int,
@@ -157,63 +143,65 @@ def make_train_step(forward: Callable, variables: list, optimizer, strategy, bat
     return train_step
 
 
-def run_stage(config: Config, stage: Stage, strategy, class_weights: np.ndarray, metrics_path: Path,
-              stop: StopFlag) -> LoopResult:
-    """Train a stage from its checkpointed step to its total; checkpoint on cadence, at the end, on a signal."""
-    seed = int(stage.state.seed.numpy())
-    writer = tf.summary.create_file_writer(str(Path(config.run.dir) / "tensorboard"))
-    step = int(stage.state.step.numpy())
-    label = "training head" if stage.name == "head" else "fine-tuning"
-    bar = progress(stage.total_steps, label, "step", config.train.progress, initial=step)
-    last_save_time, last_eval, window = time.monotonic(), {}, []
+class StageLoop:
+    """Trains one stage from its checkpointed step to its end and tells the listeners each event; a stage
+    with nothing left to train emits nothing and returns the evaluation stored with its checkpoint."""
 
-    def evaluate(step: int) -> dict:
-        val_loss, val_accuracy = stage.validate(step)
-        recent = np.mean(window, axis=0) if window else (None, None)
-        record = {"step": step + stage.step_offset, "stage": stage.name, "stage_step": step,
-                  "train_loss": _round(recent[0]), "train_accuracy": _round(recent[1]),
-                  "val_loss": _round(val_loss), "val_accuracy": _round(val_accuracy), "time": time.time()}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        with writer.as_default(step=record["step"]):
-            for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-                if record[key] is not None:
-                    tf.summary.scalar(key, record[key])
-        window.clear()
-        return record
+    def __init__(self, stage, listeners: list, strategy, class_weights: np.ndarray, stop: StopFlag):
+        self.stage, self.listeners, self.strategy = stage, listeners, strategy
+        self.class_weights, self.stop = class_weights, stop
+        self.start = self.step = stage.step
+        self.last_eval: dict = {}
+        self._window: list[tuple[float, float]] = []
 
-    while step < stage.total_steps and not stop and not stage.done():
-        inputs, labels = stage.next_batch(step)
-        batch = distribute_batch(strategy, inputs, labels, class_weights[labels])
-        loss, accuracy = stage.train_step(*batch, tf.constant([seed, step], tf.int64))
-        if not np.isfinite(float(loss)):
-            raise TrainingDiverged(stage.name, step + 1, float(loss))
-        step += 1
-        stage.state.step.assign(step)
-        window.append((float(loss), float(accuracy)))
-        bar.update()
-        if step % stage.eval_every == 0 or step == stage.total_steps:
-            last_eval = evaluate(step)
-            bar.set_postfix_str(f"loss {last_eval['train_loss']:.3f} acc {last_eval['train_accuracy']:.3f} "
-                                f"val_acc {_fmt(last_eval['val_accuracy'])}")
-        c = config.checkpoint
-        due_by_steps = c.every_steps and step % c.every_steps == 0
-        due_by_time = c.every_seconds and time.monotonic() - last_save_time >= c.every_seconds
-        if (due_by_steps or due_by_time) and step < stage.total_steps and not stage.done():
-            stage.save_checkpoint(step, last_eval)
-            last_save_time = time.monotonic()
-    bar.close()
-    writer.flush()
-    finished = step == stage.total_steps or stage.done()
-    if finished and (not last_eval or last_eval.get("stage_step") != step):
-        last_eval = evaluate(step)
-    stage.save_checkpoint(step, last_eval)
-    return LoopResult(step, stop.signal_name, last_eval)
+    def _emit(self, event: str, *args) -> None:
+        for listener in self.listeners:
+            getattr(listener, event)(self, *args)
+
+    def checkpoint(self) -> None:
+        """Save the stage at the current step and tell the listeners."""
+        checkpoint = self.stage.save(self.step, self.last_eval)
+        log.info("checkpoint saved at %s step %d", checkpoint.stage, checkpoint.local_step)
+        self._emit("on_checkpoint", checkpoint)
+
+    def _evaluate(self) -> None:
+        stage = self.stage
+        val_loss, val_accuracy = stage.validate(self.step)
+        recent = np.mean(self._window, axis=0) if self._window else (None, None)
+        self.last_eval = {"step": self.step + stage.step_offset, "stage": stage.name, "stage_step": self.step,
+                          "train_loss": _round(recent[0]), "train_accuracy": _round(recent[1]),
+                          "val_loss": _round(val_loss), "val_accuracy": _round(val_accuracy), "time": time.time()}
+        self._window.clear()
+        self._emit("on_evaluation", self.last_eval)
+
+    def run(self) -> LoopResult:
+        """Train until the stage's total, its early stop or a signal; checkpoint at the end."""
+        stage = self.stage
+        if stage.finished():
+            return LoopResult(self.step, None, dict(stage.restored_eval), trained=False)
+        seed = int(stage.state.seed.numpy())
+        self._emit("on_start")
+        while self.step < stage.total_steps and not self.stop and not stage.done():
+            inputs, labels = stage.next_batch(self.step)
+            batch = distribute_batch(self.strategy, inputs, labels, self.class_weights[labels])
+            loss, accuracy = (float(x) for x in stage.train_step(*batch, tf.constant([seed, self.step], tf.int64)))
+            if not np.isfinite(loss):
+                raise TrainingDiverged(stage.name, self.step + 1, loss)
+            self.step += 1
+            stage.state.step.assign(self.step)
+            self._window.append((loss, accuracy))
+            if self.step % stage.eval_every == 0 or self.step == stage.total_steps:
+                self._evaluate()
+            self._emit("on_step", self.step, loss, accuracy)
+        if stage.finished() and self.last_eval.get("stage_step") != self.step:
+            self._evaluate()
+        if self.step > self.start:
+            self.checkpoint()
+        result = LoopResult(self.step, self.stop.signal_name, self.last_eval or dict(stage.restored_eval),
+                            trained=self.step > self.start)
+        self._emit("on_end", result)
+        return result
 
 
 def _round(value):
     return None if value is None else round(float(value), 6)
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

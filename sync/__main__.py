@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
-from pathlib import Path
 
-from sync import LAST_SNAPSHOT, STATE_DIR, open_sync
+from sync import STATE_DIR, open_sync
 from sync.config import load_toml
 from sync.errors import SyncError
 from sync.remote import list_snapshots, prune, read_pointer
@@ -61,32 +59,21 @@ def cmd_pull(sync, args) -> int:
     return 0
 
 
-def newest_local_checkpoint(run_dir: Path) -> tuple[int, list[str], dict, list[str]] | None:
-    """(step, files, metrics, cache_files) of the last checkpoint the runner handed to sync, or None."""
-    try:
-        record = json.loads((run_dir / LAST_SNAPSHOT).read_text())
-    except (OSError, ValueError):
-        return None
-    files = [f for f in record["files"] if (run_dir / f).is_file()]
-    return int(record["step"]), files, record.get("metrics", {}), record.get("cache_files", [])
-
-
 def cmd_push(sync, args) -> int:
-    """Send what is queued now; with nothing queued, snapshot the newest local checkpoint."""
+    """Send what is queued now; with nothing queued, snapshot the last checkpoint handed to sync."""
     if not sync.staging.pending():
-        found = newest_local_checkpoint(sync.run_dir)
-        on_remote = {s.step for s in list_snapshots(sync.backend)}
-        if found is None:
-            print(f"sync: nothing to push: {sync.run_dir / LAST_SNAPSHOT} is missing (no checkpoint was saved "
-                  f"in this run dir yet)")
-            sync.close(timeout=0)
+        hand_over = sync.last_hand_over()
+        if hand_over is None:
+            print(f"sync: nothing to push: no checkpoint was handed to sync in {sync.run_dir} yet")
             return 0
-        if found[0] in on_remote:
-            print(f"sync: step {found[0]} is already in {sync.backend.description}")
-            sync.close(timeout=0)
+        if hand_over.step in {s.step for s in list_snapshots(sync.backend)}:
+            print(f"sync: step {hand_over.step} is already in {sync.backend.description}")
             return 0
-        step, files, metrics, cache_files = found
-        sync.on_checkpoint(step, files, metrics, cache_files)
+        missing = [f for f in hand_over.files if not (sync.run_dir / f).is_file()]
+        if missing:
+            raise SyncError(f"sync: the last checkpoint handed over (step {hand_over.step}) is gone from "
+                            f"{sync.run_dir} ({missing[0]} is missing); train again to hand over a new one.")
+        sync.on_checkpoint(hand_over)
     outcome = sync.close()
     print(outcome)
     return 1 if "pending" in outcome else 0
@@ -119,14 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         config, run_dir, cache_dir = load_toml(args.config, args.set)
         if not config.enabled:
             raise SyncError("sync is off: set sync.folder (a directory) or sync.backend=drive with sync.folder.")
-        sync = open_sync(config, run_dir, cache_dir, run_id=run_dir.name)
+        # only push sends: the other commands never start the background uploader
+        sync = open_sync(config, run_dir, cache_dir, run_id=run_dir.name, start_uploader=args.command == "push")
         command = {"list": cmd_list, "pull": cmd_pull, "push": cmd_push, "prune": cmd_prune}[args.command]
-        if args.command != "push":
-            sync.close(timeout=0) if args.command == "list" else None
-        code = command(sync, args)
-        if args.command in ("pull", "prune"):
-            sync.close(timeout=0)
-        return code
+        return command(sync, args)
     except SyncError as e:
         if args.debug:
             raise

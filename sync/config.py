@@ -1,21 +1,17 @@
 """SyncConfig: the `[sync]` settings (stable public keys) and their validation."""
 from __future__ import annotations
 
-import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from common import settings
+from common.settings import DEFAULT_CACHE_SUBDIR, DEFAULT_RUN_DIR, SettingError
+from common.settings import setting as _opt
 from sync.errors import SyncError
 
 BACKENDS = ("folder", "drive")
 _CHUNK_UNIT = 256 * 1024
-
-
-def _opt(default, help: str, choices: tuple | None = None, min: float | None = None):
-    """A setting with its help text and allowed values (the runner's --help reads these)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": None})
 
 
 @dataclass
@@ -23,11 +19,11 @@ class SyncConfig:
     """The `[sync]` table: where snapshots go and how transfers behave."""
     backend: str = _opt("folder", "where snapshots go: a directory or Google Drive", choices=BACKENDS)
     folder: str = _opt("", "folder backend: a directory path ('' = sync off); drive backend: a folder path "
-                           "like runs/flowers or id:FOLDER_ID")
+                           "like runs/flowers or id:FOLDER_ID", path=lambda section: section.backend == "folder")
     credentials: str = _opt("", "drive: authorized-user or service-account JSON; '' = Colab/application "
-                                "default credentials")
+                                "default credentials", path=True)
     api_endpoint: str = _opt("", "drive: API root URL; '' = Google's (set it for Drive-compatible servers)")
-    ca_certs: str = _opt("", "drive: an extra CA bundle (TLS-inspecting proxies, test servers)")
+    ca_certs: str = _opt("", "drive: an extra CA bundle (TLS-inspecting proxies, test servers)", path=True)
     keep: int = _opt(3, "newest snapshots kept on the remote (the best by val accuracy is kept too)", min=1)
     chunk_mib: float = _opt(8.0, "drive: upload chunk size in MiB, a multiple of 0.25 (256 KiB)", min=0.25)
     flush_timeout_s: float = _opt(120.0, "seconds to wait for pending uploads at exit", min=0.0)
@@ -67,55 +63,44 @@ class SyncConfig:
             raise SyncError("setting sync.retries must be at least 1.")
         if self.timeout_s <= 0:
             raise SyncError("setting sync.timeout_s must be positive.")
+
+    def check_environment(self) -> None:
+        """Raise SyncError when a file these settings name does not exist here (checked when a run starts,
+        not when a stored config is read, so a stored config loads on any machine)."""
         for name in ("credentials", "ca_certs"):
             path = getattr(self, name)
             if path and not Path(path).expanduser().is_file():
                 raise SyncError(f"setting sync.{name} = {path!r}: no such file; fix the path or leave it empty.")
 
     @classmethod
-    def from_mapping(cls, table: Mapping[str, Any]) -> "SyncConfig":
-        """Build and validate a SyncConfig from a `[sync]` table (unknown keys are an error)."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        values = {}
-        for key, value in table.items():
-            if key not in known:
-                raise SyncError(f"unknown setting sync.{key}; keys of [sync] are: {', '.join(known)}.")
-            values[key] = _coerce(f"sync.{key}", value, type(getattr(cls(), key)))
-        config = cls(**values)
-        config.validate()
-        return config
+    def from_settings(cls, table: Mapping[str, Any] = {}, overrides: list[str] = ()) -> "SyncConfig":
+        """Build and validate a SyncConfig from `[sync]` values and `--set sync.key=value` items."""
+        loader = settings.Loader(_SyncOnly(), ("sync",))
+        try:
+            for key, value in table.items():
+                loader.apply(f"sync.{key}", value, "sync settings", Path.cwd())
+            loader.apply_overrides(list(overrides))
+            loader.resolve_paths()
+        except SettingError as e:
+            raise SyncError(str(e)) from None
+        loader.root.sync.validate()
+        return loader.root.sync
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    """Turn a TOML value into the setting's type or explain what was expected."""
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind is str and isinstance(value, str):
-        return value
-    raise SyncError(f"setting {key} = {value!r}: expected a {kind.__name__}.")
+@dataclass
+class _SyncOnly:
+    """The part of a run's settings that sync reads by itself."""
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
 
 def load_toml(path: str | Path, overrides: list[str] = ()) -> tuple[SyncConfig, Path, Path]:
     """Read (SyncConfig, run_dir, cache_dir) from a run TOML file plus `sync.key=value` overrides."""
-    path = Path(path)
     try:
-        table = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SyncError(f"config file {path} does not exist; pass an existing file to --config.") from None
-    except tomllib.TOMLDecodeError as e:
-        raise SyncError(f"config file {path} is not valid TOML: {e}.") from None
-    sync_table = dict(table.get("sync", {}))
-    for text in overrides:
-        key, sep, raw = text.partition("=")
-        section, _, name = key.strip().partition(".")
-        if not sep or section != "sync" or not name:
-            raise SyncError(f"--set {text!r}: write it as sync.key=value, e.g. --set sync.keep=5.")
-        try:
-            sync_table[name] = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            sync_table[name] = raw.strip()
-    run_dir = Path(table.get("run", {}).get("dir", "runs/default"))
-    cache = table.get("cache", {}).get("dir", "")
-    return SyncConfig.from_mapping(sync_table), run_dir, Path(cache) if cache else run_dir / "cache"
+        config = settings.load(_SyncOnly(), path, overrides, known_sections=("sync",)).sync
+        table, base = settings.read_toml(path), Path(path).resolve().parent
+    except SettingError as e:
+        raise SyncError(str(e)) from None
+    config.validate()
+    run_dir = Path(settings.absolute(str(table.get("run", {}).get("dir", DEFAULT_RUN_DIR)), base))
+    cache = str(table.get("cache", {}).get("dir", ""))
+    return config, run_dir, Path(settings.absolute(cache, base)) if cache else run_dir / DEFAULT_CACHE_SUBDIR

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -11,20 +10,11 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from common.files import file_digest, write_atomic
 from sync.errors import IntegrityError
 
 MANIFEST = "sync-manifest.json"
 FORMAT = 1
-_BLOCK = 1 << 20
-
-
-def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    """The hex digest (sha256 by default, or md5) of a file's content."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_relpath(relpath: str) -> str:
@@ -44,17 +34,16 @@ def pack(root: Path, files: list[str], info: dict, dest: Path) -> dict:
         members[rel] = {"sha256": file_digest(path), "size": path.stat().st_size}
     manifest = dict(info, format=FORMAT, files=members)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".partial")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        tar.addfile(_member(MANIFEST, len(data)), io.BytesIO(data))
-        for rel, meta in members.items():
-            with open(root / rel, "rb") as f:
-                tar.addfile(_member(rel, meta["size"]), f)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
+
+    def write(raw) -> None:
+        with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz, \
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            tar.addfile(_member(MANIFEST, len(data)), io.BytesIO(data))
+            for rel, meta in members.items():
+                with open(root / rel, "rb") as f:
+                    tar.addfile(_member(rel, meta["size"]), f)
+    write_atomic(dest, write)
     return manifest
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sync.snapshot import check_relpath
+from sync.handover import HandOver
 
 STAGED_INFO = "staged.json"
 
@@ -25,14 +25,10 @@ class Staged:
         return int(self.info["step"])
 
 
-def _is_immutable(rel: str) -> bool:
-    """Checkpoint data files are never rewritten, so a hardlink is a safe copy of them."""
-    return rel.startswith("checkpoints/") and "ckpt-" in rel
-
-
-def _link_or_copy(src: Path, dst: Path, rel: str) -> None:
+def _link_or_copy(src: Path, dst: Path, immutable: bool) -> None:
+    """A hard link for a file never changed in place (cheap at any size), a copy otherwise."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if _is_immutable(rel):
+    if immutable:
         try:
             os.link(src, dst)
             return
@@ -47,16 +43,16 @@ class Staging:
     def __init__(self, root: Path):
         self.root = root
 
-    def stage(self, run_dir: Path, step: int, files: list[str], info: dict) -> Staged:
-        """Copy (or hardlink immutable checkpoint files) run_dir/<files> into a new staged folder."""
+    def stage(self, run_dir: Path, hand_over: HandOver, info: dict) -> Staged:
+        """Hardlink the hand-over's immutable files and copy the others into a new staged folder."""
+        step = hand_over.step
         stamp = time.time_ns()  # a step staged twice gets two folders: the worker may be sending the first
         final = self.root / f"step-{step:09d}-{stamp}"
         tmp = self.root / f".tmp-step-{step:09d}-{stamp}"
-        rels = sorted({check_relpath(f) for f in files})
         try:
-            for rel in rels:
-                _link_or_copy(run_dir / rel, tmp / "files" / rel, rel)
-            info = dict(info, step=step, files=rels, staged=stamp / 1e9)
+            for rel in hand_over.files:
+                _link_or_copy(run_dir / rel, tmp / "files" / rel, rel in hand_over.immutable)
+            info = dict(info, step=step, files=list(hand_over.files), staged=stamp / 1e9)
             (tmp / STAGED_INFO).write_text(json.dumps(info, sort_keys=True))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

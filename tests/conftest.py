@@ -5,8 +5,15 @@ import pytest
 
 from tests.helpers import CLOTHING, MOBILENET_WEIGHTS, local_mobilenet_args, run_resume
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs real training subprocesses (minutes); deselect with -m 'not slow'")
+# a test that needs a real training run (the shared one, or its own on the real photos) is slow by definition
+SLOW_FIXTURES = {"shared_assets", "clothing_run", "exported_run"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that trains on the real photos as slow."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 ALL_EXPORT_FORMATS = "saved_model,tflite,tflite_quantized,tf1,labels"  # the shared run's export has every format

@@ -146,14 +146,19 @@ class OutputWatcher:
 
     def wait_for(self, text: str, timeout: float = 120) -> bool:
         """True once a line containing `text` has appeared; False if the process ended or time ran out."""
+        return self.wait_until(lambda line: text in line, timeout)
+
+    def wait_until(self, matches, timeout: float = 120) -> bool:
+        """True once a line for which matches(line) is true has appeared; False if the process ended or
+        time ran out."""
         import time
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(text in line for line in self.lines):
+            if any(matches(line) for line in list(self.lines)):
                 return True
             if self.process.poll() is not None:
                 self.thread.join(5)
-                return any(text in line for line in self.lines)
+                return any(matches(line) for line in self.lines)
             time.sleep(0.02)
         return False
 
@@ -162,25 +167,26 @@ class OutputWatcher:
         return "".join(self.lines)
 
 
-def sigkill_repeatedly(args: list[str], started_text: str, times: int, seconds: tuple[float, float],
-                       seed: int) -> int:
-    """Start `resume.py ARGS`, SIGKILL it a random time after `started_text` appears; up to `times`
-    times. Returns how many kills happened (the run may finish before a kill)."""
-    import random
-    import time
-    rng, kills = random.Random(seed), 0
-    for _ in range(times):
+def sigkill_after_checkpoints(args: list[str], stage: str, steps: list[int]) -> None:
+    """For each step: start `resume.py ARGS` (resuming what the last one left) and SIGKILL it as soon as it
+    logs a checkpoint of `stage` at that step or later (observed progress, so it holds at any machine speed)."""
+    import re
+    saved = re.compile(rf"checkpoint saved at {stage} step (\d+)$")
+    for step in steps:
         process = start_resume(*args)
         watcher = OutputWatcher(process)
-        assert watcher.wait_for(started_text, timeout=300), watcher.output()
-        time.sleep(rng.uniform(*seconds))
-        if process.poll() is not None:
-            break
+        assert watcher.wait_until(lambda line: (m := saved.search(line.strip())) and int(m.group(1)) >= step,
+                                  timeout=300), watcher.output()
+        assert process.poll() is None, f"the run ended before it could be killed after step {step}"
         process.kill()  # SIGKILL: no handler runs, no final checkpoint
         process.wait()
         watcher.output()
-        kills += 1
-    return kills
+
+
+def random_steps(every: int, total: int, count: int, seed: int) -> list[int]:
+    """`count` distinct checkpoint steps below `total`, in order, chosen at random by `seed`."""
+    import random
+    return sorted(random.Random(seed).sample(range(every, total, every), count))
 
 
 def assert_same_checkpoint(expected_prefix: str, actual_prefix: str) -> None:
@@ -206,8 +212,9 @@ def cached_split(run_dir: Path, cache_dir: Path, split: str):
     return vectors, np.array([r.label for r in records]), records
 
 
-def sigterm_after_start(args: list[str], started_text: str, seconds: float) -> tuple[int, str]:
-    """Start `resume.py ARGS`, send SIGTERM `seconds` after `started_text` appears; (exit status, output)."""
+def sigterm_after_start(args: list[str], started_text: str, seconds: float = 0.0) -> tuple[int, str]:
+    """Start `resume.py ARGS`, send SIGTERM `seconds` (default: at once) after `started_text` appears;
+    (exit status, output)."""
     import signal
     import time
     process = start_resume(*args)

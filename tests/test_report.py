@@ -53,16 +53,9 @@ def test_report_of_the_real_run_has_curves_confusion_and_misclassified(clothing_
     assert "→" in (report / "top_confusions.txt").read_text()
 
 
-def test_finetune_lines_restarting_at_zero_are_drawn_after_the_head_stage():
-    from runner.report import curve_steps
-    metrics = [metric_line(s, "head") for s in (100, 200, 300)] + [metric_line(s, "finetune") for s in (50, 100)]
-    steps, finetune_at = curve_steps(metrics)
-    assert steps.tolist() == [100, 200, 300, 350, 400] and finetune_at == 300
-
-
 def test_finetune_lines_that_continue_the_step_count_keep_their_steps():
     from runner.report import curve_steps
-    metrics = [metric_line(s) for s in (100, 200)] + [metric_line(s, "finetune") for s in (300, 400)]
+    metrics = [metric_line(s, "head") for s in (100, 200)] + [metric_line(s, "finetune") for s in (300, 400)]
     steps, finetune_at = curve_steps(metrics)
     assert steps.tolist() == [100, 200, 300, 400] and finetune_at == 200
     assert curve_steps(metrics[:2])[1] is None
@@ -79,7 +72,7 @@ def test_report_with_a_finetune_stage_draws_its_start(tmp_path):
 
 def test_more_than_50_classes_lists_top_confusions_instead_of_a_picture(tmp_path):
     from runner.report import write_report
-    out = write_report(write_fake_run(tmp_path / "run", 60, [metric_line(100), metric_line(200)]))
+    out = write_report(write_fake_run(tmp_path / "run", 60, [metric_line(100, "head"), metric_line(200, "head")]))
     assert not (out / "confusion.png").exists()
     lines = (out / "top_confusions.txt").read_text().splitlines()
     assert len(lines) == 31 and "→" in lines[1]
@@ -90,7 +83,7 @@ def test_report_of_an_unfinished_run_has_only_curves(tmp_path):
     from runner.report import write_report
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text(json.dumps(metric_line(100)) + "\n")
+    (run_dir / "metrics.jsonl").write_text(json.dumps(metric_line(100, "head")) + "\n")
     out = write_report(run_dir)
     assert sorted(p.name for p in out.iterdir()) == ["curves.png"]
 

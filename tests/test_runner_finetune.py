@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import (assert_same_checkpoint, checkpoint_values, latest_checkpoint_prefix, local_mobilenet_args,
-                           run_resume, sigkill_repeatedly, summary)
+                           random_steps, run_resume, sigkill_after_checkpoints, summary)
+
+pytestmark = pytest.mark.slow
 
 FINETUNE = ("train.steps=300", "train.deterministic=true", "fine_tune.enabled=true", "fine_tune.steps=36",
             "fine_tune.batch_size=16", "fine_tune.fraction=0.15", "checkpoint.every_steps=6",
@@ -31,7 +35,7 @@ def test_fine_tuning_killed_at_random_steps_resumes_to_identical_weights(clothin
 
     broken = tmp_path / "broken"
     args = local_mobilenet_args(broken, cache_dir, *FINETUNE)
-    assert sigkill_repeatedly(args, "fine-tuning:", times=2, seconds=(1.0, 4.0), seed=7) >= 1
+    sigkill_after_checkpoints(args, "finetune", random_steps(6, 36, count=2, seed=7))
     result = run_resume(*args)
     assert result.returncode == 0, result.stdout
     assert "resumed from fine-tuning step" in result.stdout

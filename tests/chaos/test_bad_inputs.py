@@ -14,7 +14,7 @@ from contextlib import redirect_stdout
 import numpy as np
 import pytest
 
-from runner.atomic import write_text_atomic
+from common.files import write_text_atomic
 from runner.cache import BottleneckCache
 from runner.data import HashIndex, problem_with, scan_dataset, split_of
 from runner.errors import DataError, RunnerError

@@ -10,7 +10,7 @@ import pytest
 from sync import open_sync
 from tests.chaos.conftest import small_args
 from tests.helpers import OutputWatcher, start_resume
-from tests.sync.helpers import write_checkpoint
+from tests.sync.helpers import hand_over, write_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def test_sigterm_during_a_stalled_drive_restore_is_honoured_at_once(drive_config
     source = tmp_path / "source"
     files = write_checkpoint(source, 10)
     sync = open_sync(drive_config, source, source / "cache", run_id="run")  # the run dir's name below
-    sync.on_checkpoint(10, files, {"val_accuracy": 0.5}, [])
+    sync.on_checkpoint(hand_over(10, files, 0.5))
     assert "uploaded" in sync.close(60)
     fake_drive.inject("stall", on="media", seconds=90)
     settings = [f"sync.{k}={getattr(drive_config, k)}" for k in

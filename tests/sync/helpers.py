@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from sync import LAST_SNAPSHOT
+from sync import HandOver
 
 TRIES = 8  # sync.retries in drive tests: generous, so a loaded machine does not exhaust them
 TIMEOUT_S = 2.0  # sync.timeout_s in drive tests: short, so stalls are detected quickly
@@ -13,8 +13,7 @@ STALL_S = TIMEOUT_S + 1.0  # a stalled response outlasts the client's timeout
 
 
 def write_checkpoint(run_dir: Path, step: int, size: int = 4096, seed: int | None = None) -> list[str]:
-    """Write the files of checkpoint `step` (random data), the run files and the runner's hand-over record
-    (LAST_SNAPSHOT); return the files' relative paths."""
+    """Write the files of checkpoint `step` (random data) and the run files; return their relative paths."""
     rng = os.urandom if seed is None else (lambda n: bytes((seed + i) % 251 for i in range(n)))
     ck = run_dir / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
@@ -27,9 +26,14 @@ def write_checkpoint(run_dir: Path, step: int, size: int = 4096, seed: int | Non
         f.write(json.dumps({"step": step}) + "\n")
     files = [f"checkpoints/ckpt-{step}.index", f"checkpoints/ckpt-{step}.data-00000-of-00001",
              f"checkpoints/ckpt-{step}.json", "labels.json", "config.toml", "metrics.jsonl"]
-    (run_dir / LAST_SNAPSHOT).write_text(json.dumps({"step": step, "files": files, "metrics": {"step": step},
-                                                     "cache_files": []}))
     return files
+
+
+def hand_over(step: int, files: list[str], acc: float | None = 0.5, cache_files=()) -> HandOver:
+    """The runner's hand-over of checkpoint `step`: everything but the metrics log is immutable."""
+    return HandOver(step=step, files=tuple(files), immutable=frozenset(f for f in files if f != "metrics.jsonl"),
+                    runner_version="test", metrics={"val_accuracy": acc, "val_loss": 1.0},
+                    cache_files=tuple(cache_files))
 
 
 def write_cache(cache_dir: Path, names: list[str], size: int = 2048) -> list[str]:

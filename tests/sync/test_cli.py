@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from sync import SyncConfig, open_sync
-from tests.sync.helpers import tree, write_checkpoint
+from tests.sync.helpers import hand_over, tree, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +20,7 @@ def make_remote(tmp_path, steps_acc):
     remote = tmp_path / "remote"
     for step, acc in steps_acc:
         sync = open_sync(SyncConfig(folder=str(remote), keep=10), tmp_path / "run", tmp_path / "cache", "r1")
-        sync.on_checkpoint(step, write_checkpoint(sync.run_dir, step), {"step": step, "val_accuracy": acc}, [])
+        sync.on_checkpoint(hand_over(step, write_checkpoint(sync.run_dir, step), acc))
         sync.close(timeout=30)
     return remote
 
@@ -52,10 +52,12 @@ def test_pull_restores_the_newest_or_a_chosen_step_into_the_run_dir(tmp_path):
     assert (tmp_path / "new2/checkpoints/ckpt-200.index").exists()
 
 
-def test_push_sends_the_newest_local_checkpoint(tmp_path):
+def test_push_sends_the_last_checkpoint_handed_to_sync(tmp_path):
     run_dir = tmp_path / "run"
-    write_checkpoint(run_dir, 100)
+    off = open_sync(SyncConfig(), run_dir, tmp_path / "cache", "r1")  # trained with sync off: sync still records
+    off.on_checkpoint(hand_over(100, write_checkpoint(run_dir, 100)))
     files = write_checkpoint(run_dir, 300)
+    off.on_checkpoint(hand_over(300, files))
     remote = tmp_path / "remote"
     out = run_cli(config_file(tmp_path, remote, run_dir), "push")
     assert out.returncode == 0, out.stderr

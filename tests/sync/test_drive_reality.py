@@ -13,14 +13,14 @@ from sync.errors import RemoteError, SyncError
 from sync.remote import POINTER, list_snapshots
 from tests.fake_drive.server import DRIVE, DRIVE_FILE, FOLDER_MIME
 from tests.sync.conftest import credentials_file
-from tests.sync.helpers import write_cache, write_checkpoint
+from tests.sync.helpers import hand_over, write_cache, write_checkpoint
 
 CHUNK = 256 * 1024
 
 
 def _checkpoint(sync, step, acc=0.5, cache_files=()):
     files = write_checkpoint(sync.run_dir, step)
-    sync.on_checkpoint(step, files, {"step": step, "val_accuracy": acc, "val_loss": 1.0}, list(cache_files))
+    sync.on_checkpoint(hand_over(step, files, acc, cache_files))
     return files
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from sync import open_sync
 from sync.remote import POINTER
-from tests.sync.helpers import TRIES, tree, write_cache, write_checkpoint
+from tests.sync.helpers import TRIES, hand_over, tree, write_cache, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _checkpoint(sync, step, acc=0.5, cache_files=(), size=4096):
     files = write_checkpoint(sync.run_dir, step, size=size)
-    sync.on_checkpoint(step, files, {"step": step, "val_accuracy": acc, "val_loss": 1.0}, list(cache_files))
+    sync.on_checkpoint(hand_over(step, files, acc, cache_files))
     return files
 
 
@@ -105,11 +105,12 @@ def test_retention_on_drive_keeps_newest_and_best(drive_config, fake_drive, tmp_
 KILLED_CHILD = """
 import sys, pathlib
 from sync.config import load_toml
-from sync import open_sync
+from sync import HandOver, open_sync
 config, run_dir, cache_dir = load_toml(sys.argv[1])
 sync = open_sync(config, run_dir, cache_dir, "r1")
 files = [str(p.relative_to(run_dir)) for p in sorted((run_dir / "checkpoints").iterdir())]
-sync.on_checkpoint(300, files, {"step": 300, "val_accuracy": 0.7, "val_loss": 0.5}, [])
+sync.on_checkpoint(HandOver(step=300, files=tuple(files), immutable=frozenset(files), runner_version="test",
+                            metrics={"val_accuracy": 0.7, "val_loss": 0.5}))
 print(sync.close(timeout=120), flush=True)
 """
 

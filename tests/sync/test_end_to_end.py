@@ -10,6 +10,8 @@ import pytest
 
 from tests.helpers import CLOTHING, MOBILENET_WEIGHTS, REPO, child_env, local_mobilenet_args, run_resume, summary
 
+pytestmark = pytest.mark.slow
+
 
 KEYS = ("backend", "folder", "credentials", "api_endpoint", "ca_certs", "chunk_mib")
 

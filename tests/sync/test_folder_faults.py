@@ -13,7 +13,7 @@ from sync import SyncConfig, SyncError, open_sync
 from sync.backends import folder as folder_module
 from sync.backends.folder import CATALOG, FolderBackend
 from sync.remote import cache_name, list_snapshots
-from tests.sync.helpers import tree, write_cache, write_checkpoint
+from tests.sync.helpers import hand_over, tree, write_cache, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,8 +23,7 @@ def _open(tmp_path, remote, run="run", cache="cache", run_id="r1", keep=3):
 
 
 def _checkpoint(sync, step, cache_files=(), acc=0.5):
-    sync.on_checkpoint(step, write_checkpoint(sync.run_dir, step), {"step": step, "val_accuracy": acc},
-                       list(cache_files))
+    sync.on_checkpoint(hand_over(step, write_checkpoint(sync.run_dir, step), acc, cache_files))
 
 
 def test_a_full_sync_folder_is_one_line_per_attempt_with_the_reason(tmp_path, monkeypatch, caplog):

@@ -9,7 +9,7 @@ import pytest
 from sync import Sync, SyncConfig, SyncError, open_sync
 from sync.backends.folder import FolderBackend
 from sync.remote import POINTER, list_snapshots
-from tests.sync.helpers import tree, write_cache, write_checkpoint
+from tests.sync.helpers import hand_over, tree, write_cache, write_checkpoint
 
 
 def _open(tmp_path, remote, keep=3, run="run", cache="cache"):
@@ -19,14 +19,14 @@ def _open(tmp_path, remote, keep=3, run="run", cache="cache"):
 
 def _checkpoint(sync, step, acc=0.5, cache_files=()):
     files = write_checkpoint(sync.run_dir, step)
-    sync.on_checkpoint(step, files, {"step": step, "val_accuracy": acc, "val_loss": 1.0}, list(cache_files))
+    sync.on_checkpoint(hand_over(step, files, acc, cache_files))
     return files
 
 
 def test_sync_off_is_a_no_op(tmp_path):
     sync = open_sync(SyncConfig(), tmp_path / "run", tmp_path / "cache", "r1")
     assert not sync.enabled
-    sync.on_checkpoint(1, [], {"step": 1}, [])
+    sync.on_checkpoint(hand_over(1, []))
     assert sync.restore_latest() is None
     assert "off" in sync.close()
     assert not (tmp_path / "run").exists()
@@ -204,7 +204,7 @@ def test_close_returns_within_its_timeout_while_an_upload_hangs(tmp_path):
 
 def test_on_checkpoint_with_a_missing_file_logs_and_returns(tmp_path, caplog):
     sync = _open(tmp_path, tmp_path / "remote")
-    sync.on_checkpoint(100, ["checkpoints/ckpt-100.index"], {"step": 100, "val_accuracy": None}, [])
+    sync.on_checkpoint(hand_over(100, ["checkpoints/ckpt-100.index"], None))
     assert "could not stage checkpoint step 100" in caplog.text
     assert sync.close(timeout=10).startswith("sync: nothing new to upload")
 

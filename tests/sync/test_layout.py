@@ -6,7 +6,7 @@ import shutil
 from sync import SyncConfig, open_sync
 from sync.remote import legacy_cache_name
 from sync.snapshot import file_digest
-from tests.sync.helpers import tree, write_cache, write_checkpoint
+from tests.sync.helpers import hand_over, tree, write_cache, write_checkpoint
 
 
 def _final_checkpoint(sync, step, cache_files=()):
@@ -16,7 +16,7 @@ def _final_checkpoint(sync, step, cache_files=()):
     for rel, data in extra.items():
         (sync.run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (sync.run_dir / rel).write_bytes(data)
-    sync.on_checkpoint(step, files + sorted(extra), {"step": step, "final": True}, list(cache_files))
+    sync.on_checkpoint(hand_over(step, files + sorted(extra), None, cache_files))
     return extra
 
 
@@ -51,13 +51,13 @@ def test_cache_shards_stored_flat_by_older_versions_are_still_restored_and_not_s
     remote = tmp_path / "remote"
     sync = open_sync(SyncConfig(folder=str(remote)), tmp_path / "run", tmp_path / "cache", "r1")
     shards = write_cache(tmp_path / "cache", ["a.npy"])
-    sync.on_checkpoint(100, write_checkpoint(sync.run_dir, 100), {"step": 100}, shards)
+    sync.on_checkpoint(hand_over(100, write_checkpoint(sync.run_dir, 100), None, shards))
     sync.close(timeout=30)
     sha = file_digest(tmp_path / "cache" / shards[0])
     shutil.move(remote / "cache" / f"cache-{sha}", remote / legacy_cache_name(sha))  # the old layout
     vm2 = open_sync(SyncConfig(folder=str(remote)), tmp_path / "vm2/run", tmp_path / "vm2/cache", "r1")
     assert vm2.restore_latest() == 100
     assert tree(tmp_path / "vm2/cache") == tree(tmp_path / "cache")
-    vm2.on_checkpoint(200, write_checkpoint(vm2.run_dir, 200), {"step": 200}, shards)
+    vm2.on_checkpoint(hand_over(200, write_checkpoint(vm2.run_dir, 200), None, shards))
     assert "step 200 uploaded" in vm2.close(timeout=30)
     assert not (remote / "cache" / f"cache-{sha}").exists()  # known on the remote: not uploaded twice

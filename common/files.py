@@ -1,6 +1,7 @@
-"""Crash-safe file writes: temp file in the same folder, fsync, rename."""
+"""Crash-safe file writes (temp file in the same folder, fsync, rename) and file digests."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -39,3 +40,14 @@ def write_atomic(path: Path, write: Callable[[object], None]) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Atomically replace `path` with `text`."""
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Atomically replace `path` with `data`."""
+    write_atomic(path, lambda f: f.write(data))
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """The hex digest (sha256 by default, or md5) of a file's content, read in blocks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
