@@ -212,7 +212,8 @@ class Job:
                      ProgressDisplay(config.train.progress),
                      CheckpointCadence(config.checkpoint.every_steps, config.checkpoint.every_seconds),
                      SyncHandOver(self._hand_to_sync)]
-        return stage.conclude(StageLoop(stage, listeners, strategy, class_weights, self.stop).run()), stage.history
+        loop = StageLoop(stage, listeners, stage.loop_strategy(strategy), class_weights, self.stop)
+        return stage.conclude(loop.run()), stage.history
 
     def _head_record(self, finetune_latest: CheckpointRef) -> dict:
         """head_stage.json (test accuracy, steps and search of the finished head stage); without it, what the

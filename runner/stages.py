@@ -59,6 +59,10 @@ class TrainingStage:
         self.history: list[int] = []   # run-wide steps the run resumed from
 
     # -- what the loop calls ----------------------------------------------------------------------------
+    def loop_strategy(self, strategy):
+        """The strategy the loop distributes batches with."""
+        return strategy
+
     def next_batch(self, step: int) -> tuple:
         """The (inputs, int32 labels) of a stage step, as numpy."""
         raise NotImplementedError
@@ -153,6 +157,10 @@ class HeadStage(TrainingStage):
         self._prepare = self.search.standardize if self.search else (lambda features: features)
         self._val_features = self._prepare(val.table.all())
         self._order: BatchOrder | None = None  # made at the first batch: the seed comes from the checkpoint
+
+    def loop_strategy(self, strategy):
+        """The search trains its stacked candidates on one device (they are small), whatever train.strategy."""
+        return tf.distribute.get_strategy() if self.search is not None else strategy
 
     def next_batch(self, step: int) -> tuple:
         if self._order is None:

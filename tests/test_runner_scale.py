@@ -52,3 +52,18 @@ def test_mirrored_strategy_on_two_logical_cpus_matches_the_default_strategy(shar
     assert runs["default"].keys() == runs["mirrored"].keys()
     for name, value in runs["default"].items():
         np.testing.assert_allclose(runs["mirrored"][name], value, atol=2e-3, rtol=1e-3, err_msg=name)
+
+
+def test_the_head_search_trains_on_one_device_under_mirrored_strategy(shared_assets, tmp_path):
+    data = write_synthetic_dataset(tmp_path / "data", num_classes=4, per_class=12, size=64)
+    common = ("backbone.image_size=128", "train.steps=40", "cache.batch_size=8", "data.min_images_per_class=3")
+    runs = {}
+    for name, extra in (("default", ()), ("mirrored", ("train.strategy=mirrored", "train.cpu_devices=2"))):
+        result = run_resume(*local_mobilenet_args(tmp_path / name, tmp_path / "cache", *common, *extra,
+                                                  data_dir=data))
+        assert result.returncode == 0, result.stdout
+        assert "selected" in summary(tmp_path / name)
+        runs[name] = checkpoint_values(latest_checkpoint_prefix(tmp_path / name))
+    assert runs["default"].keys() == runs["mirrored"].keys()
+    for name, value in runs["default"].items():
+        assert np.array_equal(runs["mirrored"][name], value), name
