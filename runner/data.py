@@ -146,7 +146,8 @@ class HashIndex:
             self.entries = {k: v for k, v in self.entries.items() if k in keep}
         text = json.dumps({"format": self.FORMAT, "entries": self.entries}, separators=(",", ":"))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path, text)
+        if not self._holds(self.path, text):  # an unchanged index is not rewritten (a finished run re-run)
+            write_text_atomic(self.path, text)
         name = f"{self.path.stem}-{hashlib.sha256(text.encode()).hexdigest()[:16]}{self.path.suffix}"
         if not (self.path.parent / name).exists():
             write_text_atomic(self.path.parent / name, text)
@@ -154,6 +155,13 @@ class HashIndex:
             if old.name != name:
                 old.unlink(missing_ok=True)
         self.shipped_name = name
+
+    @staticmethod
+    def _holds(path: Path, text: str) -> bool:
+        try:
+            return path.read_text() == text
+        except (OSError, ValueError):
+            return False
 
 
 def list_class_folders(data_dir: Path) -> list[str]:

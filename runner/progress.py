@@ -19,7 +19,7 @@ def use_bars(mode: str) -> bool:
 
 def clock(seconds: float) -> str:
     """Seconds as H:MM:SS (or M:SS under an hour), like tqdm's elapsed and remaining times."""
-    minutes, secs = divmod(int(max(seconds, 0)), 60)
+    minutes, secs = divmod(round(max(seconds, 0)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 

@@ -98,7 +98,9 @@ class StackedHeads(tf.Module):
         self.learning_rates = tf.Variable([c.learning_rate for c in candidates], dtype=tf.float32,
                                           name="learning_rates")          # per candidate, halved on plateaus
         self.weight_decays = tf.constant([c.weight_decay for c in candidates], tf.float32)
-        self._step_fn = tf.function(self._train_step)
+        self._plain_step = tf.function(self._train_step)
+        self._step_fn = tf.function(self._train_step, jit_compile=True)  # XLA fuses the RMSProp updates
+        self._step_checked = False
         self._logits_fn = tf.function(lambda features: self.logits(self.weights, features))
 
     @staticmethod
@@ -160,7 +162,18 @@ class StackedHeads(tf.Module):
 
     def train_step(self, features, labels, example_weights, seed, num_classes: int, label_smoothing: float):
         """One RMSProp step of every training slot; returns their (losses, accuracies) on the batch."""
-        return self._step_fn(features, labels, example_weights, seed, num_classes, label_smoothing)
+        args = (features, labels, example_weights, seed, num_classes, label_smoothing)
+        if self._step_checked:
+            return self._step_fn(*args)
+        try:
+            result = self._step_fn(*args)
+        except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError, tf.errors.InternalError) as e:
+            log.warning("head search: XLA could not compile the training step here (%s); using the plain "
+                        "TensorFlow step, about twice as slow", str(e).splitlines()[0][:200])
+            self._step_fn = self._plain_step
+            result = self._step_fn(*args)
+        self._step_checked = True
+        return result
 
     def evaluate(self, features: np.ndarray, labels: np.ndarray, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """Every training slot's validation (loss, accuracy), as two arrays in slot order."""

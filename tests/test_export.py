@@ -188,8 +188,8 @@ def test_export_refuses_below_min_accuracy_and_writes_nothing(exported_run, tmp_
 def test_export_of_a_missing_step_names_the_available_ones(exported_run):
     from runner.errors import RunnerError
     from runner.export import export_run
-    from runner.export import list_checkpoints
-    steps = ", ".join(str(c.step) for c in reversed(list_checkpoints(exported_run[0])))
+    from runner.rundir import RunDir
+    steps = ", ".join(str(c.step) for c in reversed(RunDir(exported_run[0]).checkpoints()))
     assert steps.count(",") == 2, "three checkpoints are kept"
     with pytest.raises(RunnerError, match=rf"--step 1234: .* available steps: {steps}\."):
         export_run(exported_run[0], step=1234)
@@ -198,8 +198,8 @@ def test_export_of_a_missing_step_names_the_available_ones(exported_run):
 def test_an_older_step_reports_its_validation_accuracy(exported_run):
     from runner.export import load_run_state, run_accuracy
     run_dir = exported_run[0]
-    from runner.export import list_checkpoints
-    _, checkpoint = load_run_state(run_dir, list_checkpoints(run_dir)[1].step)
+    from runner.rundir import RunDir
+    _, checkpoint = load_run_state(run_dir, RunDir(run_dir).checkpoints()[1].step)
     assert run_accuracy(run_dir, checkpoint) == ("val_accuracy", checkpoint.marker["metrics"]["val_accuracy"])
 
 

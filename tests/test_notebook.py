@@ -172,9 +172,9 @@ def test_run_all_twice_in_a_kernel_streams_progress_and_the_second_pass_redoes_n
     assert "model.meta" not in state["export"] and "model.meta" in state["tf1"]
     assert state["drive"], "a snapshot should have reached the sync folder"
 
-    # the second "Run all": it resumes, and downloads, extracts, exports and uploads nothing
+    # the second "Run all": the finished run says so, and downloads, extracts, exports and uploads nothing
     train = cell_text(cell_with(second, "!python resume.py"))
-    assert "resumed from step 40" in train, train
+    assert "already finished, nothing changed: step 40" in train, train
     assert "extracting bottlenecks" not in train, train
     assert "downloaded" not in cell_text(cell_with(second, "fetch_dataset"))
     assert "newest checkpoint: step 40" in cell_text(cell_with(second, "run_status"))

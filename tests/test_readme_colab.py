@@ -104,5 +104,5 @@ def test_readme_colab_cells_run_in_one_shell_session_and_again_after_a_disconnec
     assert laptop.stdout.count(str(hats[0])) == 2 and len(re.findall(r"(hat|pants|shoes)\s+\d+\.\d+%", laptop.stdout)) >= 13 * 3
 
     second = run_cells()  # the same cells again, as after a disconnect
-    assert "resumed from step 30" in second, second
+    assert "already finished, nothing changed: step 30" in second, second
     assert "extracting bottlenecks" not in second

@@ -135,7 +135,9 @@ def test_a_run_hands_the_index_copy_to_sync_with_the_cache(shared_assets, tmp_pa
                                               "data.min_images_per_class=2", "backbone.image_size=128",
                                               data_dir=data))
     assert result.returncode == 0, result.stdout
-    handed = json.loads((run_dir / "last_snapshot.json").read_text())["cache_files"]
+    from sync import HAND_OVER_RECORD, STATE_DIR
+    from sync.handover import load_record
+    handed = load_record(run_dir / STATE_DIR / HAND_OVER_RECORD).cache_files
     copies = [name for name in handed if name.startswith("file-hashes-")]
     assert len(copies) == 1 and (cache_dir / copies[0]).is_file()
 
