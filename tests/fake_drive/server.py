@@ -668,12 +668,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _multipart(self, query, fault, fid) -> None:
         body = self._body()
         boundary = re.search(r'boundary="?([^";]+)"?', self.headers.get("Content-Type", "")).group(1).encode()
-        parts = []
-        for chunk in body.split(b"--" + boundary)[1:-1]:
-            chunk = chunk[2:] if chunk.startswith(b"\r\n") else chunk[1:]
-            head, _, content = re.split(rb"(\r?\n\r?\n)", chunk, maxsplit=1)
-            content = content[:-2] if content.endswith(b"\r\n") else content[:-1]
-            parts.append(content)
+        # googleapiclient writes the body with one line ending throughout (email's BytesGenerator, policy
+        # compat32: "\n"; RFC 2046 says CRLF). It is read off the first delimiter line and only that exact
+        # ending belongs to a delimiter: a payload that itself ends in "\r" must keep it.
+        eol = b"\r\n" if body.startswith(b"--" + boundary + b"\r\n") else b"\n"
+        pieces = (eol + body).split(eol + b"--" + boundary)  # "", part, part, "--" + epilogue
+        parts = [piece.removeprefix(eol).partition(eol + eol)[2] for piece in pieces[1:-1]]
         meta, data = json.loads(parts[0] or b"{}"), parts[1]
         with self.fake.lock:
             if fid is None and (not self._check_new_id(meta) or not self._check_parents(meta, query)):

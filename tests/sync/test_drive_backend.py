@@ -105,6 +105,15 @@ def test_multipart_upload_survives_the_fault_with_one_copy(backend, fake_drive, 
     exactly_one_verified_copy(fake_drive, "small.bin", small)
 
 
+def test_multipart_upload_keeps_line_endings_inside_the_content(backend, fake_drive, tmp_path):
+    """A payload ending in CR (1 random file in 256) once lost it: the part ends only at the client's own
+    line ending before the delimiter (googleapiclient writes "\n" throughout)."""
+    path = tmp_path / "endings.bin"
+    path.write_bytes(b"\r\n--not-a-boundary\r\n\r\nbinary\r\n\r")
+    backend.put("endings.bin", path, {"kind": "cache"})
+    exactly_one_verified_copy(fake_drive, "endings.bin", path)
+
+
 def test_lost_response_to_a_create_leaves_no_duplicate(backend, fake_drive, small):
     """The file is stored but the response never arrives: the retry with the same pre-generated id gets 409."""
     fake_drive.inject("stall", on="create", seconds=STALL_S)  # multipart create stores, then stalls
