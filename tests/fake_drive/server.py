@@ -326,6 +326,9 @@ class _Reset(Exception):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "FakeDrive/1"
+    # headers and body go out in separate writes: without TCP_NODELAY, Nagle's algorithm holds the body until
+    # the client's delayed ACK (about 40 ms) and every request took that long
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):  # keep test output quiet
         pass

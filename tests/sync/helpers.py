@@ -8,7 +8,7 @@ from pathlib import Path
 from sync import HandOver
 
 TRIES = 8  # sync.retries in drive tests: generous, so a loaded machine does not exhaust them
-TIMEOUT_S = 2.0  # sync.timeout_s in drive tests: short, so stalls are detected quickly
+TIMEOUT_S = 1.0  # sync.timeout_s in drive tests: short, so stalls are detected quickly
 STALL_S = TIMEOUT_S + 1.0  # a stalled response outlasts the client's timeout
 
 
