@@ -192,3 +192,27 @@ def test_a_diverging_configured_head_stops_with_exit_2_and_nothing_non_finite_is
         for name, value in checkpoint_values(str(marker.with_suffix(""))).items():
             assert np.isfinite(value).all() if value.dtype.kind == "f" else True, name
     assert not (run_dir / "summary.json").exists() and not (run_dir / "export").exists()
+
+
+def test_xla_compiles_the_step_of_large_heads_without_dropout_only():
+    from runner.search import xla_pays_off
+    assert xla_pays_off(1280, 1000, 0, 0.0) and xla_pays_off(2048, 100, 0, 0.0)
+    assert xla_pays_off(1280, 1000, 128, 0.0)
+    assert not xla_pays_off(256, 10, 0, 0.0) and not xla_pays_off(256, 10, 128, 0.0)
+    assert not xla_pays_off(1280, 1000, 0, 0.3) and not xla_pays_off(1280, 1000, 128, 0.3)
+
+
+def test_the_xla_step_and_the_plain_step_train_a_large_head_alike():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 1024)).astype(np.float32)
+    y = rng.integers(0, 100, 40).astype(np.int32)
+    runs = []
+    for use_plain in (False, True):
+        search, _ = make_search(candidate_grid(1000)[:3], 1024, 100)
+        assert search.heads.uses_xla
+        if use_plain:
+            search.heads._step_fn = search.heads._plain_step
+        train(search, x, y, steps=6)
+        runs.append([w.numpy() for w in search.heads.weights])
+    for xla_weights, plain_weights in zip(*runs):
+        np.testing.assert_allclose(xla_weights, plain_weights, rtol=1e-4, atol=1e-5)

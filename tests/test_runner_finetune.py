@@ -10,7 +10,7 @@ from tests.helpers import (assert_same_checkpoint, checkpoint_values, latest_che
 
 pytestmark = pytest.mark.slow
 
-FINETUNE = ("train.steps=300", "train.deterministic=true", "fine_tune.enabled=true", "fine_tune.steps=36",
+FINETUNE = ("train.steps=300", "train.deterministic=true", "fine_tune.enabled=true", "fine_tune.steps=24",
             "fine_tune.batch_size=16", "fine_tune.fraction=0.15", "checkpoint.every_steps=6",
             "eval.every_steps=12", "head.dropout=0.2")
 
@@ -27,15 +27,15 @@ def test_fine_tuning_killed_at_random_steps_resumes_to_identical_weights(clothin
     result = run_resume(*local_mobilenet_args(unbroken, cache_dir, *FINETUNE))
     assert result.returncode == 0, result.stdout
     s = summary(unbroken)
-    assert s["stage"] == "finetune" and s["global_step"] == 336
+    assert s["stage"] == "finetune" and s["global_step"] == 324
     assert s["test_accuracy"] >= s["head_only_test_accuracy"] - 0.03
     stages = [json.loads(x)["stage"] for x in (unbroken / "metrics.jsonl").read_text().splitlines()]
     steps_per_epoch = -(-s["num_train"] // 100)  # the head search validates once per epoch
-    assert stages.count("head") == -(-300 // steps_per_epoch) and stages.count("finetune") == 3
+    assert stages.count("head") == -(-300 // steps_per_epoch) and stages.count("finetune") == 2
 
     broken = tmp_path / "broken"
     args = local_mobilenet_args(broken, cache_dir, *FINETUNE)
-    sigkill_after_checkpoints(args, "finetune", random_steps(6, 36, count=2, seed=7))
+    sigkill_after_checkpoints(args, "finetune", random_steps(6, 24, count=2, seed=7))
     result = run_resume(*args)
     assert result.returncode == 0, result.stdout
     assert "resumed from fine-tuning step" in result.stdout

@@ -12,7 +12,7 @@ from tests.helpers import (OutputWatcher, assert_same_checkpoint, latest_checkpo
 
 pytestmark = pytest.mark.slow
 
-HEAD_SETTINGS = ("train.steps=2500", "checkpoint.every_steps=100", "eval.every_steps=100",
+HEAD_SETTINGS = ("train.steps=600", "checkpoint.every_steps=100", "eval.every_steps=100",
                  "head.hidden_units=128", "head.dropout=0.3", "train.label_smoothing=0.1",
                  "train.class_weights=balanced")
 
