@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,12 +94,13 @@ def measure(args) -> dict:
         first, rss, _ = timed_run(command(args.steps), {
             "scan": "checking ", "extract": "extracting bottlenecks for", "train": "training head: 1/",
             "trained": f"training head: {args.steps}/{args.steps}", "done": "done: step"})
-        resume, _, output = timed_run(command(args.steps + 100), {
+        resume, _, _ = timed_run(command(args.steps + 100), {
             "resumed": "resumed from step", "train": "training head: "})
         shutil.rmtree(run_dir)
         shutil.rmtree(cache)
-        restore, _, _ = timed_run(command(args.steps + 200), {"restored": "restored step", "ready": "vectors computed"})
-        shard_count = len(list(remote.rglob("*.npy")))
+        restore, _, output = timed_run(command(args.steps + 200), {"restored": "restored step",
+                                                                   "ready": "vectors computed"})
+        downloaded = re.search(r"\((\d+) cache shards downloaded", output)
     return {
         "first_run": {"scan": between(first, "scan", "extract"), "extraction": between(first, "extract", "train"),
                       "head_training": between(first, "train", "trained"),
@@ -106,7 +108,7 @@ def measure(args) -> dict:
                       "peak_rss_mib": round(rss)},
         "resume": {"to_first_step": round(resume["train"], 1)},
         "restore": {"to_restored": round(restore["restored"], 1), "to_ready": round(restore["ready"], 1),
-                    "cache_files": shard_count},
+                    "cache_files": int(downloaded.group(1)) if downloaded else 0},
         "images": args.images, "classes": args.classes, "steps": args.steps,
     }
 
@@ -127,7 +129,7 @@ def main() -> None:
     print(f"  resume        {results['resume']['to_first_step']:6.1f} s from process start to the first training step")
     print(f"  restore       {results['restore']['to_restored']:6.1f} s to restored, "
           f"{results['restore']['to_ready']} s to the data ready to train (fresh disk, "
-          f"{results['restore']['cache_files']} cache files in the sync folder)")
+          f"{results['restore']['cache_files']} cache files downloaded)")
     if args.json:
         print(json.dumps(results))
 

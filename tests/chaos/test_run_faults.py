@@ -53,8 +53,12 @@ def test_stale_temporaries_of_killed_writes_are_removed_at_start(finished_run, s
                  run_dir / "checkpoints" / ".ckpt-40.json.xyz.tmp"]
     leftovers[0].mkdir()
     (leftovers[0] / "saved_model.pb").write_bytes(b"half")
+    tensorflow_staging = run_dir / "checkpoints" / "ckpt-60_temp"  # tf.train.Checkpoint.write killed mid-way
+    tensorflow_staging.mkdir()
+    (tensorflow_staging / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"half")
     for path in leftovers[1:]:
         path.write_text("half")
+    leftovers.append(tensorflow_staging)
     result = run_resume(*small_args(run_dir, finished_run[1], small_data, f"sync.folder={finished_run[2]}"))
     assert result.returncode == 0, result.stdout
     assert not [p for p in leftovers if p.exists()], result.stdout
