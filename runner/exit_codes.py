@@ -49,7 +49,8 @@ def status_of(exc: Exception) -> tuple[int, str]:
     from runner.errors import RunnerError
     from sync.errors import SyncError, TransferError
     if isinstance(exc, TransferError):  # the network, not the user: --supervise tries again
-        return EXIT_TRANSIENT, str(exc)
+        return EXIT_TRANSIENT, (f"{exc} Nothing local was changed: run the same command again when the network "
+                                f"is back (with --supervise N it is retried by itself).")
     if isinstance(exc, (RunnerError, SyncError)):
         return EXIT_USER_ERROR, str(exc)
     if is_disk_full(exc):

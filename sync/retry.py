@@ -201,9 +201,8 @@ class RetryPolicy:
                     raise permanent from None
                 if attempt + 1 == self.tries:
                     raise TransferError(f"sync: {what} failed after {self.tries} tries ({describe(exc)}); the "
-                                        f"network or the server is not answering. Training is not affected; "
-                                        f"the snapshot stays queued and is retried later (raise sync.retries "
-                                        f"for flaky networks).") from None
+                                        f"network or the server is not answering (raise sync.retries for "
+                                        f"flaky networks).") from None  # the caller says what happens next
                 wait = self.delay(attempt, exc)
                 log.warning("%s: %s; retry %d/%d in %.1fs", what, describe(exc), attempt + 1,
                             self.tries - 1, wait)

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from sync.backends.base import Backend
-from sync.errors import RemoteError, SyncError
+from sync.errors import RemoteError, SyncError, TransferError
 from sync.remote import (SnapshotInfo, cache_name, check_owner, prune, published_files, read_pointer,
                          remote_cache, snapshot_name, write_pointer)
 from sync.snapshot import check_relpath, file_digest, pack
@@ -102,6 +102,10 @@ class Uploader:
                 self.last_sent, self.last_error, failed = newest.step, None, False
             except RemoteError as e:  # permanent for now: one line, retried at the next checkpoint or later
                 self.last_error, failed = f"{e} Training continues; the snapshot stays queued.", True
+                log.error("%s", self.last_error.removeprefix("sync: "))
+            except TransferError as e:
+                self.last_error = f"{e} Training continues; the snapshot stays queued and is retried later."
+                failed = True
                 log.error("%s", self.last_error.removeprefix("sync: "))
             except SyncError as e:
                 self.last_error, failed = str(e), True

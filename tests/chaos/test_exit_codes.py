@@ -24,6 +24,7 @@ def test_a_network_failure_during_restore_is_transient_not_a_user_error(drive_co
     result = run_resume(*small_args(tmp_path / "run", tmp_path / "cache", small_data, *_drive_settings(drive_config)))
     assert result.returncode == EXIT_TRANSIENT, result.stdout
     assert "failed after 2 tries (HTTP 503" in result.stdout and "Traceback" not in result.stdout
+    assert "run the same command again" in result.stdout and "snapshot stays queued" not in result.stdout
 
 
 def test_the_supervisor_retries_transient_failures_and_stops_on_fixable_ones(tmp_path):

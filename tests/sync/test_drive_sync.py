@@ -73,6 +73,7 @@ def test_network_failure_never_reaches_the_training_thread_and_the_snapshot_stay
     outcome = sync.close(timeout=30)
     assert outcome.startswith("sync: 1 snapshot(s) still pending (newest step 100;")
     assert f"failed after {TRIES} tries" in outcome and "will be sent on the next run" in outcome
+    assert "Training continues; the snapshot stays queued" in outcome
 
     fake_drive.faults.clear()
     again = open_sync(drive_config, tmp_path / "run", tmp_path / "cache", "r1")
