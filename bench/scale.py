@@ -100,7 +100,7 @@ def measure(args) -> dict:
         shutil.rmtree(cache)
         restore, _, output = timed_run(command(args.steps + 200), {"restored": "restored step",
                                                                    "ready": "vectors computed"})
-        downloaded = re.search(r"\((\d+) cache shards downloaded", output)
+        downloaded = re.search(r"\((\d+) cache files downloaded", output)
     return {
         "first_run": {"scan": between(first, "scan", "extract"), "extraction": between(first, "extract", "train"),
                       "head_training": between(first, "train", "trained"),

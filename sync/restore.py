@@ -95,7 +95,7 @@ def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work
             return int(manifest["step"])
         try:
             n, bad = fetch_cache(backend, manifest, cache_dir)
-            log.info("restored step %d from %s (%d cache shards downloaded%s)", snap.step, snap.name, n,
+            log.info("restored step %d from %s (%d cache files downloaded%s)", snap.step, snap.name, n,
                      f", {len(bad)} corrupt or missing ones skipped" if bad else "")
             if bad and on_bad_cache is not None:
                 on_bad_cache(bad)

@@ -22,7 +22,7 @@ def _checkpoint(sync, step, acc=0.5, cache_files=(), size=4096):
     return files
 
 
-def test_snapshot_and_cache_go_to_drive_and_restore_into_a_new_vm(drive_config, fake_drive, tmp_path):
+def test_snapshot_and_cache_go_to_drive_and_restore_into_a_new_vm(drive_config, fake_drive, tmp_path, caplog):
     sync = open_sync(drive_config, tmp_path / "run", tmp_path / "cache", "r1")
     shards = write_cache(tmp_path / "cache", ["shard-0.npy", "shard-1.npy"], size=300_000)
     _checkpoint(sync, 100, cache_files=shards[:1])
@@ -38,6 +38,7 @@ def test_snapshot_and_cache_go_to_drive_and_restore_into_a_new_vm(drive_config, 
     assert vm2.restore_latest() == 200
     assert tree(tmp_path / "vm2/run") == expected
     assert tree(tmp_path / "vm2/cache") == expected_cache
+    assert "(2 cache files downloaded)" in caplog.text
     assert "nothing new" in vm2.close(timeout=5)
 
 
