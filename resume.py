@@ -140,4 +140,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from runner.tf_quiet import skip_keras_extras
+    skip_keras_extras()
     sys.exit(main(sys.argv[1:]))

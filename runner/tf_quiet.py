@@ -1,4 +1,5 @@
-"""Keep TensorFlow's native start-up chatter off the terminal (shown with --debug).
+"""How a command-line entry point imports TensorFlow: without its native start-up chatter on the terminal
+(shown with --debug), and without the extras keras would import for nothing.
 
 TF_CPP_MIN_LOG_LEVEL must be set before TensorFlow loads, and it does not cover the lines absl prints
 before its logging is initialised ("oneDNN custom operations are on", "Could not find cuda drivers"),
@@ -14,6 +15,18 @@ import tempfile
 
 NATIVE_LOG_LINE = re.compile(r"^([IWE]\d{4} [\d:.]+ +\d+ \S+:\d+\]|WARNING: All log messages before absl::InitializeLog"
                              r"|To enable the following instructions: .*rebuild TensorFlow)")
+
+
+KERAS_EXTRAS = ("sklearn", "IPython")  # imported by keras, when installed, for its scikit-learn wrappers and notebook display
+
+
+def skip_keras_extras() -> None:
+    """Keep keras from importing scikit-learn (scipy.stats with it) and IPython: about 1 s of every start, a
+    quarter of TensorFlow's import. keras imports them whenever they are installed (Colab has both) for its
+    scikit-learn wrappers and notebook display, which the runner never uses. For resume.py's `__main__` only,
+    before TensorFlow loads: never in a notebook kernel or a test process, which may use them."""
+    for name in KERAS_EXTRAS:
+        sys.modules.setdefault(name, None)  # None: `import name` raises ImportError, which keras expects
 
 
 def set_native_log_level(debug: bool) -> None:

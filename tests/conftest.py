@@ -1,6 +1,11 @@
 """Session-wide fixtures: the real clothing-small run is trained once and shared by the tests."""
 from __future__ import annotations
 
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
 
 from tests.helpers import CLOTHING, MOBILENET_WEIGHTS, local_mobilenet_args, run_resume
@@ -30,14 +35,43 @@ def shared_assets():
     return CLOTHING, MOBILENET_WEIGHTS
 
 
+def session_dir(tmp_path_factory, name: str) -> Path:
+    """A folder this test session's xdist workers share (a worker's own base temp is `<session>/popen-gwN`)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = shared / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@contextmanager
+def exclusive(folder: Path):
+    """Hold an exclusive lock on `folder` (a lock file in it) across processes."""
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def clothing_run(tmp_path_factory, shared_assets):
-    """One default run on clothing-small with real weights, exported in every format: (run_dir, cache_dir, output)."""
-    root = tmp_path_factory.mktemp("clothing")
+    """One default run on clothing-small with real weights, exported in every format: (run_dir, cache_dir, output).
+
+    Trained once per test session: the first worker to need it trains it while the other waits, and both read
+    it. Read-only: a test that changes a run copies it first."""
+    root = session_dir(tmp_path_factory, "clothing")
     run_dir, cache_dir = root / "run", root / "cache"
-    result = run_resume(*local_mobilenet_args(run_dir, cache_dir, f"export.formats={ALL_EXPORT_FORMATS}", export=True))
-    assert result.returncode == 0, result.stdout
-    return run_dir, cache_dir, result.stdout
+    output, failure = root / "output.txt", root / "failed.txt"
+    with exclusive(root):
+        if not output.exists() and not failure.exists():
+            result = run_resume(*local_mobilenet_args(run_dir, cache_dir, f"export.formats={ALL_EXPORT_FORMATS}",
+                                                      export=True))
+            (output if result.returncode == 0 else failure).write_text(result.stdout)  # marks the run as done
+    if failure.exists():  # the same failure for every worker, not a second run resuming the failed one
+        pytest.fail(f"the shared clothing run failed:\n{failure.read_text()}")
+    return run_dir, cache_dir, output.read_text()
 
 
 @pytest.fixture(scope="session")

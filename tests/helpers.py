@@ -1,6 +1,7 @@
 """Shared test helpers: run resume.py as a user would, read checkpoints, make small datasets."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -98,6 +99,7 @@ def write_many_class_dataset(root: Path, textures: int = 12, per_class: int = 40
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size]
     photo_side = size * 11 // 16
+    resized = functools.cache(lambda path: Image.open(path).convert("RGB").resize((photo_side,) * 2))
     for garment in sorted(p for p in CLOTHING.iterdir() if p.is_dir()):
         photos = sorted(garment.glob("*.jpg"))
         for t in range(textures):
@@ -105,11 +107,12 @@ def write_many_class_dataset(root: Path, textures: int = 12, per_class: int = 40
             folder.mkdir(parents=True, exist_ok=True)
             hue = np.array([(t * 67) % 256, (t * 151) % 256, (t * 29 + 80) % 256], np.float32)
             angle, period = t * 0.7, 6 + 3 * (t % 5)
+            wave = (xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period
             for i in range(per_class):
                 phase = rng.uniform(0, 2 * np.pi)
-                stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period + phase) > 0
+                stripes = np.sin(wave + phase) > 0
                 canvas = hue * (0.55 + 0.45 * stripes[..., None]) + rng.normal(0, 12, (size, size, 3))
-                photo = Image.open(photos[rng.integers(len(photos))]).convert("RGB").resize((photo_side,) * 2)
+                photo = resized(photos[rng.integers(len(photos))])  # a photo drawn again is not decoded again
                 y, x = rng.integers(0, size - photo_side, 2)
                 canvas[y:y + photo_side, x:x + photo_side] = np.asarray(photo)
                 Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(folder / f"img_{i:03d}.jpg",
