@@ -6,7 +6,7 @@ Generates `--images` small JPEGs in `--classes` class folders (a temp dir), then
 times with folder sync, as a user would, and reads the phases off its log (seconds since process start):
   first run   scan, extraction, head training (`--steps` steps: the default budget of 100 epochs would take
               hours at 1,000 classes on a CPU and measures the head, not the pipeline), end (evaluation,
-              report, export, final snapshot), with the child's peak RSS
+              report, export, final snapshot), with the child's peak RSS and the log line it peaked after
   resume      the same command with `train.steps` raised: process start to the first training step
   restore     run dir and cache deleted (a new VM): process start to "restored", and to the first step
 With --json the last line is one JSON object of these figures.
@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -49,15 +50,36 @@ def write_dataset(root: Path, classes: int, images: int) -> None:
         pool.map(_write_class, [(root / f"class{c:04d}", c, n) for c, n in enumerate(per_class)])
 
 
-def timed_run(args: list[str], marks: dict[str, str]) -> tuple[dict[str, float], float, str]:
-    """Run resume.py ARGS; returns (seconds from start to the first line containing each mark, peak RSS in
-    MiB, output). Exits with the output if the run fails."""
+def rss_mib(pid: int) -> float:
+    """The resident set of process `pid` now (Linux /proc), 0 once it has gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else 0.0
+
+
+def timed_run(args: list[str], marks: dict[str, str]) -> tuple[dict[str, float], dict, str]:
+    """Run resume.py ARGS; returns (seconds from start to the first line containing each mark, memory, output).
+    Memory: the peak RSS in MiB (the kernel's count) and where it peaked (RSS sampled every 50 ms: the log
+    line printed last before the highest sample). Exits with the output if the run fails."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "resume.py", *args], cwd=REPO, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen: dict[str, float] = {}
-    lines = []
+    lines = ["(start-up)"]
+    highest = {"mib": 0.0, "after": lines[0], "at_s": 0.0}
+
+    def sample() -> None:
+        while process.poll() is None:
+            mib = rss_mib(process.pid)
+            if mib > highest["mib"]:
+                highest.update(mib=mib, after=lines[-1].strip(), at_s=time.perf_counter() - start)
+            time.sleep(0.05)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for line in process.stdout:
         lines.append(line)
         for name, text in marks.items():
@@ -65,10 +87,13 @@ def timed_run(args: list[str], marks: dict[str, str]) -> tuple[dict[str, float],
                 seen[name] = time.perf_counter() - start
     seen["end"] = time.perf_counter() - start
     _, status, usage = os.wait4(process.pid, 0)
-    output = "".join(lines)
+    sampler.join()
+    output = "".join(lines[1:])
     if status != 0:
         raise SystemExit(f"resume.py {' '.join(args)} failed:\n{output}")
-    return seen, usage.ru_maxrss / 1024, output
+    memory = {"peak_rss_mib": round(usage.ru_maxrss / 1024), "sampled_peak_mib": round(highest["mib"]),
+              "peak_at_s": round(highest["at_s"], 1), "peak_after_line": highest["after"][:160]}
+    return seen, memory, output
 
 
 def between(seen: dict[str, float], first: str, then: str) -> float:
@@ -91,7 +116,7 @@ def measure(args) -> dict:
             return ["--config", str(REPO / "configs" / "clothing_local.toml"),
                     *[part for s in settings for part in ("--set", s)]]
 
-        first, rss, _ = timed_run(command(args.steps), {
+        first, memory, _ = timed_run(command(args.steps), {
             "scan": "checking ", "extract": "extracting bottlenecks for", "train": "training head: 1/",
             "trained": f"training head: {args.steps}/{args.steps}", "done": "done: step"})
         resume, _, _ = timed_run(command(args.steps + 100), {
@@ -105,7 +130,7 @@ def measure(args) -> dict:
         "first_run": {"scan": between(first, "scan", "extract"), "extraction": between(first, "extract", "train"),
                       "head_training": between(first, "train", "trained"),
                       "end": between(first, "trained", "end"), "total": round(first["end"], 1),
-                      "peak_rss_mib": round(rss)},
+                      **memory},
         "resume": {"to_first_step": round(resume["train"], 1)},
         "restore": {"to_restored": round(restore["restored"], 1), "to_ready": round(restore["ready"], 1),
                     "cache_files": int(downloaded.group(1)) if downloaded else 0},
@@ -126,6 +151,8 @@ def main() -> None:
     print(f"  first run     {first['total']:6.1f} s: scan {first['scan']} s, extraction {first['extraction']} s, "
           f"{args.steps} head steps {first['head_training']} s, end (evaluate, report, export, snapshot) "
           f"{first['end']} s; peak RSS {first['peak_rss_mib']} MiB")
+    print(f"                peak sampled {first['sampled_peak_mib']} MiB at {first['peak_at_s']} s, after the line "
+          f"{first['peak_after_line']!r}")
     print(f"  resume        {results['resume']['to_first_step']:6.1f} s from process start to the first training step")
     print(f"  restore       {results['restore']['to_restored']:6.1f} s to restored, "
           f"{results['restore']['to_ready']} s to the data ready to train (fresh disk, "
