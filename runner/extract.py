@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from runner.backbones import Backbone, decode_and_resize, extraction_model
 from runner.cache import BottleneckCache
+from runner.distribute import available_cores
 from runner.data import ImageRecord
 from runner.errors import StopRequested
 from runner.progress import progress
@@ -19,17 +20,27 @@ log = logging.getLogger("runner")
 UNDECODABLE = "undecodable: TensorFlow could not decode the image (corrupt or unsupported variant)"
 
 
+PREFETCH_BATCHES = 2  # decoded batches ready ahead of the forward pass
+
+
 def image_pipeline(paths: list[str], image_size: int, batch_size: int) -> tf.data.Dataset:
     """(image, position) batches; images that fail to decode are dropped, their positions missing.
 
-    Decoding runs on tf.data's own autotuned pool; pinning it to a private pool of a fixed size, with
-    single-threaded ops, halved the decode rate on 2 shared cores, so it is left to tf.data."""
+    One decoder per core this process may use, tf.data's autotuning off. With autotuning on, the same
+    extraction ran at 184 or at 360 img/s from one repeat to the next (2 cores), and the end of the input
+    sometimes waited 9-17 s at 0 % CPU: each such wait ended exactly on one of the autotuner's optimisation
+    rounds (every 10 ms, doubling: 40.95 s after the pipeline started), so the end of the input was only
+    noticed when the autotuner next updated its settings. Without it: 327-358 img/s in 4 repeats, and no
+    wait in 7 runs of a loop that waited in 3 of 13 with it (README, "Thread budget"). Pinning decoding to
+    a private pool with single-threaded ops halved the rate, so that is not done."""
     positions = np.arange(len(paths), dtype=np.int64)
     ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), positions))
     ds = ds.map(lambda p, i: (decode_and_resize(tf.io.read_file(p), image_size), i),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                num_parallel_calls=available_cores(), deterministic=True)
     ds = ds.ignore_errors()
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.batch(batch_size).prefetch(PREFETCH_BATCHES).with_options(options)
 
 
 def to_devices(dataset: tf.data.Dataset, strategy: tf.distribute.Strategy, device: str | None = None):
