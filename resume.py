@@ -5,7 +5,6 @@
 import argparse
 import os
 import sys
-import traceback
 
 if sys.version_info < (3, 11):  # before anything that needs 3.11 (tomllib): this file parses on 3.6+
     sys.stderr.write("error: bottleneck-runner needs Python 3.11 or newer; this is Python %d.%d (%s). Install "
@@ -21,9 +20,9 @@ from runner.tf_quiet import set_native_log_level  # noqa: E402
 
 set_native_log_level("--debug" in sys.argv[1:])
 
-from runner.cli import configure_logging  # noqa: E402
+from common.cli import configure_logging, run_command  # noqa: E402
+from common.errors import EXIT_OK, EXIT_STOPPED  # noqa: E402
 from runner.config import describe_settings, load_config, to_toml  # noqa: E402  (no TensorFlow import)
-from runner.exit_codes import EXIT_OK, EXIT_STOPPED, status_of  # noqa: E402
 from runner.lock import LOCK_FILE, hold_run_dir  # noqa: E402
 from runner.rundir import RunDir  # noqa: E402
 from runner.supervise import supervise  # noqa: E402
@@ -123,7 +122,8 @@ def _percent(value) -> str:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     configure_logging(args.debug)
-    try:
+
+    def command() -> int:
         config = load_config(args.config, args.set)
         if args.print_config:
             print(to_toml(config))
@@ -131,12 +131,7 @@ def main(argv: list[str]) -> int:
         if args.supervise:
             return supervise(child_arguments(argv), args.supervise)
         return train(config, args.debug)
-    except Exception as e:  # one paragraph, exit status from the one table in runner/exit_codes.py
-        if args.debug:
-            traceback.print_exc()
-        code, message = status_of(e)
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        return code
+    return run_command(command, args.debug)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Callable
 
+from common.errors import ProjectError
+
 DEFAULT_RUN_DIR = "runs/default"
 DEFAULT_CACHE_SUBDIR = "cache"  # cache.dir = '' means RUN_DIR/cache
 
@@ -23,7 +25,7 @@ _EXPECTED = {"str": "a string", "int": "an integer (a whole number such as 8000)
              "float": "a number (such as 0.001)", "bool": "true or false"}
 
 
-class SettingError(ValueError):
+class SettingError(ProjectError):
     """A setting that cannot be used as given; the message names the key (and file) and the fix."""
 
 

@@ -23,14 +23,12 @@ from runner.tf_quiet import import_tensorflow
 
 tf = import_tensorflow()
 
-from runner.cli import EXIT_USER_ERROR  # noqa: E402
+from common.cli import run_command  # noqa: E402
 from runner.data import sniff_format  # noqa: E402
-from runner.errors import RunnerError  # noqa: E402
+from runner.errors import NothingClassified, RunnerError  # noqa: E402
 from runner.rundir import RunDir  # noqa: E402
 
 log = logging.getLogger("runner")
-
-EXIT_NOTHING_CLASSIFIED = 1
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 
@@ -62,19 +60,17 @@ def extract_archive(archive: Path, into: Path) -> Path:
 
 def download_from_drive(folder: str, sync_settings: list[str], workdir: Path) -> Path:
     """The newest verified snapshot of a Drive folder, downloaded through sync into `workdir`."""
-    from sync import SyncConfig, SyncError, open_sync
+    from sync import SyncConfig, open_sync
+    from sync.errors import NoSnapshots
     run_dir = workdir / "snapshot"
+    config = SyncConfig.from_settings({"backend": "drive", "folder": folder}, sync_settings)
+    sync = open_sync(config, run_dir, workdir / "cache", run_id="classify", start_uploader=False)
     try:
-        config = SyncConfig.from_settings({"backend": "drive", "folder": folder}, sync_settings)
-        sync = open_sync(config, run_dir, workdir / "cache", run_id="classify", start_uploader=False)
-        try:
-            step = sync.download_latest(run_dir)
-        finally:
-            sync.close(timeout=0)
-    except SyncError as e:
-        raise RunnerError(str(e).removeprefix("sync: ")) from None
+        step = sync.download_latest(run_dir)
+    finally:
+        sync.close(timeout=0)
     if step is None:
-        raise RunnerError(f"Drive folder {folder!r} holds no snapshot; check sync.folder (the same value the "
+        raise NoSnapshots(f"Drive folder {folder!r} holds no snapshot; check sync.folder (the same value the "
                           f"training run used).")
     log.info("downloaded the snapshot of step %d from Drive folder %s", step, folder)
     return run_dir
@@ -188,26 +184,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
-    try:
-        with tempfile.TemporaryDirectory(prefix="classify-") as workdir:
-            model = ExportedModel(resolve_model(args.model, Path(workdir), args.sync_settings))
-            files = list_inputs(args.inputs)
-            if not files:
-                raise RunnerError(f"no files found in {', '.join(args.inputs)}; pass image files or folders.")
-            results = classify_files(model, files, min(args.top_k, len(model.classes)))
-    except RunnerError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+    return run_command(lambda: classify_command(args))
+
+
+def classify_command(args: argparse.Namespace) -> int:
+    """Load the model, classify every file, print the results; NothingClassified when no file could be."""
+    with tempfile.TemporaryDirectory(prefix="classify-") as workdir:
+        model = ExportedModel(resolve_model(args.model, Path(workdir), args.sync_settings))
+        files = list_inputs(args.inputs)
+        if not files:
+            raise RunnerError(f"no files found in {', '.join(args.inputs)}; pass image files or folders.")
+        results = classify_files(model, files, min(args.top_k, len(model.classes)))
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1), flush=True)
     else:
         out, err = format_text(results)
         sys.stdout.write(out)
         sys.stderr.write(err)
-    classified = sum(r.error is None for r in results)
-    if classified == 0:
-        print(f"error: none of the {len(results)} file(s) could be classified.", file=sys.stderr, flush=True)
-        return EXIT_NOTHING_CLASSIFIED
+    if not any(r.error is None for r in results):
+        raise NothingClassified(f"none of the {len(results)} file(s) could be classified (each one's reason is "
+                                f"above); pass JPEG, PNG, GIF or BMP images.")
     return 0
 
 

@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import settings
-from common.settings import DEFAULT_CACHE_SUBDIR, DEFAULT_RUN_DIR, SettingError
+from common.settings import DEFAULT_CACHE_SUBDIR, DEFAULT_RUN_DIR
 from common.settings import setting as _opt
 from runner.errors import RunnerError
 from sync.config import SyncConfig
-from sync.errors import SyncError
 
 
 @dataclass
@@ -194,10 +193,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
     Nothing here looks at the file system beyond reading `path`: a stored config loads on any machine;
     checks of the environment happen when a run starts."""
-    try:
-        config = settings.load(Config(), path, overrides)
-    except SettingError as e:
-        raise RunnerError(str(e)) from None
+    config = settings.load(Config(), path, overrides)
     validate(config)
     return config
 
@@ -217,10 +213,7 @@ def validate(config: Config) -> None:
         raise RunnerError("checkpoint.every_steps and checkpoint.every_seconds are both 0: set at least one, "
                           "or a disconnect loses all progress.")
     config.export.format_names()  # raises on an unknown format name
-    try:
-        config.sync.validate()
-    except SyncError as e:  # sync's own error type; shown as a config error here
-        raise RunnerError(str(e)) from None
+    config.sync.validate()
 
 
 def describe_settings() -> str:

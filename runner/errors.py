@@ -1,7 +1,9 @@
-"""The one error type for problems a user can fix (bad config, bad data, incompatible run)."""
+"""The runner's errors: problems a user can fix (bad config, bad data, incompatible run), all under the one
+project root (common/errors.py), which carries each one's exit status."""
+from common.errors import NothingToDo, ProjectError
 
 
-class RunnerError(Exception):
+class RunnerError(ProjectError):
     """A problem the user can fix; the message names the file or setting and the fix."""
 
 
@@ -11,6 +13,10 @@ class DataError(RunnerError):
 
 class IncompatibleRunError(RunnerError):
     """The run directory holds a run that this configuration cannot continue."""
+
+
+class NothingClassified(RunnerError, NothingToDo):
+    """None of the files given to classify could be classified (each one's reason was printed)."""
 
 
 class StopRequested(BaseException):

@@ -26,7 +26,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 
 from runner import __version__  # noqa: E402
 from runner.backbones import Backbone, build_backbone, decode_and_resize  # noqa: E402
-from runner.cli import configure_logging, exit_status_of  # noqa: E402
+from common.cli import configure_logging, run_command  # noqa: E402
 from runner.config import EXPORT_FORMATS, Config, load_config  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
 from runner.head import Head, build_head  # noqa: E402
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> int:
         print(f"exported to {export_run(args.run, args.step, args.formats, args.out)}", flush=True)
         return 0
-    return exit_status_of(command)
+    return run_command(command)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ class Job:
         metrics = {k: v for k, v in checkpoint.marker.get("metrics", {}).items() if k.startswith("val_")}
         self.sync.on_checkpoint(HandOver(
             step=checkpoint.step, files=tuple(files), immutable=frozenset(f for f, fixed in files.items() if fixed),
-            runner_version=__version__, metrics=metrics, cache_files=tuple(self._list_cache_files()), final=final))
+            runner_version=__version__, metrics=metrics, cache_files=tuple(self._list_cache_files()), final=final,
+            published=tuple(self.rundir.published(files)) if final else ()))
 
     def _finish(self, summary: dict, report: dict) -> bool:
         """Write results, export and plots, then hand sync the final snapshot; False when a finished run

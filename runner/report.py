@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from common.files import write_bytes_atomic, write_text_atomic
-from runner.cli import exit_status_of
+from common.cli import run_command
 from runner.errors import RunnerError
 from runner.rundir import RunDir, read_json
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> int:
         print(f"report written to {write_report(args.run)}", flush=True)
         return 0
-    return exit_status_of(command)
+    return run_command(command)
 
 
 if __name__ == "__main__":

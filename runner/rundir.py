@@ -233,6 +233,12 @@ class RunDir:
                         files[path.relative_to(self.path).as_posix()] = True
         return files
 
+    def published(self, files: dict[str, bool]) -> list[str]:
+        """Of a snapshot's files, those worth storing as plain files beside it: the top level of the export
+        and the report (readable in Drive's web page without unpacking anything)."""
+        folders = (EXPORT, REPORT)
+        return [f for f in files if f.count("/") == 1 and f.split("/")[0] in folders]
+
 
 def read_json(path: Path) -> dict | list | None:
     """A JSON file's content, None when it does not exist; RunnerError naming it when it is invalid."""

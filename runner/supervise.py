@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from runner.exit_codes import EXIT_CRASH, EXIT_OK, EXIT_STOPPED, EXIT_TRANSIENT, NOT_RETRIED
+from common.errors import EXIT_CRASH, EXIT_OK, EXIT_STOPPED, EXIT_TRANSIENT, NOT_RETRIED
 
 log = logging.getLogger("runner")
 

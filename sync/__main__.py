@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 
+from common.cli import configure_logging, run_command
 from sync import STATE_DIR, open_sync
 from sync.config import load_toml
-from sync.errors import SyncError
+from sync.errors import NoSnapshots, SyncError
 from sync.remote import list_snapshots, prune, read_pointer
-
-
 
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
@@ -45,8 +43,8 @@ def cmd_pull(sync, args) -> int:
         step = restore_latest(sync.backend, sync.run_dir, sync.cache_dir, sync.run_dir / STATE_DIR / "download",
                               on_bad_cache=sync._uploader.reupload)
         if step is None:
-            print(f"no snapshots in {sync.backend.description}")
-            return 1
+            raise NoSnapshots(f"sync: no snapshots in {sync.backend.description}: nothing to pull (check "
+                              f"sync.folder: the same value the training run used).")
     else:
         match = [s for s in list_snapshots(sync.backend) if s.step == args.step]
         if not match:
@@ -87,7 +85,7 @@ def cmd_prune(sync, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, run one command, print SyncError messages without a traceback."""
+    """Parse the command line and run one command; its exit status comes from the one table."""
     parser = argparse.ArgumentParser(prog="python -m sync", description="See, fetch, send or prune snapshots.")
     parser.add_argument("--config", required=True, help="the run's TOML config (its [run] and [sync] tables)")
     parser.add_argument("--set", action="append", default=[], metavar="sync.KEY=VALUE", help="override a setting")
@@ -99,22 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("push", help="upload queued snapshots now (or the newest local checkpoint)")
     sub.add_parser("prune", help="delete old snapshots beyond sync.keep")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(name)s: %(message)s")
-    for noisy in ("googleapiclient", "google_auth_httplib2", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
+    configure_logging(args.debug)
+
+    def command() -> int:
         config, run_dir, cache_dir = load_toml(args.config, args.set)
         if not config.enabled:
             raise SyncError("sync is off: set sync.folder (a directory) or sync.backend=drive with sync.folder.")
         # only push sends: the other commands never start the background uploader
         sync = open_sync(config, run_dir, cache_dir, run_id=run_dir.name, start_uploader=args.command == "push")
-        command = {"list": cmd_list, "pull": cmd_pull, "push": cmd_push, "prune": cmd_prune}[args.command]
-        return command(sync, args)
-    except SyncError as e:
-        if args.debug:
-            raise
-        print(str(e), file=sys.stderr)
-        return 2
+        return {"list": cmd_list, "pull": cmd_pull, "push": cmd_push, "prune": cmd_prune}[args.command](sync, args)
+    return run_command(command, args.debug)
 
 
 if __name__ == "__main__":

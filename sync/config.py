@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common import settings
-from common.settings import DEFAULT_CACHE_SUBDIR, DEFAULT_RUN_DIR, SettingError
+from common.settings import DEFAULT_CACHE_SUBDIR, DEFAULT_RUN_DIR
 from common.settings import setting as _opt
 from sync.errors import SyncError
 
@@ -76,13 +76,10 @@ class SyncConfig:
     def from_settings(cls, table: Mapping[str, Any] = {}, overrides: list[str] = ()) -> "SyncConfig":
         """Build and validate a SyncConfig from `[sync]` values and `--set sync.key=value` items."""
         loader = settings.Loader(_SyncOnly(), ("sync",))
-        try:
-            for key, value in table.items():
-                loader.apply(f"sync.{key}", value, "sync settings", Path.cwd())
-            loader.apply_overrides(list(overrides))
-            loader.resolve_paths()
-        except SettingError as e:
-            raise SyncError(str(e)) from None
+        for key, value in table.items():
+            loader.apply(f"sync.{key}", value, "sync settings", Path.cwd())
+        loader.apply_overrides(list(overrides))
+        loader.resolve_paths()
         loader.root.sync.validate()
         return loader.root.sync
 
@@ -95,11 +92,8 @@ class _SyncOnly:
 
 def load_toml(path: str | Path, overrides: list[str] = ()) -> tuple[SyncConfig, Path, Path]:
     """Read (SyncConfig, run_dir, cache_dir) from a run TOML file plus `sync.key=value` overrides."""
-    try:
-        config = settings.load(_SyncOnly(), path, overrides, known_sections=("sync",)).sync
-        table, base = settings.read_toml(path), Path(path).resolve().parent
-    except SettingError as e:
-        raise SyncError(str(e)) from None
+    config = settings.load(_SyncOnly(), path, overrides, known_sections=("sync",)).sync
+    table, base = settings.read_toml(path), Path(path).resolve().parent
     config.validate()
     run_dir = Path(settings.absolute(str(table.get("run", {}).get("dir", DEFAULT_RUN_DIR)), base))
     cache = str(table.get("cache", {}).get("dir", ""))

@@ -1,13 +1,16 @@
-"""The user-facing error type of sync: its message names the setting or file and the fix."""
+"""sync's errors, under the one project root (common/errors.py): each message names the setting or file and
+the fix, each class carries its exit status."""
 from __future__ import annotations
 
+from common.errors import NothingToDo, ProjectError, TransientError
 
-class SyncError(Exception):
+
+class SyncError(ProjectError):
     """A sync problem the user can act on; the message says what to do."""
 
 
-class TransferError(SyncError):
-    """A network transfer still failed after the retry policy's last try."""
+class TransferError(SyncError, TransientError):
+    """A network transfer still failed after the retry policy's last try (exit status 75)."""
 
 
 class RemoteError(SyncError):
@@ -20,6 +23,10 @@ class RemoteError(SyncError):
 
 class NotFound(SyncError):
     """The named file is not on the remote (or not visible to these credentials)."""
+
+
+class NoSnapshots(SyncError, NothingToDo):
+    """The remote holds no snapshot to restore (exit status 66)."""
 
 
 class QuotaExceeded(RemoteError):

@@ -23,6 +23,8 @@ class HandOver:
     metrics: dict = field(default_factory=dict)   # val_accuracy, val_loss, ... (JSON numbers/strings)
     cache_files: tuple[str, ...] = ()
     final: bool = False                           # the run's last snapshot (results and export inside)
+    published: tuple[str, ...] = ()               # of `files`, those also stored as plain files beside the
+                                                  # snapshots (the final export and report, readable on Drive)
 
     def __post_init__(self):
         if not self.runner_version:
@@ -31,8 +33,12 @@ class HandOver:
         object.__setattr__(self, "immutable", frozenset(self.immutable))
         object.__setattr__(self, "cache_files", tuple(sorted({check_relpath(f) for f in self.cache_files})))
         object.__setattr__(self, "metrics", _jsonable(self.metrics))
+        object.__setattr__(self, "published", tuple(sorted({check_relpath(f) for f in self.published})))
         if not self.immutable <= set(self.files):
             raise ValueError(f"HandOver.immutable names files not handed over: {sorted(self.immutable - set(self.files))}")
+        if not set(self.published) <= set(self.files):
+            raise ValueError(f"HandOver.published names files not handed over: "
+                             f"{sorted(set(self.published) - set(self.files))}")
 
     @property
     def val_accuracy(self) -> float | None:
@@ -42,7 +48,8 @@ class HandOver:
     def to_json(self) -> str:
         """The hand-over as JSON (sync's own record of it)."""
         data = asdict(self)
-        data.update(files=list(self.files), immutable=sorted(self.immutable), cache_files=list(self.cache_files))
+        data.update(files=list(self.files), immutable=sorted(self.immutable), cache_files=list(self.cache_files),
+                    published=list(self.published))
         return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
@@ -50,7 +57,7 @@ class HandOver:
         """Read back what to_json wrote."""
         data = json.loads(text)
         return cls(**dict(data, files=tuple(data["files"]), immutable=frozenset(data["immutable"]),
-                          cache_files=tuple(data["cache_files"])))
+                          cache_files=tuple(data["cache_files"]), published=tuple(data.get("published", ()))))
 
 
 def save_record(path: Path, hand_over: HandOver) -> None:

@@ -9,7 +9,7 @@ from tests.helpers import REPO, child_env
 
 BAR_WITH_LOGS = """
 import logging
-from runner.cli import configure_logging
+from common.cli import configure_logging
 from runner.progress import progress
 configure_logging()
 bar = progress(10, "training head", "step", "bar")

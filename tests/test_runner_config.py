@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from runner.config import load_config, to_toml
-from runner.errors import RunnerError
+from common.errors import ProjectError
 from tests.helpers import REPO, run_resume
 
 LOCAL = REPO / "configs" / "clothing_local.toml"
@@ -36,10 +36,10 @@ def test_set_overrides_any_key_with_typed_values():
 def test_bad_settings_are_rejected_naming_the_key(override, message):
     if message is None:  # valid on its own: time-based checkpoints still run
         load_config(LOCAL, [override])
-        with pytest.raises(RunnerError, match="both 0"):
+        with pytest.raises(ProjectError, match="both 0"):
             load_config(LOCAL, [override, "checkpoint.every_seconds=0"])
         return
-    with pytest.raises(RunnerError) as error:
+    with pytest.raises(ProjectError) as error:
         load_config(LOCAL, [override])
     assert message in str(error.value)
 
@@ -47,7 +47,7 @@ def test_bad_settings_are_rejected_naming_the_key(override, message):
 def test_unknown_key_in_a_toml_file_names_the_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[data]\ndir = "x"\n[train]\nlearning_rat = 0.1\n')
-    with pytest.raises(RunnerError, match=r"bad.toml: unknown setting 'train.learning_rat'"):
+    with pytest.raises(ProjectError, match=r"bad.toml: unknown setting 'train.learning_rat'"):
         load_config(bad)
 
 
@@ -71,5 +71,5 @@ def test_cli_help_lists_settings_and_errors_have_no_traceback():
 
 
 def test_split_percentages_must_leave_images_to_train_on():
-    with pytest.raises(RunnerError, match="must be below 100"):
+    with pytest.raises(ProjectError, match="must be below 100"):
         load_config(LOCAL, ["split.test_percent=60", "split.validation_percent=40"])

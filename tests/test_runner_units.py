@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.errors import ProjectError
 from runner.config import load_config, to_toml
 from runner.errors import IncompatibleRunError, RunnerError
 from runner.rundir import RunDir
@@ -108,20 +109,20 @@ def test_a_stored_config_loads_on_a_machine_without_the_files_it_names(tmp_path)
 def test_the_stored_config_is_valid_toml_and_non_finite_values_never_reach_it(tmp_path):
     tomllib.loads(to_toml(load_config(LOCAL, ["train.epsilon=1e-9", 'run.dir="a \\"quoted\\" dir"'])))
     for bad in ("train.learning_rate=nan", "train.learning_rate=inf", "split.validation_percent=-inf"):
-        with pytest.raises(RunnerError, match="must be a finite number"):
+        with pytest.raises(ProjectError, match="must be a finite number"):
             load_config(LOCAL, [bad])
     nan_file = tmp_path / "nan.toml"
     nan_file.write_text('[data]\ndir = "x"\n[train]\nlearning_rate = nan\n')
-    with pytest.raises(RunnerError, match="train.learning_rate = nan: it must be a finite number"):
+    with pytest.raises(ProjectError, match="train.learning_rate = nan: it must be a finite number"):
         load_config(nan_file)
 
 
 def test_a_wrong_type_says_what_was_expected_in_words():
-    with pytest.raises(RunnerError, match=r"train.steps = 1.5: expected an integer \(a whole number"):
+    with pytest.raises(ProjectError, match=r"train.steps = 1.5: expected an integer \(a whole number"):
         load_config(LOCAL, ["train.steps=1.5"])
-    with pytest.raises(RunnerError, match="expected true or false"):
+    with pytest.raises(ProjectError, match="expected true or false"):
         load_config(LOCAL, ["train.deterministic=maybe"])
-    with pytest.raises(RunnerError, match=r"expected a number"):
+    with pytest.raises(ProjectError, match=r"expected a number"):
         load_config(LOCAL, ["train.learning_rate=fast"])
 
 

@@ -86,7 +86,7 @@ def test_disk_full_is_a_fixable_error_naming_the_path(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    from runner.exit_codes import EXIT_USER_ERROR, status_of
+    from common.errors import EXIT_USER_ERROR, status_of
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError) as caught:
         write_text_atomic(tmp_path / "summary.json", "{}")
@@ -140,7 +140,7 @@ def test_resume_py_parses_on_old_pythons_and_refuses_them_by_name():
 
 def test_labels_that_do_not_match_the_model_are_refused(finished_run, tmp_path, capsys):
     from runner.classify import main
-    from runner.exit_codes import EXIT_USER_ERROR
+    from common.errors import EXIT_USER_ERROR
     run_dir = finished_run[0]
     export = shutil.copytree(run_dir / "export", tmp_path / "export")
     labels = (export / "labels.txt").read_text().splitlines()

@@ -11,7 +11,7 @@ from tests.chaos.conftest import small_args
 from tests.helpers import REPO, run_resume
 
 pytestmark = pytest.mark.slow
-EXIT_USER_ERROR, EXIT_TRANSIENT = 2, 75  # the table in runner/exit_codes.py, as a user reads it in README
+EXIT_USER_ERROR, EXIT_TRANSIENT = 2, 75  # the table in common/errors.py, as a user reads it in README
 
 
 def _drive_settings(drive_config) -> list[str]:

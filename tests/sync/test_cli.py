@@ -80,7 +80,7 @@ def test_prune_keeps_newest_k_and_best(tmp_path):
 def test_bad_setting_is_one_clear_line_without_traceback(tmp_path):
     out = run_cli(config_file(tmp_path, tmp_path / "r", tmp_path / "run"), "--set", "sync.backend=dropbox", "list")
     assert out.returncode == 2
-    assert out.stderr.strip() == "setting sync.backend = 'dropbox' is not allowed; use one of: folder, drive."
+    assert out.stderr.strip() == "error: setting sync.backend = 'dropbox' is not allowed; use one of: folder, drive."
 
 
 def test_sync_never_imports_tensorflow_or_the_runner():

@@ -1,0 +1,32 @@
+"""What every command-line entry point shares: logging set-up, and one way to end with an exit status."""
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from typing import Callable
+
+from common.errors import status_of
+
+QUIET_LOGGERS = ("absl", "tensorflow", "googleapiclient", "google_auth_httplib2", "urllib3")
+
+
+def configure_logging(debug: bool = False) -> None:
+    """Timestamped INFO logs (DEBUG with --debug), without the chatter of TensorFlow and Google's clients."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in QUIET_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_command(command: Callable[[], int], debug: bool = False) -> int:
+    """Run a command and return its exit status; an exception that ends it is printed as one `error: ...`
+    paragraph (with the traceback under --debug) and mapped to the status of the table in common/errors.py."""
+    try:
+        return command()
+    except Exception as e:  # noqa: BLE001 - every failure gets a status from the one table
+        if debug:
+            traceback.print_exc()
+        code, message = status_of(e)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return code
