@@ -73,26 +73,32 @@ def train(config, debug: bool) -> int:
             from runner.job import Job
             from sync import open_sync
             sync = open_sync(config.sync, config.run_dir, config.cache_dir, run_id=config.run_dir.resolve().name)
-            summary = None
+            outcome = None
             try:
-                summary = Job(config, sync, stop).run()
+                outcome = Job(config, sync, stop).run()
             finally:
-                outcome = sync.close(config.sync.flush_timeout_s)
-                if summary is not None or sync.enabled:  # "sync: off" before an error misleads: say it on success
-                    print(outcome, flush=True)
+                flushed = sync.close(config.sync.flush_timeout_s)
+                if outcome is not None or sync.enabled:  # "sync: off" before an error misleads: say it on success
+                    print(flushed, flush=True)
     except BaseException:
         if created is not None:
             remove_if_empty(created)  # a run that failed before writing anything leaves no folder behind
         raise
-    if "stopped_by" in summary:
-        where = f"at step {summary['global_step']}: checkpoint saved" if "global_step" in summary else \
-            f"during {summary['stopped_in']}: what was done is kept"
-        print(f"stopped by {summary['stopped_by']} {where}. Run the same command to continue.", flush=True)
+    return report(outcome, RunDir(config.run_dir))
+
+
+def report(outcome, run: RunDir) -> int:
+    """Print what the job's outcome means for the user and return its exit status."""
+    from runner.results import Stopped, Unchanged
+    if isinstance(outcome, Stopped):
+        where = f"at step {outcome.step}: checkpoint saved" if outcome.step is not None else \
+            f"during {outcome.phase}: what was done is kept"
+        print(f"stopped by {outcome.signal} {where}. Run the same command to continue.", flush=True)
         return EXIT_STOPPED
-    status = "already finished, nothing changed" if summary.get("unchanged") else "done"
-    print(f"{status}: step {summary['global_step']}, test accuracy {_percent(summary['test_accuracy'])}, "
-          f"validation accuracy {_percent(summary['val_accuracy'])}; summary in {RunDir(config.run_dir).summary}",
-          flush=True)
+    summary = outcome.summary
+    status = "already finished, nothing changed" if isinstance(outcome, Unchanged) else "done"
+    print(f"{status}: step {summary.global_step}, test accuracy {_percent(summary.test_accuracy)}, "
+          f"validation accuracy {_percent(summary.val_accuracy)}; summary in {run.summary}", flush=True)
     return EXIT_OK
 
 

@@ -184,10 +184,11 @@ def compare_search(cache: BottleneckCache, keys: list[str], labels: np.ndarray, 
             search.evaluate(step, val_features, val_labels)
     search.write_selected(head, val_features, val_labels)
     elapsed = time.perf_counter() - start
-    selected = search.summary()["selected"]
-    log = (f"selected: learning rate {selected['learning_rate']:g}, weight decay {selected['weight_decay']:.3g}, "
-           f"best step {selected['best_step']}, validation accuracy {selected['best_val_accuracy']:.4f}; "
-           f"averaged with {len(selected['averaged']) - 1} more")
+    summary = search.summary()
+    selected = summary.selected_candidate
+    log = (f"selected: learning rate {selected.learning_rate:g}, weight decay {selected.weight_decay:.3g}, "
+           f"best step {selected.best_step}, validation accuracy {selected.best_val_accuracy:.4f}; "
+           f"averaged with {len(summary.averaged) - 1} more")
     per_step = step_times(search, step_fn, train_table, train_labels, order, weights)
     config.train.epochs = 100
     default = head_budget(config.train, cut)
@@ -231,58 +232,45 @@ def timed(step, batches: list) -> float:
 
 # -- cost of safety: checkpoint cadence overhead and resume latency (issue 12) --------------------------
 def train_through_the_loop(table, labels: np.ndarray, args, run_dir: Path, checkpoints: bool) -> tuple[float, float]:
-    """(seconds in all, seconds inside checkpoint saves) to train args.safety_steps steps through the runner's
-    step loop (validation every eval.every_steps on a tenth of the vectors), saving checkpoints on the
-    default cadence, or never."""
-    from runner.checkpoints import CheckpointStore
-    from runner.evaluate import loss_and_accuracy, predict_logits
-    from runner.events import CheckpointCadence, MetricsLogger
-    from runner.rundir import CheckpointRef, RunDir
-    from runner.stages import TrainingStage
-    from runner.train import StageLoop, StopFlag, TrainState
+    """(seconds in all, seconds inside checkpoint saves) to train args.safety_steps steps of the configured head
+    (head.search = off) through the runner's own stage and step loop (validation every eval.every_steps on a
+    tenth of the vectors), checkpointing on the default cadence, or only at the end."""
+    from runner.events import CheckpointPolicy, Listeners, MetricsLogger
+    from runner.rundir import RunDir
+    from runner.stages import FixedHeadStage, Split
+    from runner.train import StageLoop, StopFlag
     config = Config()
     config.run.dir, config.train.batch_size, config.train.progress = str(run_dir), args.batch_size, "lines"
+    config.head.search, config.train.steps = "off", args.safety_steps
     strategy = tf.distribute.get_strategy()
-    head = build_head(args.classes, args.dim, config.head, 0)
-    optimizer = build_optimizer(config.train, head.trainable_variables)
-    state = TrainState(tf.Variable(0, dtype=tf.int64), tf.Variable(0, dtype=tf.int64))
-    run = RunDir(run_dir)
-    store = CheckpointStore(run.stage("head"), tf.train.Checkpoint(
-        head=head, optimizer=optimizer, global_step=state.step, data_seed=state.seed), config.checkpoint.max_to_keep)
-    order = BatchOrder(len(table), args.batch_size, 0)
     val_rows = np.arange(0, len(table), 10)
-    val_features = table.gather(val_rows)
-    step_fn = make_head_step(head, optimizer, strategy, config, args.classes)
-    saving = [0.0]
-
-    class BenchStage(TrainingStage):
-        """The head stage's loop on synthetic vectors; saves timed, or skipped when checkpoints are off."""
-        name = "head"
-
-        def next_batch(self, step: int):
-            rows = order.indices(step)
-            return table.gather(rows), labels[rows]
-
-        def train_step(self, inputs, batch_labels, weights, seed):
-            return step_fn(inputs, batch_labels, weights, seed)
-
-        def validate(self, step: int):
-            return loss_and_accuracy(predict_logits(head, val_features), labels[val_rows])
-
-        def save(self, step: int, metrics: dict) -> CheckpointRef:
-            if not checkpoints:
-                return CheckpointRef("head", step, step, {}, run.stage("head").prefix(step))
-            began = time.perf_counter()
-            ref = super().save(step, metrics)
-            saving[0] += time.perf_counter() - began
-            return ref
-
-    stage = BenchStage(store, state, {}, args.safety_steps, 0, config.eval.every_steps, "train.steps")
-    listeners = [MetricsLogger(run.metrics), CheckpointCadence(config.checkpoint.every_steps,
-                                                               config.checkpoint.every_seconds)]
+    train_split = Split([], labels, table)
+    val_split = Split([], labels[val_rows], FeatureRows(table, val_rows))
+    head = build_head(args.classes, args.dim, config.head, 0)
+    run = RunDir(run_dir)
+    weights = np.ones(args.classes, np.float32)
+    stage = FixedHeadStage(config, strategy, head, train_split, val_split, weights, {}, run.stage("head"))
+    cadence = config.checkpoint if checkpoints else type(config.checkpoint)(every_steps=0, every_seconds=0)
+    policy = CheckpointPolicy(cadence.every_steps, cadence.every_seconds)
     start = time.perf_counter()
-    StageLoop(stage, listeners, strategy, np.ones(args.classes, np.float32), StopFlag()).run()
-    return time.perf_counter() - start, saving[0]
+    StageLoop(stage, Listeners([MetricsLogger(run.metrics)]), strategy, weights, StopFlag(), policy).run()
+    return time.perf_counter() - start, stage.store.seconds_saving
+
+
+class FeatureRows:
+    """Some rows of a FeatureTable, as a table (gather / all) of their own."""
+
+    def __init__(self, table, rows: np.ndarray):
+        self.table, self.rows, self.dim = table, rows, table.dim
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        return self.table.gather(self.rows[indices])
+
+    def all(self) -> np.ndarray:
+        return self.table.gather(self.rows)
 
 
 def cost_of_safety(table, labels: np.ndarray, args, root: Path) -> dict:

@@ -25,14 +25,17 @@ class CheckpointStore:
         self.stage, self.checkpoint, self.keep = stage, checkpoint, keep
         self.dir = stage.dir
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.seconds_saving = 0.0  # time spent in save(), all saves together (what checkpointing costs)
 
     def save(self, local_step: int, marker: dict) -> CheckpointRef:
         """Write a checkpoint and, last, its marker; prune older ones; return the new checkpoint."""
+        began = time.perf_counter()
         self.checkpoint.write(str(self.stage.prefix(local_step)))
         files = {p.name: file_digest(p) for p in self.stage.data_files(local_step)}
         marker = dict(marker, step=local_step, saved_at=time.time(), files=files)
         self.stage.write_marker(local_step, marker)
         self.stage.prune(self.keep)
+        self.seconds_saving += time.perf_counter() - began
         return self.stage.ref(local_step, marker)
 
     def _verify(self, marker: dict) -> str | None:

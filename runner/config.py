@@ -4,6 +4,7 @@ This module does not import TensorFlow, so `resume.py --help` and `--print-confi
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,8 +76,8 @@ class TrainConfig:
     patience: int = _opt(10, "head search: a candidate stops after this many evaluations (one per epoch) "
                              "without a lower validation loss", min=1)
     batch_size: int = _opt(100, "vectors per training step", min=1)
-    learning_rate: float = _opt(0.001, "RMSProp learning rate with head.search = off; fine-tuning uses a tenth",
-                                min=0.0)
+    learning_rate: float = _opt(0.001, "RMSProp learning rate with head.search = off (the search uses its own "
+                                       "grid); fine-tuning has its own, fine_tune.learning_rate", min=0.0)
     rho: float = _opt(0.9, "RMSProp discounting factor", min=0.0, max=1.0)
     momentum: float = _opt(0.0, "RMSProp momentum", min=0.0, max=1.0)
     epsilon: float = _opt(1e-7, "RMSProp epsilon", min=0.0)
@@ -214,6 +215,47 @@ def validate(config: Config) -> None:
                           "or a disconnect loses all progress.")
     config.export.format_names()  # raises on an unknown format name
     config.sync.validate()
+
+
+def ignored_settings(config: Config) -> list[str]:
+    """One warning for each setting changed from its default that this run's mode ignores, naming the mode
+    (so no setting silently does nothing)."""
+    search, fine_tune = config.head.search == "auto", config.fine_tune.enabled
+    own_rate = "fine_tune.learning_rate" if config.fine_tune.learning_rate else ""
+    why_search = "head.search = auto chooses the head by validation over its own grid"
+    rules = [  # (keys, ignored in this run?, why)
+        (("train.learning_rate",), search and (not fine_tune or bool(own_rate)),
+         f"{why_search}" + (f", and fine-tuning uses {own_rate}" if fine_tune and own_rate else "")),
+        (("head.weight_decay",), search, f"{why_search} (weight decays 0 to 100 / N)"),
+        (("train.decay_rate", "train.decay_steps"), search and not fine_tune,
+         f"{why_search}; the learning-rate decay applies to head.search = off and to fine-tuning"),
+        (("eval.every_steps",), search and not fine_tune,
+         "head.search = auto validates once per epoch; eval.every_steps applies to head.search = off and to "
+         "fine-tuning"),
+        (("train.patience",), not search, "train.patience stops candidates of head.search = auto; head.search = "
+                                          "off trains the configured head for the whole budget"),
+        (("train.strategy",), search and not fine_tune,
+         "head.search = auto trains its stacked candidates on one device (they are small); the strategy applies "
+         "to extraction (and to fine-tuning when enabled)"),
+        (tuple(f"fine_tune.{f.name}" for f in dataclasses.fields(FineTuneConfig) if f.name != "enabled"),
+         not fine_tune, "fine_tune.enabled = false"),
+        (tuple(f"export.{f.name}" for f in dataclasses.fields(ExportConfig) if f.name != "enabled"),
+         not config.export.enabled, "export.enabled = false"),
+        (tuple(f"sync.{f.name}" for f in dataclasses.fields(SyncConfig) if f.name not in ("backend", "folder")),
+         not config.sync.enabled, "sync is off (sync.folder is empty)"),
+    ]
+    defaults, warnings = Config(), []
+    for keys, ignored, why in rules:
+        changed = [key for key in keys if _value(config, key) != _value(defaults, key)]
+        if ignored and changed:
+            listed = ", ".join(f"{key} = {_value(config, key)!r}" for key in changed)
+            warnings.append(f"{listed} {'has' if len(changed) == 1 else 'have'} no effect in this run: {why}.")
+    return warnings
+
+
+def _value(config: Config, key: str):
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
 
 
 def describe_settings() -> str:

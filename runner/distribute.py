@@ -32,8 +32,8 @@ def thread_budget(cores: int) -> ThreadBudget:
     """The pools for `cores`: intra-op over every core, two inter-op threads.
 
     The backbone is one chain of ops, so more inter-op threads only add runnable threads that compete with
-    the decoders; one would risk an op waiting for another (tensorflow/tensorflow#29937). Decoding stays on
-    tf.data's autotuned pool. Measured on 2 shared cores: a fixed split (half the cores decoding, half
+    the decoders; one would risk an op waiting for another (tensorflow/tensorflow#29937). Decoding runs on
+    tf.data's own pool, one decoder per core (runner/extract.py image_pipeline, autotuning off). Measured on 2 shared cores: a fixed split (half the cores decoding, half
     computing) and a private decode pool were both slower, and the CPU time per image was the same in every
     arrangement, so the cores are shared, not partitioned: when one stage waits, the other has the machine."""
     return ThreadBudget(intra_op=cores, inter_op=2)

@@ -1,7 +1,9 @@
-"""The training loop's small event protocol (start, step, evaluation, checkpoint, end) and its listeners.
+"""The training loop's declared events (start, step, evaluation, checkpoint, end), its listeners, and the
+checkpoint policy the loop consults.
 
-The loop in runner/train.py only trains and evaluates; everything else it used to do inline listens:
-the metrics log, TensorBoard, the progress display, the checkpoint cadence and the sync hand-over.
+The loop in runner/train.py only trains and evaluates; the metrics log, TensorBoard, the progress display and
+the sync hand-over listen. Listeners never call back into the loop: when to checkpoint is a policy the loop
+asks after each step (`CheckpointPolicy`), not a listener.
 """
 from __future__ import annotations
 
@@ -13,10 +15,19 @@ from runner.progress import progress
 from runner.rundir import CheckpointRef, MetricsLog
 
 SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+EVENTS = ("on_start", "on_step", "on_evaluation", "on_checkpoint", "on_end")
 
 
 class Listener:
-    """Receives one stage's events; a listener overrides the hooks it needs."""
+    """Receives one stage's events; a subclass overrides the hooks it needs. A method named like a hook that
+    is not one of EVENTS is refused when the class is defined, so a misspelt hook cannot silently never fire."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        unknown = sorted(name for name in vars(cls) if name.startswith("on_") and name not in EVENTS)
+        if unknown:
+            raise TypeError(f"{cls.__name__} defines {', '.join(unknown)}, which no event calls; the events "
+                            f"are {', '.join(EVENTS)}")
 
     def on_start(self, loop) -> None:
         """Training is about to start (not sent when the stage has nothing left to train)."""
@@ -32,6 +43,58 @@ class Listener:
 
     def on_end(self, loop, result) -> None:
         """The stage ended (finished, or stopped by a signal)."""
+
+
+class Listeners(Listener):
+    """Several listeners as one: each event is told to every one of them, in order."""
+
+    def __init__(self, listeners: list[Listener]):
+        for listener in listeners:
+            if not isinstance(listener, Listener):
+                raise TypeError(f"{type(listener).__name__} is not a runner.events.Listener")
+        self.listeners = list(listeners)
+
+    def on_start(self, loop) -> None:
+        for listener in self.listeners:
+            listener.on_start(loop)
+
+    def on_step(self, loop, step: int, loss: float, accuracy: float) -> None:
+        for listener in self.listeners:
+            listener.on_step(loop, step, loss, accuracy)
+
+    def on_evaluation(self, loop, record: dict) -> None:
+        for listener in self.listeners:
+            listener.on_evaluation(loop, record)
+
+    def on_checkpoint(self, loop, checkpoint: CheckpointRef) -> None:
+        for listener in self.listeners:
+            listener.on_checkpoint(loop, checkpoint)
+
+    def on_end(self, loop, result) -> None:
+        for listener in self.listeners:
+            listener.on_end(loop, result)
+
+
+class CheckpointPolicy:
+    """When the loop checkpoints before a stage's end: every `every_steps` steps and/or every `every_seconds`
+    seconds (0 turns either off). The loop always checkpoints at the end and on a signal as well."""
+
+    def __init__(self, every_steps: int, every_seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.every_steps, self.every_seconds, self.clock = every_steps, every_seconds, clock
+        self.last = clock()
+
+    def start(self) -> None:
+        """Training starts now: the time cadence counts from here."""
+        self.last = self.clock()
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is due after `step`."""
+        by_steps = bool(self.every_steps) and step % self.every_steps == 0
+        return by_steps or bool(self.every_seconds) and self.clock() - self.last >= self.every_seconds
+
+    def saved(self) -> None:
+        """A checkpoint was just written."""
+        self.last = self.clock()
 
 
 class MetricsLogger(Listener):
@@ -80,30 +143,10 @@ class ProgressDisplay(Listener):
     def on_evaluation(self, loop, record: dict) -> None:
         train_loss, train_accuracy = record["train_loss"], record["train_accuracy"]
         self.bar.set_postfix_str(f"loss {_fmt(train_loss)} acc {_fmt(train_accuracy)} "
-                                        f"val_acc {_fmt(record['val_accuracy'])}")
+                                 f"val_acc {_fmt(record['val_accuracy'])}")
 
     def on_end(self, loop, result) -> None:
         self.bar.close()
-
-
-class CheckpointCadence(Listener):
-    """Asks the loop for a checkpoint every `every_steps` steps and/or `every_seconds` seconds."""
-
-    def __init__(self, every_steps: int, every_seconds: float, clock: Callable[[], float] = time.monotonic):
-        self.every_steps, self.every_seconds, self.clock = every_steps, every_seconds, clock
-        self.last = clock()
-
-    def on_start(self, loop) -> None:
-        self.last = self.clock()
-
-    def on_step(self, loop, step: int, loss: float, accuracy: float) -> None:
-        due_by_steps = self.every_steps and step % self.every_steps == 0
-        due_by_time = self.every_seconds and self.clock() - self.last >= self.every_seconds
-        if (due_by_steps or due_by_time) and not loop.stage.finished():  # the loop saves the last one itself
-            loop.checkpoint()
-
-    def on_checkpoint(self, loop, checkpoint: CheckpointRef) -> None:
-        self.last = self.clock()
 
 
 class SyncHandOver(Listener):

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from runner.errors import RunnerError
 from runner.progress import clock
+from runner.results import Summary
 from runner.rundir import RunDir, read_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
@@ -133,10 +134,10 @@ def run_status(run_dir: Path) -> list[str]:
     lines = [f"newest checkpoint: step {newest.step} ({newest.stage} stage), saved "
              f"{clock(time.time() - marker.get('saved_at', time.time()))} ago"
              + (f", validation accuracy {val:.3f}" if val is not None else "")]
-    summary = read_json(run.summary)
+    summary = Summary.read(run.summary)
     if summary is not None:
-        accuracy = summary.get("test_accuracy")
-        lines.append(f"finished: step {summary.get('global_step')}, test accuracy "
+        accuracy = summary.test_accuracy
+        lines.append(f"finished: step {summary.global_step}, test accuracy "
                      + ("n/a" if accuracy is None else f"{accuracy:.3f}"))
     export = run.export_info()
     lines.append(f"export: {', '.join(export.get('formats', []))} in {run.export}" if export is not None
@@ -166,10 +167,10 @@ def show_results(run_dir: Path, data_dir: Path, max_misclassified: int = 12) -> 
     """Summary, learning curves, confusion matrix (or top confusions), per-class table, misclassified images."""
     from IPython.display import Image, display
     run = RunDir(run_dir)
-    summary, report, classes = read_json(run.summary), read_json(run.test_report), read_json(run.labels)
-    accuracy = summary["test_accuracy"]
-    print(f"test accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'} on {summary['num_test']} images "
-          f"at step {summary['global_step']} ({summary['stage']} stage); {len(summary['skipped_images'])} "
+    summary, report, classes = Summary.read(run.summary), read_json(run.test_report), read_json(run.labels)
+    accuracy = summary.test_accuracy
+    print(f"test accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'} on {summary.num_test} images "
+          f"at step {summary.global_step} ({summary.stage} stage); {len(summary.skipped_images)} "
           f"images skipped")
     report_dir = run.report
     display(Image(filename=str(report_dir / "curves.png")))

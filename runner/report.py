@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from common.files import write_bytes_atomic, write_text_atomic
 from common.cli import run_command
 from runner.errors import RunnerError
+from runner.results import SearchSummary, Summary
 from runner.rundir import RunDir, read_json
 
 MAX_CONFUSION_CLASSES = 50
@@ -85,15 +86,15 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
     _save(figure, path)
 
 
-def plot_candidates(candidates: list[dict], selected: dict, path: Path) -> None:
+def plot_candidates(search: SearchSummary, path: Path) -> None:
     """The head search: each candidate's best validation accuracy and loss, the chosen ones marked."""
-    chosen = set(selected.get("averaged") or [selected.get("candidate")])
-    labels = [f"lr {c['learning_rate']:g}, wd {c['weight_decay']:.2g}" for c in candidates]
+    candidates, chosen = search.candidates, set(search.averaged or [search.selected])
+    labels = [f"lr {c.learning_rate:g}, wd {c.weight_decay:.2g}" for c in candidates]
     colors = ["tab:orange" if i in chosen else "tab:blue" for i in range(len(candidates))]
     figure = Figure(figsize=(12, 3 + 0.22 * len(candidates)), layout="constrained")
     for axes, key, title in zip(figure.subplots(1, 2, sharey=True), ("best_val_accuracy", "best_val_loss"),
                                 ("best validation accuracy", "best validation loss (chooses)")):
-        values = [c[key] if c[key] is not None else np.nan for c in candidates]
+        values = [getattr(c, key) if getattr(c, key) is not None else np.nan for c in candidates]
         axes.barh(range(len(candidates)), values, color=colors)
         axes.set(title=title, yticks=range(len(candidates)))
         axes.set_yticklabels(labels, fontsize=8)
@@ -158,9 +159,9 @@ def write_report(run_dir: Path) -> Path:
     out = run.report
     out.mkdir(exist_ok=True)
     plot_curves(metrics, out / "curves.png")
-    summary = read_json(run.summary) or {}
-    if summary.get("candidates"):
-        plot_candidates(summary["candidates"], summary["selected"], out / "candidates.png")
+    summary = Summary.read(run.summary)
+    if summary is not None and summary.search is not None:
+        plot_candidates(summary.search, out / "candidates.png")
     report = read_json(run.test_report)
     if report is None:
         return out  # training has not finished: curves only

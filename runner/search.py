@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tensorflow as tf
 
+from runner.results import CandidateRecord, SearchSummary
+
 if TYPE_CHECKING:
     from runner.config import Config, TrainConfig
 
@@ -55,9 +57,6 @@ class Candidate:
     """One point of the grid: an RMSProp learning rate and an L2 weight decay."""
     learning_rate: float
     weight_decay: float
-
-    def describe(self) -> dict:
-        return {"learning_rate": self.learning_rate, "weight_decay": self.weight_decay}
 
 
 def candidate_grid(num_train: int) -> list[Candidate]:
@@ -403,15 +402,15 @@ class HeadSearch:
                  if len(self.members) > 1 else "", int((status == PRUNED).sum()), int((status == STOPPED).sum()),
                  int((status == TRAINING).sum()))
 
-    def summary(self) -> dict:
-        """`selected` and `candidates` for summary.json."""
-        record, leader = self.record, self.record.leader()
+    def summary(self) -> SearchSummary:
+        """Every candidate's record, the selected one and those averaged into the head (for summary.json)."""
+        record = self.record
         names = {TRAINING: "training", STOPPED: "stopped", PRUNED: "pruned"}
-        rows = [dict(c.describe(), best_val_loss=_finite(record.best_loss[k]),
-                     best_val_accuracy=_finite(record.best_accuracy[k]), best_step=int(record.best_step[k]),
-                     final_learning_rate=float(self.heads.learning_rates[k].numpy()),
-                     status=names[int(record.status[k])]) for k, c in enumerate(self.candidates)]
-        return {"selected": dict(rows[leader], candidate=leader, averaged=list(self.members)), "candidates": rows}
+        rows = tuple(CandidateRecord(c.learning_rate, c.weight_decay, _finite(record.best_loss[k]),
+                                     _finite(record.best_accuracy[k]), int(record.best_step[k]),
+                                     float(self.heads.learning_rates[k].numpy()), names[int(record.status[k])])
+                     for k, c in enumerate(self.candidates))
+        return SearchSummary(rows, record.leader(), tuple(self.members))
 
 
 def build_search(candidates: list[Candidate], head, config: "Config", budget: HeadBudget,

@@ -1,6 +1,7 @@
-"""The training stages as objects with one interface: the head on cached vectors, then (optionally)
-fine-tuning on images. Each holds its model parts, optimizer, step, seed and checkpoints on self; the
-loop (runner/train.py) asks it for batches, steps, validations and checkpoints."""
+"""The training stages, one class per personality behind one interface: the configured head (FixedHeadStage)
+or the head search (HeadSearchStage) on cached vectors, then optionally fine-tuning on images
+(FineTuneStage). Each declares what it checkpoints, its budget and its evaluation cadence, and holds its model
+parts, step and seed; the loop (runner/train.py) asks it for batches, steps, validations and checkpoints."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,9 @@ from runner.errors import IncompatibleRunError
 from runner.evaluate import loss_and_accuracy, predict_logits
 from runner.finetune import ImageBatches, ImageFeatures, unfreeze_top
 from runner.head import build_optimizer, feature_statistics
+from runner.results import StageResult
 from runner.rundir import CheckpointRef, MetricsLog, StageCheckpoints
-from runner.search import HeadSearch, build_search, candidate_grid, head_budget
+from runner.search import build_search, candidate_grid, head_budget
 from runner.train import BatchOrder, TrainState, make_train_step
 
 log = logging.getLogger("runner")
@@ -40,25 +42,43 @@ class Split:
         return cls(records, np.array([r.label for r in records], np.int32),
                    cache.table([r.sha256 for r in records]))
 
+    def __len__(self) -> int:
+        return len(self.labels)
+
     @property
     def paths(self) -> list[str]:
         return [r.path for r in self.records]
 
 
+def _stage_state(strategy, seed: int, step_name: str) -> TrainState:
+    """A stage's step counter and data seed, created under the strategy (both are checkpointed)."""
+    with strategy.scope():
+        return TrainState(tf.Variable(0, dtype=tf.int64, name=step_name),
+                          tf.Variable(seed, dtype=tf.int64, name="data_seed"))
+
+
 class TrainingStage:
-    """What the loop needs of a stage; subclasses build the model parts and fill in the four methods."""
+    """What the loop needs of a stage. A subclass builds its model parts, then declares what it checkpoints
+    (`checkpoint_items`), its budget (`total_steps`) and evaluation cadence (`eval_every`), and fills in
+    next_batch, train_step and validate."""
     name = ""
     starts_the_run = False   # the first stage: started without a checkpoint, the metrics log starts over
+    steps_setting = ""       # the setting that sets the budget, named when it is below the step reached
 
-    def __init__(self, store: CheckpointStore, state: TrainState, marker: dict, total_steps: int,
-                 step_offset: int, eval_every: int, steps_setting: str):
-        self.store, self.state, self.total_steps = store, state, total_steps
-        self.step_offset, self.eval_every, self.steps_setting = step_offset, eval_every, steps_setting
+    def __init__(self, checkpoints: StageCheckpoints, keep: int, state: TrainState, marker: dict,
+                 total_steps: int, eval_every: int, step_offset: int = 0):
+        self.state, self.total_steps, self.eval_every, self.step_offset = state, total_steps, eval_every, step_offset
         self.marker = dict(marker, stage=self.name, step_offset=step_offset)
+        checkpoint = tf.train.Checkpoint(global_step=state.step, data_seed=state.seed, **self.checkpoint_items())
+        self.store = CheckpointStore(checkpoints, checkpoint, keep)
         self.restored_eval: dict = {}
         self.history: list[int] = []   # run-wide steps the run resumed from
 
-    # -- what the loop calls ----------------------------------------------------------------------------
+    # -- what a stage declares and does -----------------------------------------------------------------
+    def checkpoint_items(self) -> dict:
+        """The objects this stage's checkpoints hold, besides its step and data seed."""
+        raise NotImplementedError
+
     def loop_strategy(self, strategy):
         """The strategy the loop distributes batches with."""
         return strategy
@@ -83,6 +103,11 @@ class TrainingStage:
         """True when the stage stopped early (before its total)."""
         return False
 
+    def conclude(self, result: StageResult) -> StageResult:
+        """The stage's result once the loop ended (a stage may add what it alone knows)."""
+        return result
+
+    # -- common to every stage ----------------------------------------------------------------------------
     @property
     def step(self) -> int:
         """The stage's current step."""
@@ -92,11 +117,6 @@ class TrainingStage:
         """Whether nothing is left to train."""
         return self.step >= self.total_steps or self.done()
 
-    def conclude(self, result):
-        """What the stage adds to the loop's result once it ended."""
-        return result
-
-    # -- restore ---------------------------------------------------------------------------------------
     def restore(self, metrics: MetricsLog, configured_seed: int, earlier_history: list[int] = ()) -> None:
         """Load the newest usable checkpoint (say so, trim the metrics log to it), or start from scratch."""
         ref = self.store.restore()
@@ -127,79 +147,123 @@ class TrainingStage:
                         "continues exactly", configured_seed, used, used)
 
 
-class HeadStage(TrainingStage):
-    """The head on cached vectors: the search over stacked candidate heads (head.search = auto) or the
-    configured head with RMSProp (head.search = off)."""
+class VectorHeadStage(TrainingStage):
+    """What both head stages share: the head trained on cached vectors, standardized with the training split's
+    statistics (stored in the head), batches drawn by a seeded epoch-wise order."""
     name = "head"
     starts_the_run = True
+    steps_setting = "the head's step budget (train.steps / train.epochs)"
+
+    def __init__(self, config: Config, head, train: Split, val: Split, state: TrainState, marker: dict,
+                 checkpoints: StageCheckpoints, eval_every: int):
+        self.config, self.head, self.train, self.val = config, head, train, val
+        budget = head_budget(config.train, len(train))
+        super().__init__(checkpoints, config.checkpoint.max_to_keep, state, marker, budget.steps, eval_every)
+        self._val_features = self.inputs(val.table.all())
+        self._order: BatchOrder | None = None  # made at the first batch: the seed comes from the checkpoint
+
+    def inputs(self, features: np.ndarray) -> np.ndarray:
+        """What the training step takes for these cached vectors."""
+        return features
+
+    def next_batch(self, step: int) -> tuple:
+        if self._order is None:
+            self._order = BatchOrder(len(self.train), self.config.train.batch_size, int(self.state.seed.numpy()))
+        rows = self._order.indices(step)
+        return self.inputs(self.train.table.gather(rows)), self.train.labels[rows]
+
+
+class FixedHeadStage(VectorHeadStage):
+    """head.search = off (or no validation split): exactly the configured head, RMSProp at train.learning_rate
+    (decayed by train.decay_rate), L2 head.weight_decay, validated every eval.every_steps, the last step kept."""
 
     def __init__(self, config: Config, strategy, head, train: Split, val: Split, class_weights: np.ndarray,
                  marker: dict, checkpoints: StageCheckpoints):
         head.set_standardization(*feature_statistics(train.table))
-        self.config, self.head, self.train, self.val = config, head, train, val
-        self.search = make_search(config, head, train, val)
         with strategy.scope():
-            state = TrainState(tf.Variable(0, dtype=tf.int64, name="global_step"),
-                               tf.Variable(config.train.seed, dtype=tf.int64, name="data_seed"))
-        if self.search is None:
-            with strategy.scope():
-                optimizer = build_optimizer(config.train, head.trainable_variables)
-            parts = {"optimizer": optimizer}
-            self._step = make_head_step(head, optimizer, strategy, config, len(class_weights))
-        else:
-            parts = {"search": self.search.heads, "search_record": self.search.record}
-            self._step = self.search.train_step
-        checkpoint = tf.train.Checkpoint(head=head, global_step=state.step, data_seed=state.seed, **parts)
-        budget = head_budget(config.train, len(train.records))
-        super().__init__(CheckpointStore(checkpoints, checkpoint, config.checkpoint.max_to_keep), state, marker,
-                         budget.steps, 0, budget.eval_every if self.search else config.eval.every_steps,
-                         "the head's step budget (train.steps / train.epochs)")
-        self._prepare = self.search.standardize if self.search else (lambda features: features)
-        self._val_features = self._prepare(val.table.all())
-        self._order: BatchOrder | None = None  # made at the first batch: the seed comes from the checkpoint
+            self.optimizer = build_optimizer(config.train, head.trainable_variables)
+        self.head = head
+        self._step = make_head_step(head, self.optimizer, strategy, config, len(class_weights))
+        super().__init__(config, head, train, val, _stage_state(strategy, config.train.seed, "global_step"), marker,
+                         checkpoints, config.eval.every_steps)
 
-    def loop_strategy(self, strategy):
-        """The search trains its stacked candidates on one device (they are small), whatever train.strategy."""
-        return tf.distribute.get_strategy() if self.search is not None else strategy
-
-    def next_batch(self, step: int) -> tuple:
-        if self._order is None:
-            self._order = BatchOrder(len(self.train.records), self.config.train.batch_size, int(self.state.seed.numpy()))
-        rows = self._order.indices(step)
-        return self._prepare(self.train.table.gather(rows)), self.train.labels[rows]
+    def checkpoint_items(self) -> dict:
+        return {"head": self.head, "optimizer": self.optimizer}
 
     def train_step(self, inputs, labels, weights, seed):
         return self._step(inputs, labels, weights, seed)
 
     def validate(self, step: int) -> tuple:
-        if self.search is not None:
-            return self.search.evaluate(step, self._val_features, self.val.labels)
         return loss_and_accuracy(predict_logits(self.head, self._val_features), self.val.labels)
 
+
+class HeadSearchStage(VectorHeadStage):
+    """head.search = auto: the stacked candidate heads (runner/search.py) on one device, validated once per epoch;
+    every checkpoint holds the best head so far, the last one the final soup."""
+
+    def __init__(self, config: Config, head, train: Split, val: Split, class_weights: np.ndarray, marker: dict,
+                 checkpoints: StageCheckpoints):
+        head.set_standardization(*feature_statistics(train.table))
+        budget = head_budget(config.train, len(train))
+        self.head = head
+        self.search = build_search(candidate_grid(len(train)), head, config, budget, head.num_classes)
+        one_device = tf.distribute.get_strategy()
+        super().__init__(config, head, train, val, _stage_state(one_device, config.train.seed, "global_step"),
+                         marker, checkpoints, budget.eval_every)
+
+    def checkpoint_items(self) -> dict:
+        return {"head": self.head, "search": self.search.heads, "search_record": self.search.record}
+
+    def loop_strategy(self, strategy):
+        """The stacked candidates train on one device (they are small), whatever train.strategy."""
+        return tf.distribute.get_strategy()
+
+    def inputs(self, features: np.ndarray) -> np.ndarray:
+        return self.search.standardize(features)
+
+    def train_step(self, inputs, labels, weights, seed):
+        return self.search.train_step(inputs, labels, weights, seed)
+
+    def validate(self, step: int) -> tuple:
+        return self.search.evaluate(step, self._val_features, self.val.labels)
+
     def done(self) -> bool:
-        return self.search is not None and self.search.done()
+        return self.search.done()
 
     def save(self, step: int, metrics: dict) -> CheckpointRef:
-        if self.search is not None:
-            # every checkpoint holds the best head so far, ready to export; the last one the final soup
-            if step >= self.total_steps or self.search.done():
-                self.search.write_selected(self.head, self._val_features, self.val.labels)
-                metrics = dict(metrics, **val_metrics(self.head, self.val))
-            else:
-                self.search.write_selected(self.head)
+        if step >= self.total_steps or self.search.done():  # the last checkpoint: the final soup
+            self.search.write_selected(self.head, self._val_features, self.val.labels)
+            metrics = dict(metrics, **val_metrics(self.head, self.val))
+        else:
+            self.search.write_selected(self.head)
         return super().save(step, metrics)
 
-    def conclude(self, result):
-        if self.search is not None and not result.stopped_by:
-            self.search.log_selection()
-            result.search = self.search.summary()
-            result.last_eval = dict(result.last_eval, **val_metrics(self.head, self.val))
-        return result
+    def conclude(self, result: StageResult) -> StageResult:
+        if result.stopped_by:
+            return result
+        self.search.log_selection()
+        return dataclasses.replace(result, search=self.search.summary(),
+                                   last_eval=dict(result.last_eval, **val_metrics(self.head, self.val)))
+
+
+def build_head_stage(config: Config, strategy, head, train: Split, val: Split, class_weights: np.ndarray,
+                     marker: dict, checkpoints: StageCheckpoints) -> VectorHeadStage:
+    """The head stage of head.search: the search, or the configured head (also, with a warning, when there is no
+    validation split to choose with)."""
+    if config.head.search == "auto" and len(val) == 0:
+        log.warning("head.search = auto needs validation images to choose a head, and this run has none "
+                    "(split.validation_percent = %g); training the configured head (learning rate %g) "
+                    "instead. Raise split.validation_percent to let validation choose.",
+                    config.split.validation_percent, config.train.learning_rate)
+    if config.head.search == "auto" and len(val) > 0:
+        return HeadSearchStage(config, head, train, val, class_weights, marker, checkpoints)
+    return FixedHeadStage(config, strategy, head, train, val, class_weights, marker, checkpoints)
 
 
 class FineTuneStage(TrainingStage):
     """Fine-tuning: the top of the backbone unfrozen, trained with the head on augmented images."""
     name = "finetune"
+    steps_setting = "fine_tune.steps"
 
     def __init__(self, config: Config, strategy, backbone: Backbone, head, train: Split, val: Split,
                  class_weights: np.ndarray, features_of: ImageFeatures, head_steps: int, head_learning_rate: float,
@@ -209,29 +273,29 @@ class FineTuneStage(TrainingStage):
         self.features_of = features_of
         unfrozen = unfreeze_top(backbone, ft)
         variables = backbone.model.trainable_variables + head.trainable_variables
+        learning_rate = ft.learning_rate or head_learning_rate / 10
         with strategy.scope():
-            ft_train = dataclasses.replace(config.train, learning_rate=ft.learning_rate or head_learning_rate / 10)
-            optimizer = build_optimizer(ft_train, variables)
-            state = TrainState(tf.Variable(0, dtype=tf.int64, name="finetune_step"),
-                               tf.Variable(config.train.seed, dtype=tf.int64, name="data_seed"))
-        checkpoint = tf.train.Checkpoint(head=head, backbone=backbone.model, optimizer=optimizer,
-                                         global_step=state.step, data_seed=state.seed)
-        super().__init__(CheckpointStore(checkpoints, checkpoint, config.checkpoint.max_to_keep), state, marker,
-                         ft.steps, head_steps, config.eval.every_steps, "fine_tune.steps")
+            self.optimizer = build_optimizer(dataclasses.replace(config.train, learning_rate=learning_rate), variables)
+        super().__init__(checkpoints, config.checkpoint.max_to_keep,
+                         _stage_state(strategy, config.train.seed, "finetune_step"), marker, ft.steps,
+                         config.eval.every_steps, head_steps)
         log.info("fine-tuning %d backbone layers (BatchNormalization frozen) at learning rate %g",
-                 unfrozen, ft_train.learning_rate)
+                 unfrozen, learning_rate)
 
         def forward(images, seed):
             return head(backbone.model(images, training=False), training=True, dropout_seed=seed)
 
-        self._step = make_train_step(forward, variables, optimizer, strategy, ft.batch_size, len(class_weights),
+        self._step = make_train_step(forward, variables, self.optimizer, strategy, ft.batch_size, len(class_weights),
                                      config.train.label_smoothing)
         self._batches: ImageBatches | None = None  # made at the first batch, from the restored step and seed
+
+    def checkpoint_items(self) -> dict:
+        return {"head": self.head, "backbone": self.backbone.model, "optimizer": self.optimizer}
 
     def next_batch(self, step: int) -> tuple:
         if self._batches is None:
             ft, seed, start = self.config.fine_tune, int(self.state.seed.numpy()), self.step
-            order = BatchOrder(len(self.train.records), ft.batch_size, seed)
+            order = BatchOrder(len(self.train), ft.batch_size, seed)
             self._batches = ImageBatches(self.train.paths, self.train.labels, order, self.backbone.image_size,
                                          seed, ft, start, max(ft.steps, start))
         return self._batches(step)
@@ -241,21 +305,6 @@ class FineTuneStage(TrainingStage):
 
     def validate(self, step: int) -> tuple:
         return loss_and_accuracy(predict_logits(self.head, self.features_of(self.val.paths)), self.val.labels)
-
-
-def make_search(config: Config, head, train: Split, val: Split) -> HeadSearch | None:
-    """The head search of head.search = auto, or None to train the configured head (also, with a warning,
-    when there is no validation split to choose with)."""
-    if config.head.search == "off":
-        return None
-    if len(val.records) == 0:
-        log.warning("head.search = auto needs validation images to choose a head, and this run has none "
-                    "(split.validation_percent = %g); training the configured head (learning rate %g) "
-                    "instead. Raise split.validation_percent to let validation choose.",
-                    config.split.validation_percent, config.train.learning_rate)
-        return None
-    budget = head_budget(config.train, len(train.records))
-    return build_search(candidate_grid(len(train.records)), head, config, budget, head.num_classes)
 
 
 def make_head_step(head, optimizer, strategy, config: Config, num_classes: int):

@@ -1,8 +1,8 @@
 """The step loop of a training stage: batches, steps, evaluation, signals; the rest listens to its events.
 
-The loop trains and validates a stage (runner/stages.py) and emits five events: start, step,
-evaluation, checkpoint and end. The metrics log, TensorBoard, the progress display, the checkpoint cadence and the
-sync hand-over are listeners (runner/events.py). Every batch and dropout mask is a pure function of
+The loop trains and validates a stage (runner/stages.py), checkpoints when its CheckpointPolicy says so, and
+emits the five declared events (start, step, evaluation, checkpoint, end) to its listeners: the metrics log,
+TensorBoard, the progress display and the sync hand-over (runner/events.py). Every batch and dropout mask is a pure function of
 (seed, step); the seed and the step live in the checkpoint, so a run killed at any step and resumed ends
 with exactly the weights of an unbroken run.
 """
@@ -12,7 +12,7 @@ import logging
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -20,6 +20,8 @@ import tensorflow as tf
 
 from runner.distribute import distribute_batch
 from runner.errors import RunnerError, StopRequested
+from runner.events import CheckpointPolicy, Listener
+from runner.results import StageResult
 
 log = logging.getLogger("runner")
 
@@ -104,16 +106,6 @@ class TrainState:
     seed: tf.Variable
 
 
-@dataclass
-class LoopResult:
-    """Where a stage ended: its step, the signal that stopped it, its last evaluation, whether it trained."""
-    step: int
-    stopped_by: str | None
-    last_eval: dict = field(default_factory=dict)
-    trained: bool = False
-    search: dict | None = None      # the head search's `selected` and `candidates`, when it ran
-
-
 def make_train_step(forward: Callable, variables: list, optimizer, strategy, batch_size: int,
                     num_classes: int, label_smoothing: float, regularization: Callable | None = None):
     """A compiled, distributed step: forward(inputs, seed) → logits; RMSProp on `variables`; an optional
@@ -144,25 +136,24 @@ def make_train_step(forward: Callable, variables: list, optimizer, strategy, bat
 
 
 class StageLoop:
-    """Trains one stage from its checkpointed step to its end and tells the listeners each event; a stage
-    with nothing left to train emits nothing and returns the evaluation stored with its checkpoint."""
+    """Trains one stage from its checkpointed step to its end: evaluates on the stage's cadence, checkpoints when
+    the policy says so, at the end and on a signal, and tells the listeners each event. A stage with nothing left
+    to train emits nothing and returns the evaluation stored with its checkpoint."""
 
-    def __init__(self, stage, listeners: list, strategy, class_weights: np.ndarray, stop: StopFlag):
-        self.stage, self.listeners, self.strategy = stage, listeners, strategy
+    def __init__(self, stage, listeners: Listener, strategy, class_weights: np.ndarray, stop: StopFlag,
+                 policy: CheckpointPolicy):
+        self.stage, self.listeners, self.strategy, self.policy = stage, listeners, strategy, policy
         self.class_weights, self.stop = class_weights, stop
         self.start = self.step = stage.step
         self.last_eval: dict = {}
         self._window: list[tuple[float, float]] = []
 
-    def _emit(self, event: str, *args) -> None:
-        for listener in self.listeners:
-            getattr(listener, event)(self, *args)
-
     def checkpoint(self) -> None:
         """Save the stage at the current step and tell the listeners."""
         checkpoint = self.stage.save(self.step, self.last_eval)
+        self.policy.saved()
         log.info("checkpoint saved at %s step %d", checkpoint.stage, checkpoint.local_step)
-        self._emit("on_checkpoint", checkpoint)
+        self.listeners.on_checkpoint(self, checkpoint)
 
     def _evaluate(self) -> None:
         stage = self.stage
@@ -172,15 +163,16 @@ class StageLoop:
                           "train_loss": _round(recent[0]), "train_accuracy": _round(recent[1]),
                           "val_loss": _round(val_loss), "val_accuracy": _round(val_accuracy), "time": time.time()}
         self._window.clear()
-        self._emit("on_evaluation", self.last_eval)
+        self.listeners.on_evaluation(self, self.last_eval)
 
-    def run(self) -> LoopResult:
+    def run(self) -> StageResult:
         """Train until the stage's total, its early stop or a signal; checkpoint at the end."""
         stage = self.stage
         if stage.finished():
-            return LoopResult(self.step, None, dict(stage.restored_eval), trained=False)
+            return StageResult(stage.name, self.step, None, dict(stage.restored_eval), trained=False)
         seed = int(stage.state.seed.numpy())
-        self._emit("on_start")
+        self.policy.start()
+        self.listeners.on_start(self)
         while self.step < stage.total_steps and not self.stop and not stage.done():
             inputs, labels = stage.next_batch(self.step)
             batch = distribute_batch(self.strategy, inputs, labels, self.class_weights[labels])
@@ -192,14 +184,16 @@ class StageLoop:
             self._window.append((loss, accuracy))
             if self.step % stage.eval_every == 0 or self.step == stage.total_steps:
                 self._evaluate()
-            self._emit("on_step", self.step, loss, accuracy)
+            self.listeners.on_step(self, self.step, loss, accuracy)
+            if self.policy.due(self.step) and not stage.finished():  # the last one is saved below
+                self.checkpoint()
         if stage.finished() and self.last_eval.get("stage_step") != self.step:
             self._evaluate()
         if self.step > self.start:
             self.checkpoint()
-        result = LoopResult(self.step, self.stop.signal_name, self.last_eval or dict(stage.restored_eval),
-                            trained=self.step > self.start)
-        self._emit("on_end", result)
+        result = StageResult(stage.name, self.step, self.stop.signal_name,
+                             self.last_eval or dict(stage.restored_eval), trained=self.step > self.start)
+        self.listeners.on_end(self, result)
         return result
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from common.errors import ProjectError
 from runner.config import load_config, to_toml
+from runner.events import Listener
 from runner.errors import IncompatibleRunError, RunnerError
 from runner.rundir import RunDir
 from tests.helpers import REPO
@@ -62,7 +63,7 @@ def test_a_cache_shard_that_cannot_be_read_is_set_aside_and_the_rest_is_used(tmp
 
 
 def test_continuing_with_other_classes_or_another_backbone_is_refused_naming_the_change(tmp_path):
-    from runner.job import check_compatible
+    from runner.prepare import check_compatible
     run = RunDir(tmp_path)
     marker = {"classes": ["a", "b"], "fingerprint": {"backbone": "mobilenet", "image_size": 224}}
     check_compatible(marker, {"backbone": "mobilenet", "image_size": 224}, ["a", "b"], run)
@@ -171,7 +172,7 @@ class _FakeStage:
         return CheckpointRef("head", step, step, {}, Path("x"))
 
 
-class _Recorder:
+class _Recorder(Listener):
     """Every event the loop sends, in order."""
 
     def __init__(self):
@@ -195,10 +196,10 @@ class _Recorder:
 
 def _loop(stage, *listeners):
     import tensorflow as tf
-    from runner.events import CheckpointCadence
+    from runner.events import CheckpointPolicy, Listeners
     from runner.train import StageLoop, StopFlag
-    return StageLoop(stage, [*listeners, CheckpointCadence(4, 0)], tf.distribute.get_strategy(),
-                     np.ones(1, np.float32), StopFlag())
+    return StageLoop(stage, Listeners(list(listeners)), tf.distribute.get_strategy(), np.ones(1, np.float32),
+                     StopFlag(), CheckpointPolicy(4, 0))
 
 
 def test_the_loop_tells_its_listeners_and_the_cadence_checkpoints_after_the_evaluation_of_a_step(tmp_path):
@@ -225,3 +226,23 @@ def test_a_non_finite_loss_stops_the_loop_before_anything_of_that_step_is_kept()
     with pytest.raises(TrainingDiverged, match="diverged at step 1"):
         _loop(stage, recorder).run()
     assert recorder.events == ["start"] and stage.saved == [] and stage.step == 0
+
+
+def test_a_listener_hook_that_no_event_calls_is_refused_when_the_class_is_defined():
+    with pytest.raises(TypeError, match="on_stpe, which no event calls"):
+        class Misspelt(Listener):
+            def on_stpe(self, loop, step, loss, accuracy):
+                pass
+
+
+def test_the_checkpoint_policy_is_due_by_steps_or_by_time_counted_from_the_last_save():
+    from runner.events import CheckpointPolicy
+    now = [0.0]
+    policy = CheckpointPolicy(every_steps=10, every_seconds=60, clock=lambda: now[0])
+    policy.start()
+    assert [s for s in range(1, 31) if policy.due(s)] == [10, 20, 30]
+    now[0] = 61
+    assert policy.due(3)
+    policy.saved()
+    assert not policy.due(4)
+    assert not CheckpointPolicy(0, 0).due(10)

@@ -152,3 +152,25 @@ def test_the_scan_lists_images_in_sorted_path_order_with_subfolders_and_skips_hi
     listed = [r.path for r in scan(data, tmp_path / "cache" / "file-hashes.json").images if r.label == 0]
     assert listed == [str(p) for p in expected]
     assert "c0/sub/deeper/a.jpeg" in {r.relpath for r in scan(data, tmp_path / "cache" / "file-hashes.json").images}
+
+
+class StopAfter:
+    """A StopFlag stand-in that turns true after `checks` checks (a signal arriving mid-scan, exactly there)."""
+    signal_name = "SIGTERM"
+
+    def __init__(self, checks: int):
+        self.left = checks
+
+    def __bool__(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+
+def test_a_signal_during_the_scan_keeps_exactly_the_hashes_read_and_the_next_scan_reads_only_the_rest(tmp_path):
+    from runner.errors import StopRequested
+    data, index = write_tree(tmp_path / "data"), tmp_path / "cache" / "file-hashes.json"
+    with pytest.raises(StopRequested, match="stopped by SIGTERM during the image scan"):
+        scan_dataset(data, 10, 10, HashIndex(index), 1, "lines", StopAfter(10))
+    assert len(json.loads(index.read_text())["entries"]) == 10
+    rest = opened_below(data, lambda: scan(data, index))
+    assert len(rest) == 24 - 10

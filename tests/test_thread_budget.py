@@ -15,7 +15,7 @@ def test_the_budget_follows_the_core_count():
         assert (budget.intra_op, budget.inter_op) == (cores, 2)
 
 
-def test_resume_py_applies_the_budget_before_tensorflow_starts():
+def test_configure_tensorflow_applies_the_budget_before_the_runtime_starts():
     script = ("from runner.config import TrainConfig\n"
               "from runner.distribute import configure_tensorflow, available_cores\n"
               "configure_tensorflow(TrainConfig())\n"

@@ -1,0 +1,129 @@
+"""The job's sequencing, in process and fast: prepare → head → fine-tune → finish, typed outcomes, the
+hand-overs sync receives, signals, resume and settings a mode ignores. A tiny random MobileNet at 32 px on
+generated images keeps each run to seconds."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from runner.config import load_config
+from runner.results import Finished, Stopped, Summary, Unchanged
+from runner.train import StopFlag
+from tests.helpers import assert_same_checkpoint, latest_checkpoint_prefix, write_synthetic_dataset
+
+
+class RecordingSync:
+    """What the job sees of sync when sync is off, recording every hand-over (and optionally acting on one)."""
+    enabled = False
+
+    def __init__(self, on_hand_over=None):
+        self.hand_overs, self.on_hand_over = [], on_hand_over
+
+    def restore_latest(self):
+        raise AssertionError("a job with sync off never restores")
+
+    def on_checkpoint(self, hand_over):
+        self.hand_overs.append(hand_over)
+        if self.on_hand_over is not None:
+            self.on_hand_over(hand_over)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("tiny"), num_classes=3, per_class=20, size=40)
+
+
+def tiny_config(run_dir, data_dir, *extra):
+    return load_config(None, [f"data.dir={data_dir}", f"run.dir={run_dir}", "backbone.name=mobilenet",
+                              "backbone.weights=none", "backbone.allow_random_weights=true", "backbone.alpha=0.25",
+                              "backbone.image_size=32", "train.steps=40", "checkpoint.every_steps=10",
+                              "checkpoint.every_seconds=0", "export.enabled=false", "train.progress=lines",
+                              "data.min_images_per_class=2", *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    """One finished default run on the tiny data: (config, the sync it handed over to, its outcome)."""
+    config = tiny_config(tmp_path_factory.mktemp("tiny-run") / "run", tiny_data)
+    sync = RecordingSync()
+    return config, sync, _job(config, sync).run()
+
+
+def test_a_job_hands_over_every_checkpoint_then_the_final_snapshot_and_a_rerun_changes_nothing(tiny_run):
+    config, sync, outcome = tiny_run
+    assert isinstance(outcome, Finished)
+    summary = outcome.summary
+    assert summary.global_step == 40 and summary.stage == "head" and summary.num_classes == 3
+    assert summary.search is not None and summary.search.selected_candidate.best_step > 0
+    assert Summary.read(config.run_dir / "summary.json") == summary
+    assert [h.step for h in sync.hand_overs] == [10, 20, 30, 40, 40]
+    final = sync.hand_overs[-1]
+    assert final.final and not any(h.final for h in sync.hand_overs[:-1])
+    assert "summary.json" in final.files and "summary.json" not in sync.hand_overs[-2].files
+    assert all(h.cache_files for h in sync.hand_overs), "every snapshot carries the cache"
+
+    again = RecordingSync()
+    second = _job(config, again).run()
+    assert isinstance(second, Unchanged) and second.summary == summary and again.hand_overs == []
+
+
+def test_a_signal_in_training_stops_at_a_checkpoint_and_the_next_job_ends_bit_identical(tiny_run, tiny_data,
+                                                                                        tmp_path):
+    stop = StopFlag()
+
+    def signal_at_step_20(hand_over):
+        if hand_over.step == 20:
+            stop.signal_name = "SIGTERM"
+    config = tiny_config(tmp_path / "run", tiny_data)
+    outcome = _job(config, RecordingSync(signal_at_step_20), stop).run()
+    assert outcome == Stopped("SIGTERM", "head training", 20)
+
+    resumed = _job(config, RecordingSync()).run()
+    assert isinstance(resumed, Finished) and resumed.summary.resumed_from == [20]
+    unbroken = tiny_run[0].run_dir
+    assert_same_checkpoint(latest_checkpoint_prefix(unbroken), latest_checkpoint_prefix(tmp_path / "run"))
+
+
+def test_a_signal_during_the_scan_stops_before_training_and_keeps_the_hashes_read(tiny_data, tmp_path):
+    stop = StopFlag()
+    stop.signal_name = "SIGINT"
+    config = tiny_config(tmp_path / "run", tiny_data)
+    assert _job(config, RecordingSync(), stop).run() == Stopped("SIGINT", "the image scan")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_fine_tuning_follows_the_head_stage_with_run_wide_steps(tiny_data, tmp_path):
+    config = tiny_config(tmp_path / "run", tiny_data, "fine_tune.enabled=true", "fine_tune.steps=4",
+                         "fine_tune.batch_size=8", "train.steps=20")
+    sync = RecordingSync()
+    outcome = _job(config, sync).run()
+    assert isinstance(outcome, Finished)
+    assert (outcome.summary.stage, outcome.summary.head_steps, outcome.summary.finetune_steps,
+            outcome.summary.global_step) == ("finetune", 20, 4, 24)
+    steps = [h.step for h in sync.hand_overs]
+    assert steps == [10, 20, 24, 24] and "head_stage.json" in sync.hand_overs[2].files
+
+
+def test_a_setting_the_default_head_search_ignores_is_warned_naming_the_mode(tiny_data, tmp_path, caplog):
+    config = tiny_config(tmp_path / "run", tiny_data, "eval.every_steps=7", "train.decay_rate=0.5")
+    stop = StopFlag()
+    stop.signal_name = "SIGTERM"  # the warning comes first; nothing needs to train for it
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        _job(config, RecordingSync(), stop).run()
+    warned = [r.getMessage() for r in caplog.records if "no effect in this run" in r.getMessage()]
+    assert any("eval.every_steps = 7" in w and "head.search = auto validates once per epoch" in w for w in warned)
+    assert any("train.decay_rate = 0.5" in w for w in warned)
+
+
+def test_a_fixed_head_follows_eval_every_steps(tiny_data, tmp_path):
+    config = tiny_config(tmp_path / "run", tiny_data, "head.search=off", "eval.every_steps=8")
+    assert isinstance(_job(config, RecordingSync()).run(), Finished)
+    from runner.rundir import RunDir
+    assert [r["step"] for r in RunDir(tmp_path / "run").metrics.read()] == [8, 16, 24, 32, 40]
+
+
+def _job(config, sync, stop=None):
+    from runner.job import Job
+    return Job(config, sync, stop)
+
