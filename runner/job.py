@@ -54,15 +54,16 @@ class Job:
             with strategy.scope():
                 head = build_head(len(data.dataset.classes), data.cache.dim, self.config.head, self.config.train.seed)
             head_result, head_record, history = self._build_head_stage(data, strategy, head, class_weights)
+            offset = data.version.step_offset
             if head_result is not None and head_result.stopped_by:
-                return Stopped(head_result.stopped_by, "head training", head_result.step)
+                return Stopped(head_result.stopped_by, "head training", offset + head_result.step)
             features_of, last = None, head_result
             if self.config.fine_tune.enabled:
                 features_of = ImageFeatures(data.backbone, self.config.cache.batch_size)
                 last, history = self._build_fine_tune_stage(data, strategy, head, class_weights, features_of,
                                                             head_record, history)
                 if last.stopped_by:
-                    return Stopped(last.stopped_by, "fine-tuning", head_record.steps + last.step)
+                    return Stopped(last.stopped_by, "fine-tuning", offset + head_record.steps + last.step)
             elif self.rundir.stage("finetune").latest() is not None:
                 raise IncompatibleRunError(f"{self.rundir.path} was fine-tuned already; keep fine_tune.enabled = "
                                            f"true to continue it, or use another run.dir for a head-only run.")
@@ -78,10 +79,10 @@ class Job:
         run = self.rundir
         finetune_latest = run.stage("finetune").latest()
         if finetune_latest is not None:  # the head stage finished before fine-tuning began
-            return None, self._head_record(finetune_latest), []
+            return None, self._head_record(finetune_latest, data.version.step_offset), []
         marker = dict(data.marker(), fingerprint=self.config.compatibility_fingerprint())
         stage = build_head_stage(self.config, strategy, head, data.train, data.val, class_weights, marker,
-                                 run.stage("head"))
+                                 run.stage("head"), data.version.step_offset)
         result, history = self._train(stage, strategy, class_weights)
         record = HeadRecord.read(run.head_record)
         if not result.stopped_by and (result.trained or record is None):
@@ -97,7 +98,8 @@ class Job:
         head_rate = search.selected_candidate.learning_rate if search else self.config.train.learning_rate
         marker = dict(data.marker(), fingerprint=self.config.fine_tune_fingerprint())
         stage = FineTuneStage(self.config, strategy, data.backbone, head, data.train, data.val, class_weights,
-                              features_of, head_record.steps, head_rate, marker, self.rundir.stage("finetune"))
+                              features_of, data.version.step_offset + head_record.steps, head_rate, marker,
+                              self.rundir.stage("finetune"))
         return self._train(stage, strategy, class_weights, history)
 
     def _train(self, stage: TrainingStage, strategy, class_weights, earlier_history: list[int] = ()
@@ -122,12 +124,13 @@ class Job:
         summary = Summary(
             test_accuracy=report["test_accuracy"], test_loss=report["test_loss"],
             val_accuracy=last_eval.get("val_accuracy"), val_loss=last_eval.get("val_loss"),
-            global_step=head_record.steps + fine_tuned, stage="finetune" if self.config.fine_tune.enabled else "head",
+            global_step=data.version.step_offset + head_record.steps + fine_tuned, stage="finetune" if self.config.fine_tune.enabled else "head",
             head_steps=head_record.steps, finetune_steps=fine_tuned, classes=data.dataset.classes,
             num_train=len(data.train.records), num_val=len(data.val.records), num_test=len(test.records),
             head_only_test_accuracy=head_record.test_accuracy, backbone=data.backbone_info(),
             resumed_from=history, skipped_images=data.dataset.skipped,
-            per_class_accuracy=report["per_class_accuracy"], runner_version=__version__, search=head_record.search)
+            per_class_accuracy=report["per_class_accuracy"], runner_version=__version__,
+            data_version=data.version.number, search=head_record.search)
         return summary, report
 
     def _finish(self, summary: Summary, report: dict) -> bool:
@@ -160,7 +163,7 @@ class Job:
             runner_version=__version__, metrics=metrics, cache_files=tuple(cache_files), final=final,
             published=tuple(self.rundir.published(files)) if final else ()))
 
-    def _head_record(self, finetune_latest: CheckpointRef) -> HeadRecord:
+    def _head_record(self, finetune_latest: CheckpointRef, version_offset: int) -> HeadRecord:
         """head_stage.json; without it, what the fine-tuning checkpoint says (the head stage's steps)."""
         return HeadRecord.read(self.rundir.head_record) or HeadRecord(
-            None, int(finetune_latest.marker["step_offset"]), None)
+            None, int(finetune_latest.marker["step_offset"]) - version_offset, None)

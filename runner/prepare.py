@@ -16,6 +16,7 @@ from runner.backbones import Backbone, build_backbone
 from runner.cache import BottleneckCache
 from runner.config import Config, to_toml
 from runner.data import Dataset, HashIndex, check_class_sizes, scan_dataset
+from runner.dataversion import DataFingerprint, RunVersion, finish_interrupted_archive, follow_data
 from runner.errors import IncompatibleRunError
 from runner.extract import extract_missing
 from runner.rundir import RunDir
@@ -36,6 +37,8 @@ class Prepared:
     val: Split
     test: Split
     computed: int                      # vectors computed by this process
+    version: RunVersion                # the data version being trained, and the step it starts after
+    fingerprint: DataFingerprint       # the data it trains on (recorded in every checkpoint marker)
 
     def cache_files(self) -> list[str]:
         """What sync ships of the cache: its immutable shards and the file-hash index's content-named copy."""
@@ -49,7 +52,8 @@ class Prepared:
 
     def marker(self) -> dict:
         """What every checkpoint marker of this run records besides its stage's own fields."""
-        return {"classes": self.dataset.classes, "backbone": self.backbone_info(), "runner_version": __version__}
+        return {"classes": self.dataset.classes, "backbone": self.backbone_info(), "runner_version": __version__,
+                "data": self.fingerprint.to_json(), "data_version": self.version.number}
 
 
 def restore_from_sync(config: Config, run: RunDir, sync, stop: StopFlag) -> None:
@@ -98,12 +102,14 @@ def check_run_can_continue(config: Config, run: RunDir, classes: list[str], sync
         check_compatible(latest.marker if latest else None, fingerprint, classes, run, sync_folder)
 
 
-def scan(config: Config, stop: StopFlag) -> tuple[Dataset, HashIndex]:
-    """The images of data.dir, hashed (unchanged files by the hash index, without reading them) and split."""
+def scan(config: Config, stop: StopFlag) -> tuple[Dataset, HashIndex, dict[str, list]]:
+    """The images of data.dir, hashed (unchanged files by the hash index, without reading them) and split;
+    also the previous scan's entries (relative path → [size, mtime, sha256]), to say what changed."""
     hash_index = HashIndex(config.cache_dir / "file-hashes.json")
+    previous = dict(hash_index.entries)
     dataset = scan_dataset(Path(config.data.dir), config.split.validation_percent, config.split.test_percent,
                            hash_index, config.data.min_images_per_class, config.train.progress, stop)
-    return dataset, hash_index
+    return dataset, hash_index, previous
 
 
 def record_settings(config: Config, run: RunDir, classes: list[str]) -> None:
@@ -131,8 +137,10 @@ def prepare(config: Config, run: RunDir, sync, stop: StopFlag, strategy,
             make_backbone=build_backbone) -> Prepared:
     """Restore, scan, check, build the backbone (under `strategy`), extract and split: a run ready to train."""
     run.path.mkdir(parents=True, exist_ok=True)
+    finish_interrupted_archive(run)  # before the restore: an archive moves the checkpoints away
     restore_from_sync(config, run, sync, stop)
-    dataset, hash_index = scan(config, stop)
+    dataset, hash_index, previous_scan = scan(config, stop)
+    version, fingerprint = follow_data(run, dataset, previous_scan), DataFingerprint.of(dataset)
     check_run_can_continue(config, run, dataset.classes, sync.enabled)
     record_settings(config, run, dataset.classes)
     with strategy.scope():
@@ -142,7 +150,7 @@ def prepare(config: Config, run: RunDir, sync, stop: StopFlag, strategy,
     log.info("%d classes; %d train / %d validation / %d test images; %d skipped; %d vectors computed "
              "now, %d cached", len(dataset.classes), len(train.records), len(val.records),
              len(test.records), len(dataset.skipped), computed, len(cache))
-    return Prepared(dataset, backbone, cache, hash_index, train, val, test, computed)
+    return Prepared(dataset, backbone, cache, hash_index, train, val, test, computed, version, fingerprint)
 
 
 def _write_if_changed(path: Path, text: str) -> None:

@@ -110,6 +110,7 @@ class Summary:
     skipped_images: list[dict]
     per_class_accuracy: dict
     runner_version: str
+    data_version: int = 1                # runner/dataversion.py: which version of data.dir this run is on
     search: SearchSummary | None = None
 
     @property
@@ -127,7 +128,7 @@ class Summary:
     @classmethod
     def from_json(cls, data: dict) -> "Summary":
         names = {f.name for f in dataclasses.fields(cls)} - {"search"}
-        return cls(**{k: data.get(k) for k in names}, search=SearchSummary.from_json(data))
+        return cls(**{k: data[k] for k in names if k in data}, search=SearchSummary.from_json(data))
 
     @classmethod
     def read(cls, path: Path) -> "Summary | None":

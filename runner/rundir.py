@@ -25,6 +25,7 @@ _MARKER = re.compile(rf"^{_PREFIX}-(\d+)\.json$")
 CONFIG, LABELS, METRICS = "config.toml", "labels.json", "metrics.jsonl"
 SUMMARY, TEST_REPORT, HEAD_RECORD = "summary.json", "test_report.json", "head_stage.json"
 EXPORT, REPORT, TENSORBOARD = "export", "report", "tensorboard"
+VERSION_RECORD, VERSIONS = "version.json", "versions"   # the data version this run is on; earlier ones' results
 EXPORT_MODEL_INFO = "model.json"                  # the export's description, inside EXPORT
 
 
@@ -177,6 +178,41 @@ class RunDir:
     report = property(lambda self: self.path / REPORT, doc="plots and text reports")
     tensorboard = property(lambda self: self.path / TENSORBOARD, doc="TensorBoard event files")
 
+    version_record = property(lambda self: self.path / VERSION_RECORD,
+                              doc="which data version the run is on and the run-wide step it started at")
+
+    def version_folder(self, number: int) -> Path:
+        """Where the results of an earlier data version are kept (export, summary, report, checkpoints)."""
+        return self.path / VERSIONS / f"v{number}"
+
+    def _partial_archive(self, number: int) -> Path:
+        target = self.version_folder(number)
+        return target.with_name(f".{target.name}-partial")
+
+    def begin_archive(self, number: int) -> Path:
+        """Record the intent to archive version `number` (its partial folder): from here on a start finishes it."""
+        partial = self._partial_archive(number)
+        partial.mkdir(parents=True, exist_ok=True)
+        return partial
+
+    def archive_version(self, number: int) -> Path:
+        """Move the current version's results and checkpoints into version_folder(number), leaving the cache,
+        TensorBoard and sync's state in place. Each item moves by one rename into the partial folder, which is
+        renamed whole at the end, so a kill mid-way is finished by calling this again (`unfinished_archive`)."""
+        target, partial = self.version_folder(number), self.begin_archive(number)
+        for name in (CONFIG, LABELS, METRICS, SUMMARY, TEST_REPORT, HEAD_RECORD, EXPORT, REPORT,
+                     *dict.fromkeys(folder.split("/")[0] for folder in _STAGE_FOLDERS.values())):
+            if (self.path / name).exists():
+                (self.path / name).replace(partial / name)
+        partial.replace(target)
+        return target
+
+    def unfinished_archive(self) -> int | None:
+        """The number of a version whose archive a kill interrupted, or None."""
+        folder = self.path / VERSIONS
+        partial = sorted(folder.glob(".v*-partial")) if folder.is_dir() else []
+        return int(partial[0].name[2:].split("-")[0]) if partial else None
+
     def export_info(self) -> dict | None:
         """The export's model.json, or None when there is no export."""
         return read_json(self.export / EXPORT_MODEL_INFO)
@@ -218,7 +254,7 @@ class RunDir:
         hard link is a faithful copy; only the metrics log grows in place. A final snapshot adds the
         results, the export and the report."""
         files = {rel: True for rel in self.stage(checkpoint.stage).relative_files(checkpoint.local_step)}
-        for path in (self.config, self.labels, self.head_record):
+        for path in (self.config, self.labels, self.head_record, self.version_record):
             if path.is_file():
                 files[path.name] = True
         if self.metrics.path.is_file():

@@ -155,10 +155,11 @@ class VectorHeadStage(TrainingStage):
     steps_setting = "the head's step budget (train.steps / train.epochs)"
 
     def __init__(self, config: Config, head, train: Split, val: Split, state: TrainState, marker: dict,
-                 checkpoints: StageCheckpoints, eval_every: int):
+                 checkpoints: StageCheckpoints, eval_every: int, step_offset: int):
         self.config, self.head, self.train, self.val = config, head, train, val
         budget = head_budget(config.train, len(train))
-        super().__init__(checkpoints, config.checkpoint.max_to_keep, state, marker, budget.steps, eval_every)
+        super().__init__(checkpoints, config.checkpoint.max_to_keep, state, marker, budget.steps, eval_every,
+                         step_offset)
         self._val_features = self.inputs(val.table.all())
         self._order: BatchOrder | None = None  # made at the first batch: the seed comes from the checkpoint
 
@@ -178,14 +179,14 @@ class FixedHeadStage(VectorHeadStage):
     (decayed by train.decay_rate), L2 head.weight_decay, validated every eval.every_steps, the last step kept."""
 
     def __init__(self, config: Config, strategy, head, train: Split, val: Split, class_weights: np.ndarray,
-                 marker: dict, checkpoints: StageCheckpoints):
+                 marker: dict, checkpoints: StageCheckpoints, step_offset: int = 0):
         head.set_standardization(*feature_statistics(train.table))
         with strategy.scope():
             self.optimizer = build_optimizer(config.train, head.trainable_variables)
         self.head = head
         self._step = make_head_step(head, self.optimizer, strategy, config, len(class_weights))
         super().__init__(config, head, train, val, _stage_state(strategy, config.train.seed, "global_step"), marker,
-                         checkpoints, config.eval.every_steps)
+                         checkpoints, config.eval.every_steps, step_offset)
 
     def checkpoint_items(self) -> dict:
         return {"head": self.head, "optimizer": self.optimizer}
@@ -202,14 +203,14 @@ class HeadSearchStage(VectorHeadStage):
     every checkpoint holds the best head so far, the last one the final soup."""
 
     def __init__(self, config: Config, head, train: Split, val: Split, class_weights: np.ndarray, marker: dict,
-                 checkpoints: StageCheckpoints):
+                 checkpoints: StageCheckpoints, step_offset: int = 0):
         head.set_standardization(*feature_statistics(train.table))
         budget = head_budget(config.train, len(train))
         self.head = head
         self.search = build_search(candidate_grid(len(train)), head, config, budget, head.num_classes)
         one_device = tf.distribute.get_strategy()
         super().__init__(config, head, train, val, _stage_state(one_device, config.train.seed, "global_step"),
-                         marker, checkpoints, budget.eval_every)
+                         marker, checkpoints, budget.eval_every, step_offset)
 
     def checkpoint_items(self) -> dict:
         return {"head": self.head, "search": self.search.heads, "search_record": self.search.record}
@@ -247,17 +248,17 @@ class HeadSearchStage(VectorHeadStage):
 
 
 def build_head_stage(config: Config, strategy, head, train: Split, val: Split, class_weights: np.ndarray,
-                     marker: dict, checkpoints: StageCheckpoints) -> VectorHeadStage:
+                     marker: dict, checkpoints: StageCheckpoints, step_offset: int = 0) -> VectorHeadStage:
     """The head stage of head.search: the search, or the configured head (also, with a warning, when there is no
-    validation split to choose with)."""
+    validation split to choose with); its run-wide steps start after `step_offset`."""
     if config.head.search == "auto" and len(val) == 0:
         log.warning("head.search = auto needs validation images to choose a head, and this run has none "
                     "(split.validation_percent = %g); training the configured head (learning rate %g) "
                     "instead. Raise split.validation_percent to let validation choose.",
                     config.split.validation_percent, config.train.learning_rate)
     if config.head.search == "auto" and len(val) > 0:
-        return HeadSearchStage(config, head, train, val, class_weights, marker, checkpoints)
-    return FixedHeadStage(config, strategy, head, train, val, class_weights, marker, checkpoints)
+        return HeadSearchStage(config, head, train, val, class_weights, marker, checkpoints, step_offset)
+    return FixedHeadStage(config, strategy, head, train, val, class_weights, marker, checkpoints, step_offset)
 
 
 class FineTuneStage(TrainingStage):
@@ -266,7 +267,7 @@ class FineTuneStage(TrainingStage):
     steps_setting = "fine_tune.steps"
 
     def __init__(self, config: Config, strategy, backbone: Backbone, head, train: Split, val: Split,
-                 class_weights: np.ndarray, features_of: ImageFeatures, head_steps: int, head_learning_rate: float,
+                 class_weights: np.ndarray, features_of: ImageFeatures, step_offset: int, head_learning_rate: float,
                  marker: dict, checkpoints: StageCheckpoints):
         ft = config.fine_tune
         self.config, self.backbone, self.head, self.train, self.val = config, backbone, head, train, val
@@ -278,7 +279,7 @@ class FineTuneStage(TrainingStage):
             self.optimizer = build_optimizer(dataclasses.replace(config.train, learning_rate=learning_rate), variables)
         super().__init__(checkpoints, config.checkpoint.max_to_keep,
                          _stage_state(strategy, config.train.seed, "finetune_step"), marker, ft.steps,
-                         config.eval.every_steps, head_steps)
+                         config.eval.every_steps, step_offset)
         log.info("fine-tuning %d backbone layers (BatchNormalization frozen) at learning rate %g",
                  unfrozen, learning_rate)
 

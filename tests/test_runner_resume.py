@@ -1,6 +1,7 @@
 """Kill at any moment, start again with the same command: nothing lost, nothing different."""
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -82,7 +83,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(clothing_run, 
     assert summary(run_dir)["global_step"] == 400 and summary(run_dir)["resumed_from"] == [200]
 
 
-def test_resuming_with_another_backbone_or_classes_stops_with_a_clear_message(clothing_run, tmp_path):
+def test_another_backbone_size_is_refused_and_other_classes_start_a_new_data_version(clothing_run, tmp_path):
     run_dir, cache_dir, _ = clothing_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -95,11 +96,13 @@ def test_resuming_with_another_backbone_or_classes_stops_with_a_clear_message(cl
     from tests.helpers import CLOTHING
     for name in ("dress", "hat", "pants"):
         shutil.copytree(CLOTHING / name, fewer / name)
-    result = run_resume(*local_mobilenet_args(copy, cache_dir, data_dir=fewer))
-    assert result.returncode == 2, result.stdout
-    assert "trained on 10 classes, data.dir now has 3" in result.stdout
-    assert "removed: ['longsleeve'" in result.stdout
-    assert len(list((copy / "checkpoints").glob("ckpt-*.json"))) == 3, "nothing may be deleted"
+    cache_copy = shutil.copytree(cache_dir, tmp_path / "cache")
+    result = run_resume(*local_mobilenet_args(copy, cache_copy, data_dir=fewer))
+    assert result.returncode == 0, result.stdout
+    assert "7 removed ('longsleeve'" in result.stdout and "Starting data version 2" in result.stdout
+    assert "0 vectors computed now" in result.stdout, "every photo of the 3 classes is cached"
+    assert len(list((copy / "versions" / "v1" / "checkpoints").glob("ckpt-*.json"))) == 3, "nothing is deleted"
+    assert json.loads((copy / "summary.json").read_text())["num_classes"] == 3
 
 
 def test_sigterm_saves_a_final_checkpoint_and_the_same_command_continues(clothing_run, tmp_path):

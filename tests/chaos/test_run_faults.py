@@ -64,14 +64,12 @@ def test_stale_temporaries_of_killed_writes_are_removed_at_start(finished_run, s
     assert not [p for p in leftovers if p.exists()], result.stdout
 
 
-def test_a_snapshot_of_another_run_in_sync_folder_names_sync_folder_in_the_advice(finished_run, tmp_path):
-    fewer = tmp_path / "fewer"
-    for name in ("class_0000", "class_0001"):
-        shutil.copytree(_data_of(finished_run) / name, fewer / name)
+def test_a_snapshot_of_an_incompatible_run_in_sync_folder_names_sync_folder_in_the_advice(finished_run, tmp_path):
     new_vm = tmp_path / "new-vm" / finished_run[0].name  # the same run dir name: sync restores its snapshot
-    result = run_resume(*small_args(new_vm, tmp_path / "cache", fewer, f"sync.folder={finished_run[2]}"))
+    result = run_resume(*small_args(new_vm, tmp_path / "cache", _data_of(finished_run), "head.hidden_units=16",
+                                    f"sync.folder={finished_run[2]}"))
     assert result.returncode == 2, result.stdout
-    assert "trained on 3 classes, data.dir now has 2" in result.stdout
+    assert "hidden_units: 0 → 16" in result.stdout
     assert "another sync.folder" in result.stdout and str(finished_run[2]) in result.stdout
 
 
