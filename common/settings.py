@@ -176,16 +176,35 @@ def load(root, path: str | Path | None, overrides: list[str] = (),
     return root
 
 
-def describe(root) -> str:
-    """Every setting with its default and help text, one line each (for --help)."""
-    lines = []
+def _entries(root):
+    """(key, default, help text with its choices and range) of every setting, in declaration order."""
     for section_name, section in sections(root).items():
         for f in dataclasses.fields(section):
             meta = f.metadata
-            extra = f" (one of: {', '.join(meta['choices'])})" if meta.get("choices") else ""
-            lines.append(f"  {section_name}.{f.name} = {getattr(section, f.name)!r}: "
-                         f"{meta.get('help', '')}{extra}")
-    return "\n".join(lines)
+            extra = [f"one of: {', '.join(map(str, meta['choices']))}"] if meta.get("choices") else []
+            lo, hi = meta.get("min"), meta.get("max")
+            if lo is not None or hi is not None:
+                extra.append(f"{lo} to {hi}" if lo is not None and hi is not None else
+                             f"at least {lo}" if lo is not None else f"at most {hi}")
+            text = meta.get("help", "") + (f" ({'; '.join(extra)})" if extra else "")
+            yield f"{section_name}.{f.name}", getattr(section, f.name), text
+
+
+def describe(root) -> str:
+    """Every setting with its default and help text, one line each (for --help)."""
+    return "\n".join(f"  {key} = {default!r}: {text}" for key, default, text in _entries(root))
+
+
+def markdown_reference(root) -> str:
+    """Every setting as a Markdown table per section (key, default, meaning): the settings reference page."""
+    out, current = [], None
+    for key, default, text in _entries(root):
+        section = key.partition(".")[0]
+        if section != current:
+            out += ["", f"## [{section}]", "", "| key | default | meaning |", "| --- | --- | --- |"]
+            current = section
+        out.append(f"| `{key}` | `{json.dumps(default)}` | {text.replace('|', '/')} |")
+    return "\n".join(out).lstrip("\n") + "\n"
 
 
 def to_toml(root) -> str:

@@ -263,6 +263,27 @@ def describe_settings() -> str:
     return settings.describe(Config())
 
 
+SETTINGS_PAGE_HEAD = """# Settings
+
+Generated from the settings declarations (`runner/config.py`, `sync/config.py`) by
+`python -m runner.config > docs/settings.md`; a test keeps this page equal to them. Set any key in the TOML file
+(`[section]` / `key = value`) or with `--set section.key=value`: paths in a TOML file are relative to that file,
+paths given with `--set` to the current directory; numbers must be finite. `python resume.py --print-config`
+shows the resolved set. A setting changed from its default that the run's mode ignores (e.g. `eval.every_steps`
+with `head.search = auto`, any `fine_tune.*` with fine-tuning off) is named in a warning at start.
+
+"""
+
+
+def settings_page() -> str:
+    """docs/settings.md: every setting by section, with its default and meaning."""
+    return SETTINGS_PAGE_HEAD + settings.markdown_reference(Config())
+
+
+if __name__ == "__main__":
+    print(settings_page(), end="")
+
+
 def to_toml(config: Config) -> str:
     """The full resolved configuration as TOML (saved in the run dir, shown by --print-config)."""
     return settings.to_toml(config)

@@ -47,10 +47,11 @@ def test_mixed_folder_classifies_the_good_images_and_reports_each_bad_file(expor
     assert f"error: {mixed_folder / 'notes.txt'}: not an image" in err
 
 
-def test_only_bad_files_exit_non_zero(exported_run, mixed_folder, capsys):
+def test_only_bad_files_exit_with_nothing_to_do_not_a_crash(exported_run, mixed_folder, capsys):
+    from common.errors import EXIT_NO_INPUT
     from runner.classify import main
     bad = [str(mixed_folder / name) for name in ("truncated.jpg", "notes.txt", "missing.jpg")]
-    assert main([str(exported_run[2]), *bad]) == 1
+    assert main([str(exported_run[2]), *bad]) == EXIT_NO_INPUT != 1  # 1 would make --supervise retry
     err = capsys.readouterr().err
     assert "none of the 3 file(s) could be classified" in err
     assert "missing.jpg: cannot read the file" in err

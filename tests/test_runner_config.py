@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from runner.config import load_config, to_toml
 from common.errors import ProjectError
+from runner.config import load_config, to_toml
 from tests.helpers import REPO, run_resume
 
 LOCAL = REPO / "configs" / "clothing_local.toml"
@@ -73,3 +73,14 @@ def test_cli_help_lists_settings_and_errors_have_no_traceback():
 def test_split_percentages_must_leave_images_to_train_on():
     with pytest.raises(ProjectError, match="must be below 100"):
         load_config(LOCAL, ["split.test_percent=60", "split.validation_percent=40"])
+
+
+def test_the_settings_page_is_generated_from_the_settings_declarations():
+    import dataclasses
+
+    from runner.config import Config, settings_page
+    page = (REPO / "docs" / "settings.md").read_text()
+    assert page == settings_page(), "docs/settings.md is stale: run `python -m runner.config > docs/settings.md`"
+    config = Config()
+    keys = [f"`{s.name}.{f.name}`" for s in dataclasses.fields(config) for f in dataclasses.fields(getattr(config, s.name))]
+    assert len(keys) > 60 and all(key in page for key in keys)
