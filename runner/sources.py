@@ -8,6 +8,7 @@ taken for a complete one; a rerun finds the renamed folder and reuses it. No Ten
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from common.errors import TransientError, is_disk_full
@@ -162,7 +164,8 @@ def unpack_archive(archive: Path, dest: Path, source: str, progress_mode: str) -
     except tarfile.FilterError as e:
         raise refuse(getattr(e, "tarinfo", None).name if getattr(e, "tarinfo", None) else "?", f"is unsafe ({e})") \
             from None
-    except (tarfile.ReadError, zipfile.BadZipFile, EOFError, tarfile.CompressionError) as e:
+    except (tarfile.ReadError, zipfile.BadZipFile, EOFError, tarfile.CompressionError, gzip.BadGzipFile,
+            zlib.error) as e:
         raise DataError(f"data.dir {source} is not a readable {', '.join(ARCHIVE_SUFFIXES)} archive "
                         f"({type(e).__name__}: {e}): it is damaged or incomplete. Download or build it "
                         f"again.") from None
