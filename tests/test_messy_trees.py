@@ -96,7 +96,7 @@ def test_a_messy_tree_scans_to_its_classes_listing_what_it_skipped(messy_tree, t
 
 
 def test_a_run_on_a_messy_tree_decodes_webp_and_records_the_skipped_files(messy_tree, tmp_path):
-    config = tiny_config(tmp_path / "run", messy_tree)
+    config = tiny_config(tmp_path / "run", messy_tree, "train.steps=10")
     job = _job(config, RecordingSync())
     summary = job.run().summary
     assert summary.num_classes == 3
