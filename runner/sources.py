@@ -181,7 +181,7 @@ def _check_name(name: str, refuse) -> None:
         check_relpath(name.rstrip("/") or name)
     except IntegrityError:
         if not normal.parts or normal.parts[0] != ".sync":
-            raise refuse(name, "is an absolute path or climbs out with '..'") from None
+            raise refuse(name, "is an absolute path, climbs out with '..', or uses '\\' as a separator") from None
 
 
 def fetch(url: str, dest: Path, progress_mode: str) -> Path:

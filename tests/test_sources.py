@@ -192,3 +192,36 @@ def test_a_folder_on_the_drive_mount_is_copied_once_then_kept_up_to_date(tmp_pat
     assert copies == [data / "class_0001" / "new.jpg"]
     assert class_counts(local) == {"class_0000": 2, "class_0001": 4}
     assert local_data_dir(data_config(data, tmp_path / "unpack", copy_prefix=""), "lines") == data  # '' = no copy
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves `bytes=N-` Range requests with 206, as download servers do (SimpleHTTPRequestHandler does not)."""
+    requested: list[str] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        RangeHandler.requested.append(self.headers.get("Range", ""))
+        data = Path(self.translate_path(self.path)).read_bytes()
+        start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(flower_tgz, tmp_path):
+    archive, _ = flower_tgz
+    handler = functools.partial(RangeHandler, directory=str(archive.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dest = tmp_path / "flowers.tgz"
+        half = archive.stat().st_size // 2
+        dest.with_suffix(".part").write_bytes(archive.read_bytes()[:half])  # what a cut connection left
+        sources.fetch(f"http://127.0.0.1:{server.server_address[1]}/{archive.name}", dest, "lines")
+    finally:
+        server.shutdown()
+    assert RangeHandler.requested == [f"bytes={half}-"]
+    assert file_digest(dest) == file_digest(archive) and not dest.with_suffix(".part").exists()
