@@ -64,7 +64,8 @@ def local_data_dir(data, progress_mode: str = "auto") -> Path:
         return unpacked(data_dir, Path(unpack_dir), progress_mode)
     path = Path(data_dir)
     if path.is_file() and is_archive(path.name):
-        return unpacked(data_dir, Path(unpack_dir), progress_mode)
+        on_mount = bool(copy_prefix) and _is_under(path, Path(copy_prefix))
+        return unpacked(data_dir, Path(unpack_dir), progress_mode, copy_first=on_mount)
     if path.is_file():
         raise DataError(f"data.dir {path} is a file but not an archive; point data.dir at a folder of class "
                         f"folders or at a {', '.join(ARCHIVE_SUFFIXES)} file.")
@@ -89,9 +90,10 @@ def _stem(name: str) -> str:
     return base or "data"
 
 
-def unpacked(source: str, unpack_dir: Path, progress_mode: str) -> Path:
+def unpacked(source: str, unpack_dir: Path, progress_mode: str, copy_first: bool = False) -> Path:
     """The dataset root of an archive (path or URL) unpacked under unpack_dir: reused when already there.
-    A local archive is keyed by its path, size and modification time, a URL by itself."""
+    A local archive is keyed by its path, size and modification time, a URL by itself; `copy_first` (an
+    archive on a slow mount) copies it to local disk first, so the mount is read once, not twice."""
     if is_url(source):
         key = _key(source)
     else:
@@ -104,8 +106,13 @@ def unpacked(source: str, unpack_dir: Path, progress_mode: str) -> Path:
     _prepare_folder(unpack_dir)
     for leftover in unpack_dir.glob(f".partial-{target.name}-*"):  # a killed unpack: never used, removed
         shutil.rmtree(leftover, ignore_errors=True)
-    archive = fetch(source, unpack_dir / DOWNLOADS / f"{key}-{_stem(source)}", progress_mode) \
-        if is_url(source) else Path(source)
+    download = unpack_dir / DOWNLOADS / f"{key}-{Path(source.split('?')[0]).name}"
+    if is_url(source):
+        archive = fetch(source, download, progress_mode)
+    elif copy_first:
+        archive = _copy_file(Path(source), download, progress_mode)
+    else:
+        archive = Path(source)
     record = {"source": source, "size": archive.stat().st_size, "sha256": file_digest(archive)}
     if is_url(source):
         record.update(json.loads(archive.with_suffix(".json").read_text()))
@@ -119,9 +126,27 @@ def unpacked(source: str, unpack_dir: Path, progress_mode: str) -> Path:
         raise _unwritable(unpack_dir, e, f"unpacking {source}") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    if is_url(source):
+    if archive != Path(source):
         shutil.rmtree(unpack_dir / DOWNLOADS, ignore_errors=True)
     return dataset_root(target)
+
+
+def _copy_file(source: Path, dest: Path, progress_mode: str) -> Path:
+    """Copy one large file with a progress bar (to a temp name, then renamed)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.copying")
+    bar = progress(source.stat().st_size, "copying data.dir to local disk", "B", progress_mode)
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as out:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+                bar.update(len(chunk))
+    except OSError as e:
+        raise _unwritable(dest.parent, e, f"copying {source}") from None
+    finally:
+        bar.close()
+    os.replace(tmp, dest)
+    return dest
 
 
 def dataset_root(folder: Path) -> Path:

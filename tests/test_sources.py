@@ -225,3 +225,15 @@ def test_an_interrupted_download_resumes_where_it_stopped(flower_tgz, tmp_path):
         server.shutdown()
     assert RangeHandler.requested == [f"bytes={half}-"]
     assert file_digest(dest) == file_digest(archive) and not dest.with_suffix(".part").exists()
+
+
+def test_an_archive_on_the_drive_mount_is_copied_to_local_disk_once_then_unpacked(flower_tgz, tmp_path, monkeypatch):
+    drive = tmp_path / "drive"
+    (drive / "MyDrive").mkdir(parents=True)
+    archive = shutil.copy(flower_tgz[0], drive / "MyDrive" / "flower_photos.tgz")
+    opened, real_open = [], tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda name, *a, **k: opened.append(Path(name)) or real_open(name, *a, **k))
+    root = local_data_dir(data_config(archive, tmp_path / "unpack", copy_prefix=drive), "lines")
+    assert class_counts(root) == {"hat": PER_CLASS, "pants": PER_CLASS, "shoes": PER_CLASS}
+    assert opened and not any(p.is_relative_to(drive) for p in opened)  # unpacked from the local copy
+    assert [p.name for p in (tmp_path / "unpack").iterdir()] == [root.parent.name]  # the copy is gone after
