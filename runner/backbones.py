@@ -140,21 +140,44 @@ def jpeg_ratio_index(height: tf.Tensor, width: tf.Tensor, size: int) -> tf.Tenso
     return tf.add_n([tf.cast(short > (size - 1) * r, tf.int32) for r in JPEG_RATIOS[1:]])
 
 
+DECODED_FORMATS = "JPEG, PNG, GIF, BMP, WebP (still)"  # what decode_and_resize takes (docs, model.json)
+
+
+def is_webp(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(whether the bytes are a WebP, whether its header declares an animation), from the first 21 bytes."""
+    head = tf.strings.join([tf.strings.substr(image_bytes, 0, 21), "\0" * 21])  # never shorter than 21
+    webp = tf.logical_and(tf.equal(tf.strings.substr(head, 0, 4), "RIFF"),
+                          tf.equal(tf.strings.substr(head, 8, 4), "WEBP"))
+    flags = tf.io.decode_raw(tf.strings.substr(head, 20, 1), tf.uint8)[0]
+    animated = tf.logical_and(tf.equal(tf.strings.substr(head, 12, 4), "VP8X"),
+                              tf.not_equal(tf.bitwise.bitwise_and(flags, 2), 0))
+    return webp, animated
+
+
 def decode_and_resize(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP bytes → float32 [size, size, 3] in [0, 255].
+    """Encoded JPEG/PNG/GIF/BMP/WebP bytes → float32 [size, size, 3] in [0, 255].
 
     A JPEG is decoded at the largest DCT scale-down (1/2, 1/4, 1/8) whose sides stay >= size, read from its
-    header; other formats take the general decoder. The one function used for extraction, fine-tuning and
-    the exported graph, so all of them see the same pixels."""
+    header; a still WebP by TensorFlow's WebP decoder (its alpha dropped; an animated one is refused with
+    InvalidArgumentError before decoding, which would crash TensorFlow 2.21); other formats take the general
+    decoder. The one function used for extraction, fine-tuning and the exported graph, so all of them see the
+    same pixels."""
     def jpeg():
         shape = tf.io.extract_jpeg_shape(image_bytes)
         index = jpeg_ratio_index(shape[0], shape[1], size)
         return tf.switch_case(index, [lambda r=r: tf.io.decode_jpeg(image_bytes, channels=3, ratio=r)
                                       for r in JPEG_RATIOS])
 
+    def webp():
+        _, animated = is_webp(image_bytes)
+        check = tf.debugging.Assert(tf.logical_not(animated), ["animated WebP is not supported"])
+        with tf.control_dependencies([check]):
+            frames = tf.io.decode_webp(tf.identity(image_bytes), channels=0)  # RGB or RGBA, as encoded
+        return tf.ensure_shape(frames[0, :, :, :3], (None, None, 3))
+
     def other():
         return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
 
-    image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+    image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, lambda: tf.cond(is_webp(image_bytes)[0], webp, other))
     image = tf.image.resize(image, (size, size), method="bilinear")
     return tf.ensure_shape(image, (size, size, 3))

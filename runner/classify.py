@@ -111,7 +111,7 @@ class ExportedModel:
     def probabilities(self, image_bytes: bytes) -> np.ndarray:
         """Class probabilities of one encoded image; raises ValueError if it cannot be decoded."""
         if sniff_format(image_bytes[:16]) is None:
-            raise ValueError("not an image (the file does not start like a JPEG, PNG, GIF or BMP)")
+            raise ValueError("not an image (the file does not start like a JPEG, PNG, GIF, BMP or WebP)")
         try:
             return self._serve(images=tf.constant([image_bytes]))["probabilities"].numpy()[0]
         except tf.errors.InvalidArgumentError:
@@ -203,7 +203,7 @@ def classify_command(args: argparse.Namespace) -> int:
         sys.stderr.write(err)
     if not any(r.error is None for r in results):
         raise NothingClassified(f"none of the {len(results)} file(s) could be classified (each one's reason is "
-                                f"above); pass JPEG, PNG, GIF or BMP images.")
+                                f"above); pass JPEG, PNG, GIF, BMP or WebP images.")
     return 0
 
 

@@ -17,7 +17,15 @@ from sync.config import SyncConfig
 
 @dataclass
 class DataConfig:
-    dir: str = _opt("", "folder with one sub-folder of images per class", path=True)
+    dir: str = _opt("", "folder with one sub-folder of images per class; or a .zip/.tar/.tar.gz/.tgz of one (a "
+                        "path, or an http(s):// URL), unpacked once into data.unpack_dir",
+                    path=lambda section: not section.dir.startswith(("https://", "http://")))
+    unpack_dir: str = _opt("~/.cache/bottleneck-runner/data", "local folder where an archive data.dir is "
+                           "unpacked, and a data.dir under data.copy_prefix copied, once (reused by reruns)",
+                           path=True)
+    copy_prefix: str = _opt("/content/drive", "a data.dir folder under this mount (Google Drive's on Colab) is "
+                            "copied to data.unpack_dir before the scan, then kept up to date; '' = never copy",
+                            path=True)
     min_images_per_class: int = _opt(5, "a class with fewer valid images stops the run early", min=1)
 
 

@@ -17,7 +17,18 @@ from runner.progress import progress
 
 log = logging.getLogger("runner")
 
-IMAGE_EXTENSIONS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".gif": "gif", ".bmp": "bmp"}
+IMAGE_EXTENSIONS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".gif": "gif", ".bmp": "bmp",
+                    ".webp": "webp"}
+CONVERT = "convert it to JPEG (e.g. `mogrify -format jpg *.heic`, or export as JPEG on the phone)"
+UNSUPPORTED_EXTENSIONS = {  # image formats people bring that TensorFlow does not decode: listed, not silent
+    ".heic": f"HEIC/HEIF photo (iPhone): not supported; {CONVERT}",
+    ".heif": f"HEIC/HEIF photo (iPhone): not supported; {CONVERT}",
+    ".avif": f"AVIF image: not supported; {CONVERT}",
+    ".tif": f"TIFF image: not supported; {CONVERT}",
+    ".tiff": f"TIFF image: not supported; {CONVERT}",
+}
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"hevm", b"mif1", b"msf1", b"avif")
+IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}  # archive and OS litter: not classes, not images
 MAX_NUM_IMAGES_PER_CLASS = 2 ** 27 - 1  # retrain.py's constant: keeps the split stable as images are added
 
 
@@ -71,6 +82,29 @@ def sniff_format(head: bytes) -> str | None:
         return "gif"
     if head.startswith(b"BM"):
         return "bmp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def is_ignored(name: str) -> bool:
+    """Whether a file or folder name is litter to pass over in silence: hidden (`.DS_Store`, macOS's `._x`
+    AppleDouble files, `.git`), or `__MACOSX/` and other OS folders."""
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def printable(name: str) -> str:
+    """A name safe to log and write as JSON: bytes that are not UTF-8 (surrogate-escaped by Python on Linux)
+    shown as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def name_problem(name: str) -> str | None:
+    """Why a file or folder name cannot be used (not UTF-8), or None."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the name is not valid UTF-8 (made on another system?); rename it"
     return None
 
 
@@ -80,6 +114,8 @@ def problem_with(data: bytes, extension: str) -> str | None:
         return "empty file (0 bytes)"
     fmt = sniff_format(data[:16])
     if fmt is None:
+        if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+            return f"the content is a HEIC/HEIF/AVIF photo, which is not supported; {CONVERT}"
         return "not an image (unrecognised file header)"
     expected = IMAGE_EXTENSIONS[extension]
     if fmt != expected:
@@ -89,7 +125,16 @@ def problem_with(data: bytes, extension: str) -> str | None:
         return "truncated JPEG (no end-of-image marker after the image data)"
     if fmt == "png" and b"IEND" not in data[-64:]:
         return "truncated PNG (no IEND chunk)"
+    if fmt == "webp" and len(data) < int.from_bytes(data[4:8], "little") + 8:
+        return "truncated WebP (shorter than its RIFF header says)"
+    if fmt == "webp" and is_animated_webp(data[:21]):
+        return "animated WebP: not supported; save one frame as a still image (JPEG, PNG or WebP)"
     return None
+
+
+def is_animated_webp(head: bytes) -> bool:
+    """Whether a WebP's first 21 bytes declare an animation (extended format with the animation flag)."""
+    return head[12:16] == b"VP8X" and len(head) > 20 and bool(head[20] & 0x02)
 
 
 class HashIndex:
@@ -164,29 +209,84 @@ class HashIndex:
             return False
 
 
-def list_class_folders(data_dir: Path) -> list[str]:
-    """Sorted class names (the sub-folders of data_dir)."""
+def list_class_folders(data_dir: Path, skipped: list[dict] | None = None) -> list[str]:
+    """Sorted class names (the sub-folders of data_dir, litter aside); folders whose name cannot be used are
+    added to `skipped`."""
     if not data_dir.is_dir():
         raise DataError(f"data.dir {data_dir} is not a folder; point data.dir at a folder with one "
                         f"sub-folder of images per class.")
-    classes = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = []
+    for p in data_dir.iterdir():
+        if is_ignored(p.name) or not _is_dir(p):
+            continue
+        problem = name_problem(p.name)
+        if problem:
+            _skip(skipped, printable(p.name) + "/", f"class folder skipped: {problem}")
+        else:
+            classes.append(p.name)
+    classes.sort()
     if len(classes) < 2:
         raise DataError(f"data.dir {data_dir} has {len(classes)} class folder(s); a classifier needs at "
                         f"least 2 sub-folders, one per class, each holding that class's images.")
     return classes
 
 
-def image_entries(folder: Path, parts: tuple[str, ...]) -> list[tuple[tuple[str, ...], os.DirEntry]]:
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a symlink loop (ELOOP) or an unreadable link: not a folder to scan
+        return False
+
+
+def _identity(folder: Path) -> tuple[int, int]:
+    info = folder.stat()
+    return info.st_dev, info.st_ino
+
+
+def _skip(skipped: list[dict] | None, relpath: str, reason: str) -> None:
+    if skipped is not None:
+        skipped.append({"path": relpath, "reason": reason})
+        log.warning("skipped %s: %s", relpath, reason)
+
+
+def image_entries(folder: Path, parts: tuple[str, ...], skipped: list[dict] | None = None,
+                  visited: set[tuple[int, int]] | None = None) -> list[tuple[tuple[str, ...], os.DirEntry]]:
     """The image files below `folder` as (path parts relative to data.dir, directory entry), in any order
-    (os.scandir: one stat per file, none for the listing)."""
+    (os.scandir: one stat per file, none for the listing). Litter is passed over; unusable names, files of
+    unsupported formats, broken links and links back to a folder already scanned (a loop) go to `skipped`."""
+    visited = {_identity(folder)} if visited is None else visited
     found = []
     with os.scandir(folder) as entries:
         for entry in entries:
-            if entry.is_dir():
-                found += image_entries(Path(entry.path), parts + (entry.name,))
-            elif (entry.is_file() and not entry.name.startswith(".")
-                  and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS):
-                found.append((parts + (entry.name,), entry))
+            if is_ignored(entry.name):
+                continue
+            relpath = printable("/".join(parts + (entry.name,)))
+            extension = os.path.splitext(entry.name)[1].lower()
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError as e:  # ELOOP: a link to itself
+                is_dir = is_file = False
+                if extension in IMAGE_EXTENSIONS:
+                    _skip(skipped, relpath, f"unreadable link: {e.strerror or e}")
+                continue
+            problem = name_problem(entry.name) if (is_dir or extension in IMAGE_EXTENSIONS) else None
+            if problem:
+                _skip(skipped, relpath + ("/" if is_dir else ""), problem)
+            elif is_dir:
+                identity = _identity(Path(entry.path))
+                if identity in visited:
+                    _skip(skipped, relpath + "/", "symbolic link to a folder already scanned (a link loop, or a "
+                                                  "second link to the same folder): not followed")
+                    continue
+                visited.add(identity)
+                found += image_entries(Path(entry.path), parts + (entry.name,), skipped, visited)
+            elif extension in UNSUPPORTED_EXTENSIONS and is_file:
+                _skip(skipped, relpath, UNSUPPORTED_EXTENSIONS[extension])
+            elif extension in IMAGE_EXTENSIONS:
+                if is_file:
+                    found.append((parts + (entry.name,), entry))
+                elif entry.is_symlink():
+                    _skip(skipped, relpath, "broken symbolic link (its target does not exist)")
     return found
 
 
@@ -196,10 +296,13 @@ def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
     """Find, hash, check and split every image below data_dir; bad files are skipped and listed. A truthy
     `stop` (a StopFlag) ends the scan with StopRequested, the hashes read so far saved for the next start."""
     data_dir = Path(data_dir).resolve()
-    classes = list_class_folders(data_dir)
+    skipped: list[dict] = []
+    classes = list_class_folders(data_dir, skipped)
+    visited = {_identity(data_dir)} | {_identity(data_dir / name) for name in classes}  # links back: not followed
     candidates = [(label, parts, entry) for label, name in enumerate(classes)
-                  for parts, entry in sorted(image_entries(data_dir / name, (name,)), key=lambda c: c[0])]
-    images, skipped, seen = [], [], set()
+                  for parts, entry in sorted(image_entries(data_dir / name, (name,), skipped, visited),
+                                             key=lambda c: c[0])]
+    images, seen = [], set()
     log.info("checking %d image files in %s", len(candidates), data_dir)
     bar = progress(len(candidates), "checking images", "img", progress_mode)
     for label, parts, entry in candidates:

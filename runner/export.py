@@ -25,7 +25,7 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2  # noqa: E402
 
 from runner import __version__  # noqa: E402
-from runner.backbones import Backbone, build_backbone, decode_and_resize  # noqa: E402
+from runner.backbones import DECODED_FORMATS, Backbone, build_backbone, decode_and_resize  # noqa: E402
 from common.cli import configure_logging, run_command  # noqa: E402
 from runner.config import EXPORT_FORMATS, Config, load_config  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
@@ -214,6 +214,7 @@ def export_run(run_dir: Path, step: int | None = None, formats: str | None = Non
                 "serving_default": classifier.serve.get_concrete_function(),
                 "classify_pixels": classifier.classify_pixels.get_concrete_function()})
             info["saved_model"] = {"dir": ".", "signature": "serving_default", "input": "images: tf.string [None]",
+                                   "image_formats": DECODED_FORMATS,
                                    "outputs": ["probabilities", "top_k_indices", "top_k_classes"]}
         if "labels" in names:
             (staging / "labels.txt").write_text("".join(f"{name}\n" for name in model.classes))

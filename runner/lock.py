@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,7 @@ from runner.errors import RunnerError
 
 LOCK_FILE = ".lock"
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # some network / FUSE file systems
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST)
 
 log = logging.getLogger("runner")
 
@@ -32,11 +34,32 @@ def _holder(lock_path: Path) -> str:
         return "another process (it has not written its name yet)"
 
 
+class RunDirNotWritable(RunnerError):
+    """run.dir cannot be created or written (read-only file system, permissions, a file in the way)."""
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create run_dir if needed and write (then delete) one file in it; RunDirNotWritable naming run.dir."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if e.errno not in NOT_WRITABLE:
+            raise
+        why = "a file is in the way" if e.errno in (errno.ENOTDIR, errno.EEXIST) else e.strerror
+        raise RunDirNotWritable(
+            f"run.dir {run_dir} cannot be written ({why}: {e.filename or run_dir}). A run writes its checkpoints "
+            f"there: set run.dir (--set run.dir=...) to a folder you can write, e.g. on the VM's local disk, "
+            f"or fix the folder's permissions.") from None
+
+
 @contextmanager
 def hold_run_dir(run_dir: Path) -> Iterator[None]:
     """Hold the run directory's exclusive lock for the block; raise RunDirBusy naming the holder if taken."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)  # before anything else writes there: a clear exit 2, not a crash on .lock
     lock_path = run_dir / LOCK_FILE
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -20,6 +20,7 @@ from runner.dataversion import DataFingerprint, RunVersion, finish_interrupted_a
 from runner.errors import IncompatibleRunError
 from runner.extract import extract_missing
 from runner.rundir import RunDir
+from runner.sources import local_data_dir
 from runner.stages import Split
 from runner.train import StopFlag
 
@@ -107,7 +108,7 @@ def scan(config: Config, stop: StopFlag) -> tuple[Dataset, HashIndex, dict[str, 
     also the previous scan's entries (relative path → [size, mtime, sha256]), to say what changed."""
     hash_index = HashIndex(config.cache_dir / "file-hashes.json")
     previous = dict(hash_index.entries)
-    dataset = scan_dataset(Path(config.data.dir), config.split.validation_percent, config.split.test_percent,
+    dataset = scan_dataset(local_data_dir(config.data, config.train.progress), config.split.validation_percent, config.split.test_percent,
                            hash_index, config.data.min_images_per_class, config.train.progress, stop)
     return dataset, hash_index, previous
 

@@ -1,0 +1,319 @@
+"""Where data.dir's images come from: a local folder as it is; a .zip / .tar / .tar.gz / .tgz (a local path,
+one on the Drive mount, or an http(s):// URL) fetched and unpacked once; a folder on a FUSE mount such as
+Google Drive copied to local disk. All of them land under data.unpack_dir; the scan then reads a local folder.
+
+An archive is unpacked into a temp folder renamed into place at the end, so an interrupted unpack is never
+taken for a complete one; a rerun finds the renamed folder and reuses it. No TensorFlow here.
+"""
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+from common.errors import TransientError, is_disk_full
+from common.files import file_digest, write_text_atomic
+from runner.data import is_ignored
+from runner.errors import DataError, RunnerError
+from runner.progress import progress
+from sync.errors import IntegrityError
+from sync.snapshot import check_relpath
+
+log = logging.getLogger("runner")
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+RECORD = ".source.json"         # inside an unpacked or copied folder: where it came from, size, sha256
+DOWNLOADS = ".downloads"        # under unpack_dir: partial downloads (resumed by HTTP Range)
+CHUNK = 1 << 20
+TIMEOUT_S = 60
+
+
+class SourceUnavailable(RunnerError, TransientError):
+    """The dataset's URL could not be fetched because of the network or the server: retry later (exit 75)."""
+
+
+def is_url(value: str) -> bool:
+    """Whether data.dir names an http(s) URL."""
+    return value.startswith(("https://", "http://"))
+
+
+def is_archive(name: str) -> bool:
+    """Whether a path or URL names an archive we unpack (by its ending, query string aside)."""
+    return name.split("?")[0].lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def local_data_dir(data, progress_mode: str = "auto") -> Path:
+    """The local folder to scan for data.dir (a DataConfig): itself, or its archive unpacked / its Drive
+    folder copied into data.unpack_dir (done once; a rerun reuses it)."""
+    data_dir, unpack_dir, copy_prefix = data.dir, data.unpack_dir, data.copy_prefix
+    if is_url(data_dir):
+        if not is_archive(data_dir):
+            raise DataError(f"data.dir {data_dir} is a URL but not of an archive; a URL must name a "
+                            f"{', '.join(ARCHIVE_SUFFIXES)} file (a folder cannot be downloaded).")
+        return unpacked(data_dir, Path(unpack_dir), progress_mode)
+    path = Path(data_dir)
+    if path.is_file() and is_archive(path.name):
+        on_mount = bool(copy_prefix) and _is_under(path, Path(copy_prefix))
+        return unpacked(data_dir, Path(unpack_dir), progress_mode, copy_first=on_mount)
+    if path.is_file():
+        raise DataError(f"data.dir {path} is a file but not an archive; point data.dir at a folder of class "
+                        f"folders or at a {', '.join(ARCHIVE_SUFFIXES)} file.")
+    if copy_prefix and path.is_dir() and _is_under(path, Path(copy_prefix)):
+        return copied(path, Path(unpack_dir), progress_mode)
+    return path
+
+
+def _is_under(path: Path, prefix: Path) -> bool:
+    return path.resolve().is_relative_to(prefix.resolve())
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def _stem(name: str) -> str:
+    base = PurePosixPath(name.split("?")[0]).name
+    for suffix in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True):
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)] or "data"
+    return base or "data"
+
+
+def unpacked(source: str, unpack_dir: Path, progress_mode: str, copy_first: bool = False) -> Path:
+    """The dataset root of an archive (path or URL) unpacked under unpack_dir: reused when already there.
+    A local archive is keyed by its path, size and modification time, a URL by itself; `copy_first` (an
+    archive on a slow mount) copies it to local disk first, so the mount is read once, not twice."""
+    if is_url(source):
+        key = _key(source)
+    else:
+        info = Path(source).stat()
+        key = _key(f"{Path(source).resolve()}|{info.st_size}|{info.st_mtime_ns}")
+    target = unpack_dir / f"{_stem(source)}-{key}"
+    if (target / RECORD).is_file():
+        log.info("data.dir %s: using its unpacked copy %s", source, target)
+        return dataset_root(target)
+    _prepare_folder(unpack_dir)
+    for leftover in unpack_dir.glob(f".partial-{target.name}-*"):  # a killed unpack: never used, removed
+        shutil.rmtree(leftover, ignore_errors=True)
+    download = unpack_dir / DOWNLOADS / f"{key}-{Path(source.split('?')[0]).name}"
+    if is_url(source):
+        archive = fetch(source, download, progress_mode)
+    elif copy_first:
+        archive = _copy_file(Path(source), download, progress_mode)
+    else:
+        archive = Path(source)
+    record = {"source": source, "size": archive.stat().st_size, "sha256": file_digest(archive)}
+    if is_url(source):
+        record.update(json.loads(archive.with_suffix(".json").read_text()))
+    partial = Path(tempfile.mkdtemp(prefix=f".partial-{target.name}-", dir=unpack_dir))
+    try:
+        log.info("unpacking %s (%d MB) into %s", source, record["size"] >> 20, target)
+        unpack_archive(archive, partial, source, progress_mode)
+        write_text_atomic(partial / RECORD, json.dumps(record, indent=1))
+        os.replace(partial, target)  # only now is it there: an interrupted unpack leaves a .partial folder
+    except OSError as e:
+        raise _unwritable(unpack_dir, e, f"unpacking {source}") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    if archive != Path(source):
+        shutil.rmtree(unpack_dir / DOWNLOADS, ignore_errors=True)
+    return dataset_root(target)
+
+
+def _copy_file(source: Path, dest: Path, progress_mode: str) -> Path:
+    """Copy one large file with a progress bar (to a temp name, then renamed)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.copying")
+    bar = progress(source.stat().st_size, "copying data.dir to local disk", "B", progress_mode)
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as out:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+                bar.update(len(chunk))
+    except OSError as e:
+        raise _unwritable(dest.parent, e, f"copying {source}") from None
+    finally:
+        bar.close()
+    os.replace(tmp, dest)
+    return dest
+
+
+def dataset_root(folder: Path) -> Path:
+    """The folder itself, or its single top-level folder (flower_photos.tgz holds flower_photos/<class>/)."""
+    entries = [p for p in folder.iterdir() if not is_ignored(p.name)]
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return folder
+
+
+def unpack_archive(archive: Path, dest: Path, source: str, progress_mode: str) -> None:
+    """Extract a zip or tar archive into dest, refusing any member that is absolute, climbs out with '..',
+    links out of dest, or is a device (tarfile's 'data' filter, and sync's snapshot path check)."""
+    def refuse(name: str, why: str) -> DataError:
+        return DataError(f"data.dir {source}: member {name!r} {why}; refused (the archive was not unpacked). "
+                         f"Rebuild the archive from the dataset folder (e.g. `tar czf data.tgz my_dataset/`).")
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                members = zf.infolist()
+                for m in members:
+                    _check_name(m.filename, refuse)
+                    if (m.external_attr >> 16) & 0o170000 == 0o120000:
+                        raise refuse(m.filename, "is a symbolic link")
+                bar = progress(len(members), "unpacking", "file", progress_mode)
+                for m in members:
+                    zf.extract(m, dest)
+                    bar.update()
+                bar.close()
+            return
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for m in members:
+                _check_name(m.name, refuse)
+            bar = progress(len(members), "unpacking", "file", progress_mode)
+            for m in members:
+                tar.extract(m, dest, filter="data")
+                bar.update()
+            bar.close()
+    except tarfile.FilterError as e:
+        raise refuse(getattr(e, "tarinfo", None).name if getattr(e, "tarinfo", None) else "?", f"is unsafe ({e})") \
+            from None
+    except (tarfile.ReadError, zipfile.BadZipFile, EOFError, tarfile.CompressionError, gzip.BadGzipFile,
+            zlib.error) as e:
+        raise DataError(f"data.dir {source} is not a readable {', '.join(ARCHIVE_SUFFIXES)} archive "
+                        f"({type(e).__name__}: {e}): it is damaged or incomplete. Download or build it "
+                        f"again.") from None
+    except (tarfile.TarError, zipfile.LargeZipFile) as e:
+        raise DataError(f"data.dir {source}: the archive could not be unpacked ({e}).") from None
+
+
+def _check_name(name: str, refuse) -> None:
+    normal = PurePosixPath(name.rstrip("/"))
+    if str(normal) in (".", ""):  # the archive's own top folder ("./")
+        return
+    try:
+        check_relpath(name.rstrip("/") or name)
+    except IntegrityError:
+        if not normal.parts or normal.parts[0] != ".sync":
+            raise refuse(name, "is an absolute path, climbs out with '..', or uses '\\' as a separator") from None
+
+
+def fetch(url: str, dest: Path, progress_mode: str) -> Path:
+    """Download url to dest (resuming a partial download with an HTTP Range request); its size checked
+    against the server's, its ETag and size recorded in dest.json."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_suffix(".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            resumed = response.status == 206
+            if not resumed:
+                have = 0
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length is not None else None
+            bar = progress(total or 0, "downloading", "B", progress_mode, initial=have)
+            with open(part, "ab" if resumed else "wb") as out:
+                while chunk := response.read(CHUNK):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            bar.close()
+            etag = response.headers.get("ETag")
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the partial download is already whole (or the file changed): start over
+            part.unlink()
+            return fetch(url, dest, progress_mode)
+        if e.code in (408, 429) or e.code >= 500:
+            raise SourceUnavailable(f"data.dir {url}: the server answered HTTP {e.code} ({e.reason}); the "
+                                    f"download is kept to resume.") from None
+        raise DataError(f"data.dir {url}: the server answered HTTP {e.code} ({e.reason}). Check the URL (it "
+                        f"must download the archive itself, not a page about it).") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        raise SourceUnavailable(f"data.dir {url} could not be downloaded ({getattr(e, 'reason', e)}); the "
+                                f"part downloaded is kept and resumed next time.") from None
+    except OSError as e:
+        raise _unwritable(dest.parent, e, f"downloading {url}") from None
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise SourceUnavailable(f"data.dir {url}: the download ended at {size} of {total} bytes; it is "
+                                f"resumed next time.")
+    write_text_atomic(dest.with_suffix(".json"), json.dumps({"etag": etag, "url": url}))
+    os.replace(part, dest)
+    return dest
+
+
+def copied(folder: Path, unpack_dir: Path, progress_mode: str) -> Path:
+    """A local copy of a folder on a slow mount (Google Drive), brought up to date: files missing or changed
+    (by size and modification time) are copied, files gone from the source are removed. Each file is copied
+    to a temp name and renamed, so a kill leaves no half file; the next start finishes the copy."""
+    target = unpack_dir / f"{folder.name}-{_key(str(folder.resolve()))}"
+    _prepare_folder(target)
+    wanted: dict[str, os.stat_result] = {}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not is_ignored(d)]
+        for name in files:
+            if not is_ignored(name):
+                path = Path(root) / name
+                wanted[path.relative_to(folder).as_posix()] = path.stat()
+    stale = [rel for rel, info in wanted.items() if not _same(target / rel, info)]
+    total = sum(wanted[rel].st_size for rel in stale)
+    if stale:
+        log.info("copying %d files (%d MB) of %s to %s", len(stale), total >> 20, folder, target)
+    bar = progress(total, "copying data.dir to local disk", "B", progress_mode) if stale else None
+    try:
+        for rel in stale:
+            dest = target / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.copying")
+            shutil.copy2(folder / rel, tmp)
+            os.replace(tmp, dest)
+            bar.update(wanted[rel].st_size)
+    except OSError as e:
+        raise _unwritable(target, e, f"copying {folder}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    for path in sorted(target.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        rel = path.relative_to(target).as_posix()
+        if path.is_file() and rel not in wanted and rel != RECORD:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    write_text_atomic(target / RECORD, json.dumps({"source": str(folder), "files": len(wanted)}))
+    return target
+
+
+def _same(path: Path, info: os.stat_result) -> bool:
+    try:
+        mine = path.stat()
+    except OSError:
+        return False
+    return mine.st_size == info.st_size and mine.st_mtime_ns == info.st_mtime_ns
+
+
+def _prepare_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(folder, e, "creating it") from None
+
+
+def _unwritable(folder: Path, e: OSError, doing: str) -> RunnerError:
+    """The error for a failed write under data.unpack_dir: a full disk or a folder that cannot be written."""
+    why = "the disk is full" if is_disk_full(e) else (e.strerror or str(e))
+    if not (is_disk_full(e) or e.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR)):
+        raise e
+    return DataError(f"data.unpack_dir {folder}: {doing} failed ({why}). Free some space or set "
+                     f"data.unpack_dir (--set data.unpack_dir=...) to a folder on a disk with room for the "
+                     f"dataset.")

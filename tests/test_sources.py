@@ -1,0 +1,239 @@
+"""data.dir as users have it: an archive (local or at a URL) unpacked once, safely, and reused; a folder on the
+Drive mount copied to local disk once. Served from a tiny HTTP server on 127.0.0.1."""
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import shutil
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from common.errors import EXIT_TRANSIENT, EXIT_USER_ERROR, status_of
+from common.files import file_digest
+from runner import sources
+from runner.config import DataConfig, load_config
+from runner.errors import DataError
+from runner.prepare import scan
+from runner.sources import RECORD, SourceUnavailable, local_data_dir
+from runner.train import StopFlag
+from tests.helpers import write_photo_archive, write_synthetic_dataset
+
+PER_CLASS = 6
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(folder served, its base URL): a local HTTP server in a thread."""
+    folder = tmp_path_factory.mktemp("served")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def flower_tgz(served):
+    folder, url = served
+    archive = write_photo_archive(folder / "flower_photos.tgz", "flower_photos", PER_CLASS)
+    return archive, f"{url}/flower_photos.tgz"
+
+
+@pytest.fixture(scope="module")
+def macos_zip(served, tmp_path_factory):
+    """A zip made by macOS's Finder: class folders at the top, plus __MACOSX/ and ._* members."""
+    folder, url = served
+    data = write_synthetic_dataset(tmp_path_factory.mktemp("zipsrc"), num_classes=2, per_class=PER_CLASS, size=32)
+    with zipfile.ZipFile(folder / "clothes.zip", "w") as zf:
+        for path in sorted(data.rglob("*.jpg")):
+            rel = path.relative_to(data).as_posix()
+            zf.write(path, rel)
+            zf.writestr(f"__MACOSX/{Path(rel).parent}/._{path.name}", b"\x00\x05\x16\x07")
+    return folder / "clothes.zip", f"{url}/clothes.zip"
+
+
+def data_config(source, unpack_dir, copy_prefix="") -> DataConfig:
+    return DataConfig(dir=str(source), unpack_dir=str(unpack_dir), copy_prefix=str(copy_prefix))
+
+
+def class_counts(root: Path) -> dict[str, int]:
+    return {p.name: len(list(p.glob("*.jpg"))) for p in sorted(root.iterdir()) if p.is_dir()}
+
+
+def test_a_tgz_url_is_downloaded_verified_unpacked_to_its_top_folder_and_reused(flower_tgz, tmp_path, monkeypatch):
+    archive, url = flower_tgz
+    root = local_data_dir(data_config(url, tmp_path / "unpack"), "lines")
+    assert root.name == "flower_photos"
+    assert class_counts(root) == {"hat": PER_CLASS, "pants": PER_CLASS, "shoes": PER_CLASS}
+    record = json.loads((root.parent / RECORD).read_text())
+    assert record["sha256"] == file_digest(archive) and record["size"] == archive.stat().st_size
+    assert [p.name for p in (tmp_path / "unpack").iterdir()] == [root.parent.name]  # no download left behind
+    monkeypatch.setattr(sources, "fetch", lambda *a: pytest.fail("a rerun downloaded again"))
+    assert local_data_dir(data_config(url, tmp_path / "unpack"), "lines") == root
+
+
+def test_the_run_scans_a_zip_url_through_prepare(macos_zip, tmp_path):
+    _, url = macos_zip
+    config = load_config(None, [f"data.dir={url}", f"run.dir={tmp_path / 'run'}",
+                                f"data.unpack_dir={tmp_path / 'unpack'}", "data.min_images_per_class=2"])
+    assert config.data.dir == url  # a URL is not taken for a relative path
+    dataset, _, _ = scan(config, StopFlag())
+    assert dataset.classes == ["class_0000", "class_0001"] and len(dataset.images) == 2 * PER_CLASS
+    assert not dataset.skipped  # __MACOSX/ and ._* are litter, not classes or bad images
+
+
+def test_a_missing_url_is_exit_2_and_an_unreachable_server_exit_75(served, tmp_path):
+    _, url = served
+    with pytest.raises(DataError, match="HTTP 404") as missing:
+        local_data_dir(data_config(f"{url}/nothing.tgz", tmp_path), "lines")
+    assert status_of(missing.value)[0] == EXIT_USER_ERROR and f"{url}/nothing.tgz" in str(missing.value)
+    with socket_closed() as port:
+        with pytest.raises(SourceUnavailable) as down:
+            local_data_dir(data_config(f"http://127.0.0.1:{port}/data.zip", tmp_path), "lines")
+    assert status_of(down.value)[0] == EXIT_TRANSIENT
+
+
+class socket_closed:
+    """A port on 127.0.0.1 nothing listens on."""
+    def __enter__(self):
+        import socket
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def test_a_damaged_archive_is_exit_2_naming_it(flower_tgz, tmp_path):
+    damaged = tmp_path / "flower_photos.tgz"
+    damaged.write_bytes(flower_tgz[0].read_bytes()[:3000])
+    with pytest.raises(DataError, match="damaged or incomplete") as error:
+        local_data_dir(data_config(damaged, tmp_path / "unpack"), "lines")
+    assert str(damaged) in str(error.value)
+    assert not [p for p in (tmp_path / "unpack").iterdir()]  # nothing half-unpacked is left
+
+
+def _tar_with(path: Path, member: tarfile.TarInfo, data: bytes = b"x") -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        ok = tarfile.TarInfo("data/a/ok.jpg")
+        ok.size = 1
+        tar.addfile(ok, io.BytesIO(b"x"))
+        member.size = len(data) if member.isfile() else 0
+        tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+    return path
+
+
+def _link(name: str, target: str) -> tarfile.TarInfo:
+    member = tarfile.TarInfo(name)
+    member.type, member.linkname = tarfile.SYMTYPE, target
+    return member
+
+
+def _device(name: str) -> tarfile.TarInfo:
+    member = tarfile.TarInfo(name)
+    member.type = tarfile.CHRTYPE
+    return member
+
+
+@pytest.mark.parametrize("member", [tarfile.TarInfo("../../escaped.jpg"), tarfile.TarInfo("/tmp/absolute.jpg"),
+                                    _link("data/a/out", "/etc"), _link("data/a/up", "../../.."),
+                                    _device("data/a/dev")], ids=["dotdot", "absolute", "link-abs", "link-up", "device"])
+def test_an_unsafe_archive_member_is_refused_and_nothing_is_unpacked(member, tmp_path):
+    archive = _tar_with(tmp_path / "evil.tgz", member)
+    with pytest.raises(DataError, match="refused") as error:
+        local_data_dir(data_config(archive, tmp_path / "unpack"), "lines")
+    assert member.name in str(error.value) and status_of(error.value)[0] == EXIT_USER_ERROR
+    assert not list((tmp_path / "unpack").iterdir()) and not (tmp_path / "escaped.jpg").exists()
+
+
+def test_a_killed_unpack_is_never_used_and_the_rerun_completes_it(flower_tgz, tmp_path, monkeypatch):
+    archive = tmp_path / "flower_photos.tgz"
+    shutil.copy(flower_tgz[0], archive)
+    real_extract, count = tarfile.TarFile.extract, [0]
+
+    def dies_midway(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] == 8:
+            raise KeyboardInterrupt  # the VM going away mid-unpack (no cleanup runs after a SIGKILL either:)
+        return real_extract(self, *args, **kwargs)
+    monkeypatch.setattr(tarfile.TarFile, "extract", dies_midway)
+    monkeypatch.setattr(sources.shutil, "rmtree", lambda *a, **k: None)  # ... so the partial folder stays
+    with pytest.raises(KeyboardInterrupt):
+        local_data_dir(data_config(archive, tmp_path / "unpack"), "lines")
+    left = list((tmp_path / "unpack").iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".partial-")  # never a folder that looks complete
+    monkeypatch.undo()
+    root = local_data_dir(data_config(archive, tmp_path / "unpack"), "lines")
+    assert class_counts(root) == {"hat": PER_CLASS, "pants": PER_CLASS, "shoes": PER_CLASS}
+    assert [p.name for p in (tmp_path / "unpack").iterdir()] == [root.parent.name]  # the leftover is gone
+
+
+def test_a_folder_on_the_drive_mount_is_copied_once_then_kept_up_to_date(tmp_path, monkeypatch):
+    drive = tmp_path / "drive"
+    data = write_synthetic_dataset(drive / "MyDrive" / "pets", num_classes=2, per_class=3, size=24)
+    config = data_config(data, tmp_path / "unpack", copy_prefix=drive)
+    local = local_data_dir(config, "lines")
+    assert not local.is_relative_to(drive) and class_counts(local) == {"class_0000": 3, "class_0001": 3}
+    copies, copy2 = [], shutil.copy2
+    monkeypatch.setattr(sources.shutil, "copy2", lambda src, dst: copies.append(src) or copy2(src, dst))
+    assert local_data_dir(config, "lines") == local and copies == []  # unchanged: nothing read again
+    (data / "class_0000" / "img_000.jpg").unlink()
+    copy2(data / "class_0001" / "img_000.jpg", data / "class_0001" / "new.jpg")
+    local_data_dir(config, "lines")
+    assert copies == [data / "class_0001" / "new.jpg"]
+    assert class_counts(local) == {"class_0000": 2, "class_0001": 4}
+    assert local_data_dir(data_config(data, tmp_path / "unpack", copy_prefix=""), "lines") == data  # '' = no copy
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves `bytes=N-` Range requests with 206, as download servers do (SimpleHTTPRequestHandler does not)."""
+    requested: list[str] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        RangeHandler.requested.append(self.headers.get("Range", ""))
+        data = Path(self.translate_path(self.path)).read_bytes()
+        start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(flower_tgz, tmp_path):
+    archive, _ = flower_tgz
+    handler = functools.partial(RangeHandler, directory=str(archive.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dest = tmp_path / "flowers.tgz"
+        half = archive.stat().st_size // 2
+        dest.with_suffix(".part").write_bytes(archive.read_bytes()[:half])  # what a cut connection left
+        sources.fetch(f"http://127.0.0.1:{server.server_address[1]}/{archive.name}", dest, "lines")
+    finally:
+        server.shutdown()
+    assert RangeHandler.requested == [f"bytes={half}-"]
+    assert file_digest(dest) == file_digest(archive) and not dest.with_suffix(".part").exists()
+
+
+def test_an_archive_on_the_drive_mount_is_copied_to_local_disk_once_then_unpacked(flower_tgz, tmp_path, monkeypatch):
+    drive = tmp_path / "drive"
+    (drive / "MyDrive").mkdir(parents=True)
+    archive = shutil.copy(flower_tgz[0], drive / "MyDrive" / "flower_photos.tgz")
+    opened, real_open = [], tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda name, *a, **k: opened.append(Path(name)) or real_open(name, *a, **k))
+    root = local_data_dir(data_config(archive, tmp_path / "unpack", copy_prefix=drive), "lines")
+    assert class_counts(root) == {"hat": PER_CLASS, "pants": PER_CLASS, "shoes": PER_CLASS}
+    assert opened and not any(p.is_relative_to(drive) for p in opened)  # unpacked from the local copy
+    assert [p.name for p in (tmp_path / "unpack").iterdir()] == [root.parent.name]  # the copy is gone after
