@@ -30,7 +30,18 @@ def write_atomic(path: Path, write: Callable[[object], None]) -> None:
         if isinstance(e, OSError) and e.filename is None:
             e.filename = str(path)  # a failed write() names no file; "disk full" messages must
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def replace_atomic(src: Path, dst: Path) -> None:
+    """Rename src (a complete file or folder) over dst and fsync their folder, so the rename survives a crash."""
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of folder (a rename, a new file) durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
