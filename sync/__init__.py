@@ -150,6 +150,11 @@ class Sync:
                            on_remote=False, last_error=error or "not sent", **common)
 
 
+def recorded_outcome(run_dir: Path) -> SyncOutcome | None:
+    """What the last process to close sync in run_dir left (None when none recorded it)."""
+    return SyncOutcome.load(Path(run_dir) / STATE_DIR / OUTCOME_RECORD)
+
+
 def open_sync(config: SyncConfig, run_dir: Path, cache_dir: Path, run_id: str, start_uploader: bool = True) -> Sync:
     """Validate config and the files it names, connect its backend, and (unless told not to) resume sending
     anything a previous process left staged."""

@@ -10,6 +10,7 @@ import pytest
 import resume
 from common.errors import EXIT_OK, EXIT_TRANSIENT
 from runner.config import load_config
+from runner.notebook import run_status
 from sync import Sync
 from sync.__main__ import main as sync_cli
 from sync.outcome import OUTCOME_RECORD, SyncOutcome
@@ -60,6 +61,8 @@ def test_a_drive_full_at_the_final_snapshot_exits_75_naming_the_model_and_the_pu
     assert [h.final for h in hand_overs] == [False, False, True]
     recorded = SyncOutcome.load(config.run_dir / ".sync" / OUTCOME_RECORD)
     assert recorded.final and not recorded.final_on_remote and recorded.pending == 1 and recorded.step == 20
+    status = run_status(config.run_dir)[-1]  # what the notebook prints when the trainer exits 75
+    assert status.startswith("WARNING: the final snapshot (step 20) is not in Google Drive") and push in status
 
     fake_drive.faults.clear()  # room again: the push command in the message sends the final snapshot
     assert sync_cli(shlex.split(push)[3:]) == EXIT_OK
@@ -72,3 +75,4 @@ def test_a_drive_full_at_the_final_snapshot_exits_75_naming_the_model_and_the_pu
     assert resume.train(config, debug=False) == EXIT_OK  # already finished, and its final snapshot is on Drive
     out, err = capsys.readouterr()
     assert "already finished" in out and "sync: nothing new to upload" in out and not err
+    assert run_status(config.run_dir)[-1] == "sync: the final snapshot (step 20) is in Google Drive folder runs/flowers"
