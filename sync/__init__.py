@@ -118,7 +118,7 @@ class Sync:
             for old in pending[:-1]:
                 self.staging.remove(old)
             pending = pending[-1:]
-        step = record.step if record else (pending[-1].step if pending else None)
+        step = record.step if record else (pending[-1].step if pending else uploader.last_sent)
         final = bool(record and record.final)
         error = uploader.last_error or self._last_error
         common = dict(enabled=True, remote=where, step=step, final=final, pending=len(pending),
@@ -130,9 +130,9 @@ class Sync:
                                        f"{pending[-1].step}; {reason}): they stay queued locally and will be sent "
                                        f"on the next run or by `python -m sync push`",
                                on_remote=False, last_error=error, **common)
-        if record is not None and uploader.last_sent == record.step and self._last_error is None:
+        if uploader.last_sent is not None and uploader.last_sent == step and self._last_error is None:
             note = f"; {self.backend.note}" if self.backend.note else ""
-            return SyncOutcome(message=f"sync: snapshot step {record.step} uploaded and verified ({where}){note}",
+            return SyncOutcome(message=f"sync: snapshot step {step} uploaded and verified ({where}){note}",
                                on_remote=True, **common)
         if record is None:
             message = f"sync: nothing sent ({where}): {error.removeprefix('sync: ')}" if error else \

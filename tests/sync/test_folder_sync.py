@@ -114,8 +114,8 @@ def test_snapshots_queued_by_a_failed_run_are_sent_by_the_next_one_newest_only(t
     for step in (100, 200, 300):
         _checkpoint(sync, step)
     outcome = sync.close(timeout=30).message
-    assert outcome.startswith("sync: 3 snapshot(s) still pending (newest step 300") or \
-        outcome.startswith("sync: 1 snapshot(s) still pending (newest step 300")
+    assert outcome.startswith("sync: 1 snapshot(s) still pending (newest step 300")  # the older two: superseded
+    assert [s.step for s in sync.staging.pending()] == [300]
     assert "will be sent on the next run" in outcome
 
     remote = tmp_path / "remote"
@@ -258,3 +258,30 @@ def test_the_same_step_staged_twice_sends_the_later_copy(tmp_path):
     assert "step 100 uploaded" in sync.close(timeout=30).message
     assert _open(tmp_path, remote, run="vm2").restore_latest() == 100
     assert (tmp_path / "vm2" / "metrics.jsonl").read_bytes() == final_metrics
+
+
+def test_close_waits_for_an_upload_in_flight_then_reports_it_sent_and_pointed_to(tmp_path):
+    remote = tmp_path / "remote"
+    gate = threading.Event()
+    sync = Sync(SyncConfig(folder=str(remote)), tmp_path / "run", tmp_path / "cache", "r1",
+                backend=_GatedFolder(remote, gate))
+    _checkpoint(sync, 100)
+    threading.Timer(0.3, gate.set).start()  # the upload is held until close() is already waiting
+    outcome = sync.close(timeout=30)
+    assert outcome.on_remote and outcome.step == 100 and outcome.pending == 0 and outcome.last_error is None
+    assert json.loads((remote / POINTER).read_text())["step"] == 100
+
+
+def test_a_checkpoint_staged_by_an_earlier_version_is_still_sent(tmp_path):
+    remote = tmp_path / "remote"
+    run_dir = tmp_path / "run"
+    files = write_checkpoint(run_dir, 100)
+    legacy = run_dir / ".sync" / "staged" / "step-000000100-1"
+    for rel in files:
+        (legacy / "files" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (legacy / "files" / rel).write_bytes((run_dir / rel).read_bytes())
+    (legacy / "staged.json").write_text(json.dumps({  # the untyped info dict staging used to write
+        "step": 100, "files": files, "run_id": "r1", "created": 1.0, "staged": 1.0, "metrics": {"val_accuracy": 0.5},
+        "val_accuracy": 0.5, "val_loss": None, "runner_version": "0.9", "cache_files": []}))
+    assert "step 100 uploaded" in _open(tmp_path, remote).close(timeout=30).message
+    assert [s.step for s in list_snapshots(FolderBackend(remote))] == [100]
