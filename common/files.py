@@ -34,8 +34,17 @@ def write_atomic(path: Path, write: Callable[[object], None]) -> None:
 
 
 def replace_atomic(src: Path, dst: Path) -> None:
-    """Rename src (a complete file or folder) over dst and fsync their folder, so the rename survives a crash."""
-    os.replace(src, dst)
+    """Rename src (a complete file, fsynced first, or a folder) over dst, then fsync their folder: after a
+    crash dst is the old or the new content, never a torn one. The one rename-into-place of the project."""
+    try:
+        if Path(src).is_file():
+            with open(src, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(src, dst)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(dst)  # "disk full" messages name the file being written
+        raise
     fsync_dir(Path(dst).parent)
 
 

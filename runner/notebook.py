@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from common.files import replace_atomic
 from runner.errors import RunnerError
 from runner.progress import clock
 from runner.results import Summary
@@ -73,7 +74,7 @@ def fetch_dataset(url: str, target: Path) -> Path:
         archive.unlink()
         tops = [p for p in (staging / "unpacked").iterdir() if not p.name.startswith(".")]
         root = tops[0] if len(tops) == 1 and tops[0].is_dir() else staging / "unpacked"
-        os.replace(root, target)
+        replace_atomic(root, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"downloaded {url} into {target}")

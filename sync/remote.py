@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sync.backends.base import Backend, RemoteFile
 from sync.errors import IntegrityError, NotFound, SyncError
+from common.files import write_text_atomic
 
 log = logging.getLogger("sync")
 POINTER = "latest.json"
@@ -114,7 +115,7 @@ def write_pointer(backend: Backend, snap: SnapshotInfo, work_dir: Path) -> None:
     """Point the remote latest.json at snap (called only after snap is verified)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     local = work_dir / POINTER
-    local.write_text(json.dumps(snap.__dict__, sort_keys=True))
+    write_text_atomic(local, json.dumps(snap.__dict__, sort_keys=True))
     backend.put(POINTER, local, {})
     local.unlink()
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 from pathlib import Path
@@ -14,6 +13,7 @@ from sync.remote import (SnapshotInfo, cache_name, check_owner, prune, read_poin
                          write_pointer)
 from sync.snapshot import check_relpath, file_digest, pack
 from sync.staging import Staged, Staging
+from common.files import write_text_atomic
 
 log = logging.getLogger("sync")
 RETRY_AFTER_FAILURE_S = 300.0
@@ -197,6 +197,4 @@ def _write_names(path: Path, names: set[str]) -> None:
         path.unlink(missing_ok=True)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(sorted(names)))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(sorted(names)))

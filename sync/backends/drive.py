@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from datetime import datetime
@@ -19,6 +18,7 @@ from sync.config import SyncConfig
 from sync.errors import IntegrityError, NotFound, RemoteError, SyncError
 from sync.retry import RetryPolicy
 from sync.snapshot import file_digest
+from common.files import replace_atomic, write_text_atomic
 
 log = logging.getLogger("sync")
 # googleapiclient logs each 4xx/5xx it sees; our retry policy already reports each failure once.
@@ -94,9 +94,7 @@ class UploadState:
         """Record values (atomically) next to the content's md5 and size."""
         self.data.update(values, md5=self.md5, size=self.size)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.data))
 
     def clear(self) -> None:
         """Forget the upload (it finished, or must start over)."""
@@ -429,7 +427,7 @@ class DriveBackend(Backend):
         if md5 and file_digest(part, "md5") != md5:
             part.unlink()
             raise IntegrityError(f"sync: {name} downloaded with the wrong md5; it was not used.")
-        os.replace(part, dest)
+        replace_atomic(part, dest)
 
     def _range(self, uri: str, start: int, end: int) -> bytes:
         """Bytes [start, end] of a media URI (one HTTP request; errors are raised for the retry policy)."""
