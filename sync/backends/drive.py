@@ -29,8 +29,15 @@ FOLDER_MIME = "application/vnd.google-apps.folder"
 FIELDS = "id,name,size,md5Checksum,properties,modifiedTime,createdTime,mimeType"
 ALL_DRIVES = {"supportsAllDrives": True}  # required for items in shared drives (Drive guide "Implement shared
                                           # drive support": files.get/list/create/update/delete)
-MD5_ATTEMPTS = 3
-NEW_SESSION_ATTEMPTS = 3
+# Recoveries of one put(), each a fresh start of requests that run under the one RetryPolicy (sync.retries
+# tries of each request, RetryPolicy.worst_case_wait_s of waiting): none of them retries a failed request
+# itself, and none waits. They stack at most RECOVERY_BUDGET deep; a put that exhausts them fails, and the
+# uploader keeps the snapshot queued for the next checkpoint, five minutes later, or exit.
+MD5_ATTEMPTS = 3          # contents sent again after Drive's md5Checksum disagreed with ours
+FRESH_ID_ATTEMPTS = 2     # the saved pre-generated file id, then one new id (400/409 on create)
+NEW_SESSION_ATTEMPTS = 3  # resumable sessions started after Drive forgot one (404/410)
+FOLDER_ATTEMPTS = 2       # the folder as known, then looked up again once (404 on the parent)
+RECOVERY_BUDGET = FOLDER_ATTEMPTS * MD5_ATTEMPTS * FRESH_ID_ATTEMPTS * NEW_SESSION_ATTEMPTS  # sends of one put
 MULTIPART_MAX = 5 * 2**20  # Drive's guidance: one multipart request for files up to 5 MB, resumable above
 STALE_STATE_S = 7 * 86400  # Drive forgets resumable sessions after about a week
 
@@ -336,7 +343,7 @@ class DriveBackend(Backend):
             body = {"properties": properties}
             return self._send(name, local, state, lambda media: self._files.update(
                 fileId=existing["id"], body=body, media_body=media, fields=FIELDS, **ALL_DRIVES))
-        for fresh_id in (False, True):
+        for fresh_id in (attempt > 0 for attempt in range(FRESH_ID_ATTEMPTS)):
             if fresh_id or not state.get("file_id"):
                 ids = self._execute(lambda: self._files.generateIds(count=1, space="drive"), "generating a file id")
                 state.save(file_id=ids["ids"][0], uri=None, offset=0)
