@@ -21,7 +21,7 @@ from runner.tf_quiet import set_native_log_level  # noqa: E402
 set_native_log_level("--debug" in sys.argv[1:])
 
 from common.cli import configure_logging, run_command  # noqa: E402
-from common.errors import EXIT_OK, EXIT_STOPPED  # noqa: E402
+from common.errors import EXIT_OK, EXIT_STOPPED, EXIT_TRANSIENT  # noqa: E402
 from runner.config import describe_settings, load_config, to_toml  # noqa: E402  (no TensorFlow import)
 from runner.lock import LOCK_FILE, hold_run_dir  # noqa: E402
 from runner.rundir import RunDir  # noqa: E402
@@ -84,11 +84,12 @@ def train(config, debug: bool) -> int:
         if created is not None:
             remove_if_empty(created)  # a run that failed before writing anything leaves no folder behind
         raise
-    return report(outcome, RunDir(config.run_dir))
+    return report(outcome, RunDir(config.run_dir), flushed)
 
 
-def report(outcome, run: RunDir) -> int:
-    """Print what the job's outcome means for the user and return its exit status."""
+def report(outcome, run: RunDir, flushed=None) -> int:
+    """Print what the job's outcome and sync's (a SyncOutcome) mean for the user and return the exit status:
+    a finished run whose final snapshot is not on the remote is not done (75), whatever the training did."""
     from runner.results import Stopped, Unchanged
     if isinstance(outcome, Stopped):
         where = f"at step {outcome.step}: checkpoint saved" if outcome.step is not None else \
@@ -99,6 +100,10 @@ def report(outcome, run: RunDir) -> int:
     status = "already finished, nothing changed" if isinstance(outcome, Unchanged) else "done"
     print(f"{status}: step {summary.global_step}, test accuracy {_percent(summary.test_accuracy)}, "
           f"validation accuracy {_percent(summary.val_accuracy)}; summary in {run.summary}", flush=True)
+    if flushed is not None and flushed.enabled and not flushed.final_on_remote:
+        from sync.outcome import not_on_remote_message
+        print(f"error: {not_on_remote_message(flushed, run.path, run.config)}", file=sys.stderr, flush=True)
+        return EXIT_TRANSIENT
     return EXIT_OK
 
 

@@ -6,7 +6,8 @@
 | 1      | a crash (a bug, or a kill the OS reports as a crash)               | restarts    |
 | 2      | a problem you can fix: the message names the file/setting and fix  | stops       |
 | 66     | nothing to work on: no snapshot on the remote, no file classified  | stops       |
-| 75     | transient: the network or remote failed after its retries          | restarts    |
+| 75     | transient: the network or remote failed after its retries (also:   | restarts    |
+|        | a finished run whose final snapshot is not on the remote)          |             |
 | 130    | stopped by SIGTERM / SIGINT after saving what was done             | stops       |
 
 A process killed by a signal (SIGKILL, the out-of-memory killer) has no status of its own; the

@@ -30,7 +30,27 @@ def write_atomic(path: Path, write: Callable[[object], None]) -> None:
         if isinstance(e, OSError) and e.filename is None:
             e.filename = str(path)  # a failed write() names no file; "disk full" messages must
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def replace_atomic(src: Path, dst: Path) -> None:
+    """Rename src (a complete file, fsynced first, or a folder) over dst, then fsync their folder: after a
+    crash dst is the old or the new content, never a torn one. The one rename-into-place of the project."""
+    try:
+        if Path(src).is_file():
+            with open(src, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(src, dst)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(dst)  # "disk full" messages name the file being written
+        raise
+    fsync_dir(Path(dst).parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of folder (a rename, a new file) durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

@@ -27,6 +27,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 from runner import __version__  # noqa: E402
 from runner.backbones import DECODED_FORMATS, Backbone, build_backbone, decode_and_resize  # noqa: E402
 from common.cli import configure_logging, run_command  # noqa: E402
+from common.files import replace_atomic  # noqa: E402
 from runner.config import EXPORT_FORMATS, Config, load_config  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
 from runner.head import Head, build_head  # noqa: E402
@@ -178,8 +179,8 @@ def _replace_dir(staging: Path, target: Path) -> None:
     if target.exists():
         old = target.with_name(f".{target.name}-old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(staging, target)
+        replace_atomic(target, old)
+    replace_atomic(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

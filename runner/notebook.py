@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from common.files import replace_atomic
 from runner.errors import RunnerError
 from runner.progress import clock
 from runner.results import Summary
@@ -73,7 +74,7 @@ def fetch_dataset(url: str, target: Path) -> Path:
         archive.unlink()
         tops = [p for p in (staging / "unpacked").iterdir() if not p.name.startswith(".")]
         root = tops[0] if len(tops) == 1 and tops[0].is_dir() else staging / "unpacked"
-        os.replace(root, target)
+        replace_atomic(root, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"downloaded {url} into {target}")
@@ -142,7 +143,21 @@ def run_status(run_dir: Path) -> list[str]:
     export = run.export_info()
     lines.append(f"export: {', '.join(export.get('formats', []))} in {run.export}" if export is not None
                  else "export: not yet")
-    return lines
+    return lines + sync_status(run)
+
+
+def sync_status(run: RunDir) -> list[str]:
+    """What the trainer's last sync left: the final snapshot on the remote, or where the model is and how to push."""
+    from sync import recorded_outcome
+    from sync.outcome import not_on_remote_message
+    outcome = recorded_outcome(run.path)
+    if outcome is None or not outcome.enabled:
+        return []
+    if outcome.final_on_remote:
+        return [f"sync: the final snapshot (step {outcome.step}) is in {outcome.remote}"]
+    if outcome.final:
+        return [f"WARNING: {not_on_remote_message(outcome, run.path, run.config)}"]
+    return [outcome.message]
 
 
 def per_class_table(report: dict, classes: list[str], limit: int = 50) -> list[str]:

@@ -12,8 +12,9 @@ from pathlib import Path
 from sync.config import SyncConfig
 from sync.errors import SyncError
 from sync.handover import HandOver, load_record, save_record
+from sync.outcome import OUTCOME_RECORD, SyncOutcome
 
-__all__ = ["SyncConfig", "SyncError", "HandOver", "Sync", "open_sync"]
+__all__ = ["SyncConfig", "SyncError", "HandOver", "Sync", "SyncOutcome", "open_sync"]
 log = logging.getLogger("sync")
 STATE_DIR = ".sync"  # under the run dir; never part of a snapshot
 HAND_OVER_RECORD = "hand_over.json"  # in STATE_DIR: the last hand-over, so `python -m sync push` can resend it
@@ -29,6 +30,7 @@ class Sync:
         self.backend = backend
         self.state_dir = self.run_dir / STATE_DIR
         self._uploader, self._started = None, False
+        self._last_error: str | None = None  # a hand-over that could not be staged (so is not on its way)
         if self.enabled:
             from sync.staging import Staging
             from sync.uploader import Uploader
@@ -78,24 +80,79 @@ class Sync:
             save_record(self.state_dir / HAND_OVER_RECORD, hand_over)
         if not self.enabled:
             return
-        info = {"run_id": self.run_id, "created": time.time(), "metrics": hand_over.metrics,
-                "val_accuracy": hand_over.val_accuracy, "val_loss": hand_over.metrics.get("val_loss"),
-                "runner_version": hand_over.runner_version, "cache_files": list(hand_over.cache_files)}
         try:
-            self.staging.stage(self.run_dir, hand_over, info)
+            self.staging.stage(self.run_dir, hand_over, self.run_id, created=time.time())
         except (OSError, SyncError) as e:
-            log.error("could not stage checkpoint step %s (%s); it will not be uploaded", hand_over.step, e)
+            self._last_error = f"could not stage checkpoint step {hand_over.step} ({e})"
+            log.error("%s; it will not be uploaded", self._last_error)
             return
+        self._last_error = None
         self._start()
         self._uploader.wake()
 
-    def close(self, timeout: float | None = None) -> str:
-        """Flush pending uploads for at most timeout seconds (default sync.flush_timeout_s); return the outcome."""
+    def close(self, timeout: float | None = None) -> SyncOutcome:
+        """Flush pending uploads for at most timeout seconds (default sync.flush_timeout_s; the uploader tries
+        once more after an earlier failure), then say whether the newest checkpoint handed over is on the remote."""
         if not self.enabled:
-            return "sync: off (set sync.folder, or sync.backend=drive, to keep snapshots off this machine)"
-        if not self._started:
-            return f"sync: nothing sent ({self.backend.description})"
-        return self._uploader.close(self.config.flush_timeout_s if timeout is None else timeout)
+            return SyncOutcome(False, "sync: off (set sync.folder, or sync.backend=drive, to keep snapshots off "
+                                      "this machine)")
+        if self._started:
+            self._uploader.close(self.config.flush_timeout_s if timeout is None else timeout)
+        outcome = self._outcome()
+        if self.run_dir.is_dir():
+            try:
+                outcome.save(self.state_dir / OUTCOME_RECORD)
+            except OSError as e:
+                log.warning("could not record the sync outcome in %s: %s", self.state_dir, e)
+        return outcome
+
+    def _outcome(self) -> SyncOutcome:
+        """The outcome after the uploader stopped (or ran out of time)."""
+        where, uploader = self.backend.description, self._uploader
+        try:
+            record = self.last_hand_over()
+        except SyncError as e:
+            record, self._last_error = None, str(e)
+        pending = self.staging.pending()
+        if pending and not uploader.still_uploading:  # the worker ended: only the newest is worth sending
+            for old in pending[:-1]:
+                self.staging.remove(old)
+            pending = pending[-1:]
+        step = record.step if record else (pending[-1].step if pending else uploader.last_sent)
+        final = bool(record and record.final)
+        error = uploader.last_error or self._last_error
+        common = dict(enabled=True, remote=where, step=step, final=final, pending=len(pending),
+                      local=str(pending[-1].path if pending else self.run_dir))
+        if pending:
+            reason = "still uploading when the timeout ran out" if uploader.still_uploading else \
+                (error or "not sent").removeprefix("sync: ")
+            return SyncOutcome(message=f"sync: {len(pending)} snapshot(s) still pending (newest step "
+                                       f"{pending[-1].step}; {reason}): they stay queued locally and will be sent "
+                                       f"on the next run or by `python -m sync push`",
+                               on_remote=False, last_error=error, **common)
+        if uploader.last_sent is not None and uploader.last_sent == step and self._last_error is None:
+            note = f"; {self.backend.note}" if self.backend.note else ""
+            return SyncOutcome(message=f"sync: snapshot step {step} uploaded and verified ({where}){note}",
+                               on_remote=True, **common)
+        if record is None:
+            message = f"sync: nothing sent ({where}): {error.removeprefix('sync: ')}" if error else \
+                f"sync: nothing new to upload ({where}; no checkpoint handed over here yet)"
+            return SyncOutcome(message=message, on_remote=False, last_error=error, **common)
+        if self._last_error is None:
+            from sync.remote import snapshot_on_remote
+            try:
+                if snapshot_on_remote(self.backend, record.step, record.final):
+                    return SyncOutcome(message=f"sync: nothing new to upload ({where})", on_remote=True, **common)
+            except SyncError as e:
+                error = str(e)
+        return SyncOutcome(message=f"sync: the last checkpoint handed over (step {record.step}) is not in {where}"
+                                   f" ({(error or 'not sent').removeprefix('sync: ')})",
+                           on_remote=False, last_error=error or "not sent", **common)
+
+
+def recorded_outcome(run_dir: Path) -> SyncOutcome | None:
+    """What the last process to close sync in run_dir left (None when none recorded it)."""
+    return SyncOutcome.load(Path(run_dir) / STATE_DIR / OUTCOME_RECORD)
 
 
 def open_sync(config: SyncConfig, run_dir: Path, cache_dir: Path, run_id: str, start_uploader: bool = True) -> Sync:

@@ -8,8 +8,9 @@ import time
 from common.cli import configure_logging, run_command
 from sync import STATE_DIR, open_sync
 from sync.config import load_toml
-from sync.errors import NoSnapshots, SyncError
-from sync.remote import list_snapshots, prune, read_pointer
+from common.errors import EXIT_OK
+from sync.errors import NoSnapshots, NotSent, SyncError
+from sync.remote import list_snapshots, prune, read_pointer, snapshot_on_remote
 
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
@@ -23,8 +24,8 @@ def cmd_list(sync, args) -> int:
     snaps = list_snapshots(sync.backend)
     pointer = read_pointer(sync.backend)
     if not snaps:
-        print(f"no snapshots in {sync.backend.description}")
-        return 0
+        raise NoSnapshots(f"sync: no snapshots in {sync.backend.description} yet (a run hands one over at its "
+                          f"first checkpoint; check sync.folder: the same value the training run used).")
     scored = [s for s in snaps if s.val_accuracy is not None]
     best = max(scored, key=lambda s: (s.val_accuracy, s.step)).name if scored else None
     print(f"{'step':>8}  {'val_acc':>7}  {'size':>9}  {'age':>7}  name")
@@ -64,7 +65,7 @@ def cmd_push(sync, args) -> int:
         if hand_over is None:
             print(f"sync: nothing to push: no checkpoint was handed to sync in {sync.run_dir} yet")
             return 0
-        if hand_over.step in {s.step for s in list_snapshots(sync.backend)}:
+        if snapshot_on_remote(sync.backend, hand_over.step, hand_over.final):
             print(f"sync: step {hand_over.step} is already in {sync.backend.description}")
             return 0
         missing = [f for f in hand_over.files if not (sync.run_dir / f).is_file()]
@@ -73,8 +74,10 @@ def cmd_push(sync, args) -> int:
                             f"{sync.run_dir} ({missing[0]} is missing); train again to hand over a new one.")
         sync.on_checkpoint(hand_over)
     outcome = sync.close()
-    print(outcome)
-    return 1 if "pending" in outcome else 0
+    if not outcome.on_remote:
+        raise NotSent(outcome.message)
+    print(outcome.message)
+    return EXIT_OK
 
 
 def cmd_prune(sync, args) -> int:

@@ -13,6 +13,10 @@ class TransferError(SyncError, TransientError):
     """A network transfer still failed after the retry policy's last try (exit status 75)."""
 
 
+class NotSent(SyncError, TransientError):
+    """The newest checkpoint handed over is still not on the remote after the uploader's last try (exit 75)."""
+
+
 class RemoteError(SyncError):
     """The remote refused a request for good (not worth retrying now); carries its HTTP status and reasons."""
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from sync.backends.base import Backend, RemoteFile
 from sync.errors import IntegrityError, NotFound, SyncError
+from common.files import write_text_atomic
 
 log = logging.getLogger("sync")
 POINTER = "latest.json"
 CACHE_FOLDER = "cache"  # cache shards live in this subfolder, out of the way of the snapshots
-PUBLISHED = ("export", "report")  # a snapshot's top-level files in these folders are also copied as plain files
 _SNAPSHOT_NAME = re.compile(r"snapshot-(\d{9,})-.*\.tar\.gz")
 
 
@@ -40,11 +40,6 @@ def remote_cache(backend: Backend) -> set[str]:
     return {n.rpartition("cache-")[2] for n in names if n.rpartition("/")[2].startswith("cache-")}
 
 
-def published_files(files: list[str]) -> list[str]:
-    """The files of a snapshot that are also copied as plain files: the top level of export/ and report/."""
-    return [f for f in files if f.count("/") == 1 and f.split("/")[0] in PUBLISHED]
-
-
 @dataclass
 class SnapshotInfo:
     """A snapshot on the remote: its name and step, and what its properties add (sha256, val accuracy)."""
@@ -56,6 +51,7 @@ class SnapshotInfo:
     created: float
     file_id: str = ""
     run_id: str = ""
+    final: bool = False  # the run's final snapshot (its results and export inside)
 
     @classmethod
     def from_remote(cls, f: RemoteFile) -> "SnapshotInfo | None":
@@ -73,19 +69,29 @@ class SnapshotInfo:
         except ValueError:
             log.warning("ignoring the unreadable properties of %s", f.name)
             acc, created = None, f.modified
-        return cls(f.name, int(m.group(1)), acc, p.get("sha256", ""), f.size, created, f.id, p.get("run_id", ""))
+        return cls(f.name, int(m.group(1)), acc, p.get("sha256", ""), f.size, created, f.id, p.get("run_id", ""),
+                   p.get("final") == "1")
 
     def properties(self) -> dict[str, str]:
         """The remote properties (Drive's public `properties`) that describe this snapshot."""
         return {"kind": "snapshot", "step": str(self.step), "sha256": self.sha256, "created": f"{self.created:.3f}",
                 "val_accuracy": "" if self.val_accuracy is None else repr(float(self.val_accuracy)),
-                "run_id": self.run_id}
+                "run_id": self.run_id, "final": "1" if self.final else ""}
 
 
 def list_snapshots(backend: Backend) -> list[SnapshotInfo]:
     """Snapshots on the remote (by listing, trashed ones excluded), newest step first."""
     found = (SnapshotInfo.from_remote(f) for f in backend.list())
     return sorted((s for s in found if s is not None), key=lambda s: (s.step, s.created), reverse=True)
+
+
+def snapshot_on_remote(backend: Backend, step: int, final: bool) -> bool:
+    """Whether the remote holds the snapshot of step (with final: the run's final one of that step)."""
+    candidates = list_snapshots(backend)
+    pointer = read_pointer(backend)
+    if pointer is not None:
+        candidates.append(pointer)  # verified and pointed to, but perhaps not in the (lagging) listing yet
+    return any(s.step == step and (s.final or not final) for s in candidates)
 
 
 def read_pointer(backend: Backend) -> SnapshotInfo | None:
@@ -97,7 +103,7 @@ def read_pointer(backend: Backend) -> SnapshotInfo | None:
             data = json.loads(dest.read_text())
             return SnapshotInfo(data["name"], int(data["step"]), data.get("val_accuracy"), data["sha256"],
                                 int(data["size"]), float(data["created"]), str(data.get("file_id", "")),
-                                str(data.get("run_id", "")))
+                                str(data.get("run_id", "")), bool(data.get("final", False)))
         except NotFound:
             return None
         except (ValueError, KeyError, TypeError, IntegrityError):
@@ -109,7 +115,7 @@ def write_pointer(backend: Backend, snap: SnapshotInfo, work_dir: Path) -> None:
     """Point the remote latest.json at snap (called only after snap is verified)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     local = work_dir / POINTER
-    local.write_text(json.dumps(snap.__dict__, sort_keys=True))
+    write_text_atomic(local, json.dumps(snap.__dict__, sort_keys=True))
     backend.put(POINTER, local, {})
     local.unlink()
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -11,6 +10,7 @@ from sync.backends.base import Backend
 from sync.errors import IntegrityError, NotFound, RemoteError, SyncError
 from sync.remote import SnapshotInfo, cache_name, legacy_cache_name, restore_candidates
 from sync.snapshot import check_relpath, extract, file_digest
+from common.files import replace_atomic
 
 log = logging.getLogger("sync")
 
@@ -41,7 +41,7 @@ def move_into_place(src: Path, manifest: dict, run_dir: Path) -> None:
     for rel in manifest["files"]:
         target = run_dir / check_relpath(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src / rel, target)
+        replace_atomic(src / rel, target)
     shutil.rmtree(src, ignore_errors=True)
 
 
@@ -70,7 +70,7 @@ def fetch_cache(backend: Backend, manifest: dict, cache_dir: Path) -> tuple[int,
                         str(e).removeprefix("sync: "))
             bad.add(sha)
             continue
-        os.replace(tmp, target)
+        replace_atomic(tmp, target)
         fetched += 1
     return fetched, bad
 

@@ -170,12 +170,22 @@ def permanent_error(exc: BaseException, what: str) -> RemoteError | None:
 
 @dataclass
 class RetryPolicy:
-    """Bounded tries with delays backoff_s * 2**n (capped, full jitter), or the server's Retry-After."""
+    """Bounded tries with delays backoff_s * 2**n (capped at max_delay_s) with equal jitter (a delay is drawn
+    from [ceiling/2, ceiling]), or the server's Retry-After (also capped).
+
+    The budget of one request is `tries` tries and at most `worst_case_wait_s` seconds of waiting between them
+    (plus each try's own socket timeout, sync.timeout_s). This is the only loop that waits and retries a
+    request; the Drive backend's recoveries (see drive.RECOVERY_BUDGET) each start requests under it."""
     tries: int = 8
     backoff_s: float = 1.0
     max_delay_s: float = 60.0
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
+
+    @property
+    def worst_case_wait_s(self) -> float:
+        """The longest this policy waits, in all, between the tries of one request."""
+        return sum(min(self.max_delay_s, self.backoff_s * 2 ** attempt) for attempt in range(self.tries - 1))
 
     def delay(self, attempt: int, exc: BaseException) -> float:
         """Seconds to wait before try number attempt+1 (attempt counts from 0)."""

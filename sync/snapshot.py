@@ -4,7 +4,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import shutil
 import tarfile
 import tempfile
@@ -12,6 +11,7 @@ from pathlib import Path, PurePosixPath
 
 from common.files import file_digest, write_atomic
 from sync.errors import IntegrityError
+from common.files import replace_atomic
 
 MANIFEST = "sync-manifest.json"
 FORMAT = 1
@@ -77,7 +77,7 @@ def extract(archive: Path, dest: Path, expected_sha256: str | None = None) -> di
             if file_digest(tmp / rel) != meta["sha256"]:
                 raise IntegrityError(f"snapshot {archive.name}: member {rel} does not match its manifest sha256.")
         (tmp / MANIFEST).unlink()
-        os.replace(tmp, dest)
+        replace_atomic(tmp, dest)
     except (tarfile.TarError, OSError, EOFError, ValueError, KeyError) as e:
         raise IntegrityError(f"snapshot {archive.name} is not a valid snapshot archive ({type(e).__name__}: "
                              f"{e}); it was not used.") from None

@@ -8,21 +8,43 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import replace_atomic, write_text_atomic
 from sync.handover import HandOver
 
 STAGED_INFO = "staged.json"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Staged:
-    """One staged checkpoint: its folder of file copies and the info recorded when it was staged."""
+    """One staged checkpoint: its folder of file copies, the hand-over it copies, and when and for which run
+    it was staged (`created`: when the runner handed it over; `staged`: the folder's own stamp, in seconds)."""
     path: Path
-    info: dict
+    hand_over: HandOver
+    run_id: str
+    created: float
+    staged: float
 
     @property
     def step(self) -> int:
         """The checkpoint's training step."""
-        return int(self.info["step"])
+        return self.hand_over.step
+
+    def to_json(self) -> str:
+        """What staged.json holds."""
+        return json.dumps({"hand_over": json.loads(self.hand_over.to_json()), "run_id": self.run_id,
+                           "created": self.created, "staged": self.staged}, sort_keys=True)
+
+    @classmethod
+    def read(cls, path: Path) -> "Staged":
+        """The staged checkpoint in folder path (ValueError/KeyError/TypeError when its record is unreadable)."""
+        data = json.loads((path / STAGED_INFO).read_text())
+        if "hand_over" not in data:  # staged by an earlier version: an untyped info dict
+            data = {"hand_over": {"step": data["step"], "files": data["files"], "immutable": [],
+                                  "runner_version": data.get("runner_version") or "unknown",
+                                  "metrics": data.get("metrics") or {}, "cache_files": data.get("cache_files", [])},
+                    "run_id": data.get("run_id", ""), "created": data["created"], "staged": data["staged"]}
+        return cls(path, HandOver.from_json(json.dumps(data["hand_over"])), str(data["run_id"]),
+                   float(data["created"]), float(data["staged"]))
 
 
 def _link_or_copy(src: Path, dst: Path, immutable: bool) -> None:
@@ -43,22 +65,23 @@ class Staging:
     def __init__(self, root: Path):
         self.root = root
 
-    def stage(self, run_dir: Path, hand_over: HandOver, info: dict) -> Staged:
+    def stage(self, run_dir: Path, hand_over: HandOver, run_id: str, created: float) -> Staged:
         """Hardlink the hand-over's immutable files and copy the others into a new staged folder."""
         step = hand_over.step
         stamp = time.time_ns()  # a step staged twice gets two folders: the worker may be sending the first
         final = self.root / f"step-{step:09d}-{stamp}"
         tmp = self.root / f".tmp-step-{step:09d}-{stamp}"
+        staged = Staged(final, hand_over, run_id, created, stamp / 1e9)
         try:
+            tmp.mkdir(parents=True)
             for rel in hand_over.files:
                 _link_or_copy(run_dir / rel, tmp / "files" / rel, rel in hand_over.immutable)
-            info = dict(info, step=step, files=list(hand_over.files), staged=stamp / 1e9)
-            (tmp / STAGED_INFO).write_text(json.dumps(info, sort_keys=True))
+            write_text_atomic(tmp / STAGED_INFO, staged.to_json())
+            replace_atomic(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        os.replace(tmp, final)
-        return Staged(final, info)
+        return staged
 
     def pending(self) -> list[Staged]:
         """Complete staged checkpoints, oldest step first (half-written ones are ignored)."""
@@ -66,10 +89,10 @@ class Staging:
         if self.root.is_dir():
             for path in sorted(self.root.glob("step-*")):
                 try:
-                    out.append(Staged(path, json.loads((path / STAGED_INFO).read_text())))
-                except (OSError, ValueError):
+                    out.append(Staged.read(path))
+                except (OSError, ValueError, KeyError, TypeError):
                     continue
-        return sorted(out, key=lambda s: (s.step, s.info.get("staged", 0)))
+        return sorted(out, key=lambda s: (s.step, s.staged))
 
     def remove(self, staged: Staged) -> None:
         """Forget a staged checkpoint (sent, or superseded by a newer one)."""

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 from pathlib import Path
 
 from sync.backends.base import Backend
-from sync.errors import RemoteError, SyncError, TransferError
-from sync.remote import (SnapshotInfo, cache_name, check_owner, prune, published_files, read_pointer,
-                         remote_cache, snapshot_name, write_pointer)
+from sync.errors import SyncError
+from sync.remote import (SnapshotInfo, cache_name, check_owner, prune, read_pointer, remote_cache, snapshot_name,
+                         write_pointer)
 from sync.snapshot import check_relpath, file_digest, pack
 from sync.staging import Staged, Staging
+from common.files import write_text_atomic
 
 log = logging.getLogger("sync")
 RETRY_AFTER_FAILURE_S = 300.0
@@ -48,23 +48,18 @@ class Uploader:
             self._wakeups += 1
             self._cond.notify_all()
 
-    def close(self, timeout: float) -> str:
-        """Let the worker send what is pending for at most timeout seconds; return a one-line outcome."""
+    def close(self, timeout: float) -> None:
+        """Let the worker send what is pending for at most timeout seconds (its last try: it stops after
+        a failure); `still_uploading`, `last_sent` and `last_error` then say how it ended."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout)
-        pending = self.staging.pending()
-        where = self.backend.description
-        if not pending:
-            if self.last_sent is not None:
-                note = f"; {self.backend.note}" if self.backend.note else ""
-                return f"sync: snapshot step {self.last_sent} uploaded and verified ({where}){note}"
-            return f"sync: nothing new to upload ({where})"
-        reason = "still uploading when the timeout ran out" if self._thread.is_alive() else (
-            (self.last_error or "not sent").removeprefix("sync: "))
-        return (f"sync: {len(pending)} snapshot(s) still pending (newest step {pending[-1].step}; {reason}): "
-                f"they stay queued locally and will be sent on the next run or by `python -m sync push`")
+
+    @property
+    def still_uploading(self) -> bool:
+        """The worker is still running (close()'s timeout ran out during an upload)."""
+        return self._thread.is_alive()
 
     def reupload(self, shas: set[str]) -> None:
         """Send these cache shards again at the next upload (a restore found their remote copy corrupt or gone)."""
@@ -100,16 +95,11 @@ class Uploader:
                 self.send(newest)
                 self.staging.remove(newest)
                 self.last_sent, self.last_error, failed = newest.step, None, False
-            except RemoteError as e:  # permanent for now: one line, retried at the next checkpoint or later
-                self.last_error, failed = f"{e} Training continues; the snapshot stays queued.", True
-                log.error("%s", self.last_error.removeprefix("sync: "))
-            except TransferError as e:
-                self.last_error = f"{e} Training continues; the snapshot stays queued and is retried later."
-                failed = True
-                log.error("%s", self.last_error.removeprefix("sync: "))
-            except SyncError as e:
+            except SyncError as e:  # RemoteError, TransferError (after its retries), ...: retried later
                 self.last_error, failed = str(e), True
-                log.error("%s", str(e).removeprefix("sync: "))
+                later = " Sync is closing: the snapshot stays queued on this machine." if final_try else \
+                    " Training continues; the snapshot stays queued and is retried later."
+                log.error("%s%s", self.last_error.removeprefix("sync: "), later)
             except Exception as e:  # never let the worker die: training must not notice
                 self.last_error, failed = f"{type(e).__name__}: {e}", True
                 log.exception("unexpected error while sending step %d", newest.step)
@@ -118,22 +108,22 @@ class Uploader:
 
     def send(self, staged: Staged) -> SnapshotInfo:
         """Upload staged's cache shards and snapshot, verify it, move the pointer, then prune older ones."""
-        info = staged.info
-        run_id = str(info.get("run_id", ""))
+        hand_over = staged.hand_over
         if not self._owner_checked:
-            check_owner(self.backend, run_id, read_pointer(self.backend))
+            check_owner(self.backend, staged.run_id, read_pointer(self.backend))
             self._owner_checked = True
-        cache = self._upload_cache(info.get("cache_files", []))
-        name = snapshot_name(staged.step, info.get("run_id", ""))
-        archive = self.work_dir / "outgoing" / f"{staged.path.name}-{int(info['staged'] * 1e6)}.tar.gz"
-        manifest = {k: info.get(k) for k in ("step", "val_accuracy", "val_loss", "metrics", "run_id",
-                                             "created", "runner_version")}
-        manifest["cache"] = cache
+        cache = self._upload_cache(hand_over.cache_files)
+        name = snapshot_name(staged.step, staged.run_id)
+        archive = self.work_dir / "outgoing" / f"{staged.path.name}-{int(staged.staged * 1e6)}.tar.gz"
+        manifest = {"step": hand_over.step, "val_accuracy": hand_over.val_accuracy,
+                    "val_loss": hand_over.metrics.get("val_loss"), "metrics": hand_over.metrics,
+                    "run_id": staged.run_id, "created": staged.created, "runner_version": hand_over.runner_version,
+                    "final": hand_over.final, "cache": cache}
         clear_outgoing(self.work_dir, {archive.name})
         if not archive.exists():
-            pack(staged.path / "files", info["files"], manifest, archive)
-        snap = SnapshotInfo(name, staged.step, info.get("val_accuracy"), file_digest(archive),
-                            archive.stat().st_size, float(info["created"]), run_id=run_id)
+            pack(staged.path / "files", list(hand_over.files), manifest, archive)
+        snap = SnapshotInfo(name, staged.step, hand_over.val_accuracy, file_digest(archive),
+                            archive.stat().st_size, staged.created, run_id=staged.run_id, final=hand_over.final)
         snap.file_id = self.backend.put(name, archive, snap.properties()).id
         write_pointer(self.backend, snap, self.work_dir / "outgoing")
         log.info("snapshot step %d uploaded and verified (%s)", snap.step, self.backend.description)
@@ -147,9 +137,9 @@ class Uploader:
         return snap
 
     def _publish(self, staged: Staged) -> None:
-        """Copy the snapshot's export and report files as plain files next to it (readable in Drive's web page);
-        a failure here costs only the copies, never the snapshot."""
-        for rel in published_files(staged.info["files"]):
+        """Copy the files the hand-over names as published (the final export and report) as plain files next
+        to the snapshot (readable in Drive's web page); a failure here costs only the copies, never the snapshot."""
+        for rel in staged.hand_over.published:
             try:
                 self.backend.put(rel, staged.path / "files" / rel, {})
             except SyncError as e:
@@ -157,7 +147,7 @@ class Uploader:
                             str(e).removeprefix("sync: "))
                 return
 
-    def _upload_cache(self, rels: list[str]) -> dict[str, str]:
+    def _upload_cache(self, rels: tuple[str, ...]) -> dict[str, str]:
         """Upload each cache shard not yet on the remote (named by its sha256); return {relpath: sha256}."""
         if rels and self._remote_cache is None:
             self._remote_cache = remote_cache(self.backend) - self._reupload
@@ -207,6 +197,4 @@ def _write_names(path: Path, names: set[str]) -> None:
         path.unlink(missing_ok=True)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(sorted(names)))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(sorted(names)))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from datetime import datetime
@@ -19,6 +18,7 @@ from sync.config import SyncConfig
 from sync.errors import IntegrityError, NotFound, RemoteError, SyncError
 from sync.retry import RetryPolicy
 from sync.snapshot import file_digest
+from common.files import replace_atomic, write_text_atomic
 
 log = logging.getLogger("sync")
 # googleapiclient logs each 4xx/5xx it sees; our retry policy already reports each failure once.
@@ -29,8 +29,15 @@ FOLDER_MIME = "application/vnd.google-apps.folder"
 FIELDS = "id,name,size,md5Checksum,properties,modifiedTime,createdTime,mimeType"
 ALL_DRIVES = {"supportsAllDrives": True}  # required for items in shared drives (Drive guide "Implement shared
                                           # drive support": files.get/list/create/update/delete)
-MD5_ATTEMPTS = 3
-NEW_SESSION_ATTEMPTS = 3
+# Recoveries of one put(), each a fresh start of requests that run under the one RetryPolicy (sync.retries
+# tries of each request, RetryPolicy.worst_case_wait_s of waiting): none of them retries a failed request
+# itself, and none waits. They stack at most RECOVERY_BUDGET deep; a put that exhausts them fails, and the
+# uploader keeps the snapshot queued for the next checkpoint, five minutes later, or exit.
+MD5_ATTEMPTS = 3          # contents sent again after Drive's md5Checksum disagreed with ours
+FRESH_ID_ATTEMPTS = 2     # the saved pre-generated file id, then one new id (400/409 on create)
+NEW_SESSION_ATTEMPTS = 3  # resumable sessions started after Drive forgot one (404/410)
+FOLDER_ATTEMPTS = 2       # the folder as known, then looked up again once (404 on the parent)
+RECOVERY_BUDGET = FOLDER_ATTEMPTS * MD5_ATTEMPTS * FRESH_ID_ATTEMPTS * NEW_SESSION_ATTEMPTS  # sends of one put
 MULTIPART_MAX = 5 * 2**20  # Drive's guidance: one multipart request for files up to 5 MB, resumable above
 STALE_STATE_S = 7 * 86400  # Drive forgets resumable sessions after about a week
 
@@ -94,9 +101,7 @@ class UploadState:
         """Record values (atomically) next to the content's md5 and size."""
         self.data.update(values, md5=self.md5, size=self.size)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.data))
 
     def clear(self) -> None:
         """Forget the upload (it finished, or must start over)."""
@@ -338,7 +343,7 @@ class DriveBackend(Backend):
             body = {"properties": properties}
             return self._send(name, local, state, lambda media: self._files.update(
                 fileId=existing["id"], body=body, media_body=media, fields=FIELDS, **ALL_DRIVES))
-        for fresh_id in (False, True):
+        for fresh_id in (attempt > 0 for attempt in range(FRESH_ID_ATTEMPTS)):
             if fresh_id or not state.get("file_id"):
                 ids = self._execute(lambda: self._files.generateIds(count=1, space="drive"), "generating a file id")
                 state.save(file_id=ids["ids"][0], uri=None, offset=0)
@@ -429,7 +434,7 @@ class DriveBackend(Backend):
         if md5 and file_digest(part, "md5") != md5:
             part.unlink()
             raise IntegrityError(f"sync: {name} downloaded with the wrong md5; it was not used.")
-        os.replace(part, dest)
+        replace_atomic(part, dest)
 
     def _range(self, uri: str, start: int, end: int) -> bytes:
         """Bytes [start, end] of a media URI (one HTTP request; errors are raised for the retry policy)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from sync.backends.base import Backend, RemoteFile, split_name
 from sync.errors import IntegrityError, NotFound, SyncError
 from sync.snapshot import file_digest
+from common.files import replace_atomic, write_bytes_atomic
 
 CATALOG = ".catalog.json"
 MOUNTED_DRIVE = Path("/content/drive")  # where Colab's drive.mount() puts Google Drive (DriveFS)
@@ -81,7 +82,7 @@ class FolderBackend(Backend):
             shutil.copyfile(self.root / name, tmp)
         except FileNotFoundError:
             raise NotFound(f"sync: {name} is not in {self.root}.") from None
-        os.replace(tmp, dest)
+        replace_atomic(tmp, dest)
 
     def list(self, subfolder: str = "") -> list[RemoteFile]:
         """Every complete file in root (or root/subfolder) with its properties (one catalog read, one stat per
@@ -130,12 +131,10 @@ def _copy_verified(local: Path, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.partial")
     try:
         shutil.copyfile(local, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
         if file_digest(tmp) != file_digest(local):
             raise IntegrityError(f"sync: the copy of {dest.name} in {dest.parent} does not match the local file; "
                                  f"the folder's storage is unreliable.")
-        os.replace(tmp, dest)
+        replace_atomic(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -150,12 +149,7 @@ def _write(path: Path, data: bytes, in_place: bool) -> None:
             f.flush()
             os.fsync(f.fileno())
         return
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, data)
 
 
 def _write_error(e: OSError, name: str, root: Path) -> SyncError:

@@ -96,6 +96,23 @@ def test_disk_full_is_a_fixable_error_naming_the_path(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir()), "the temp file is removed"
 
 
+def test_a_disk_full_while_renaming_a_download_into_place_names_it_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    from common.errors import EXIT_USER_ERROR, status_of
+    from common.files import replace_atomic
+    (tmp_path / "shard.npy").write_bytes(b"old")
+    (tmp_path / ".shard.npy.download").write_bytes(b"new")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as caught:
+        replace_atomic(tmp_path / ".shard.npy.download", tmp_path / "shard.npy")
+    code, message = status_of(caught.value)
+    assert code == EXIT_USER_ERROR and str(tmp_path / "shard.npy") in message and "full" in message
+    assert (tmp_path / "shard.npy").read_bytes() == b"old"
+
+
 def test_a_damaged_weights_file_is_refused_naming_backbone_weights(tmp_path):
     from runner.backbones import build_backbone
     from runner.config import BackboneConfig

@@ -47,7 +47,7 @@ def test_sigterm_during_a_stalled_drive_restore_is_honoured_at_once(drive_config
     files = write_checkpoint(source, 10)
     sync = open_sync(drive_config, source, source / "cache", run_id="run")  # the run dir's name below
     sync.on_checkpoint(hand_over(10, files, 0.5))
-    assert "uploaded" in sync.close(60)
+    assert "uploaded" in sync.close(60).message
     fake_drive.inject("stall", on="media", seconds=90)
     settings = [f"sync.{k}={getattr(drive_config, k)}" for k in
                 ("backend", "folder", "credentials", "api_endpoint", "ca_certs", "chunk_mib")] + ["sync.timeout_s=120"]

@@ -29,11 +29,12 @@ def write_checkpoint(run_dir: Path, step: int, size: int = 4096, seed: int | Non
     return files
 
 
-def hand_over(step: int, files: list[str], acc: float | None = 0.5, cache_files=()) -> HandOver:
+def hand_over(step: int, files: list[str], acc: float | None = 0.5, cache_files=(), final: bool = False,
+              published=()) -> HandOver:
     """The runner's hand-over of checkpoint `step`: everything but the metrics log is immutable."""
     return HandOver(step=step, files=tuple(files), immutable=frozenset(f for f in files if f != "metrics.jsonl"),
                     runner_version="test", metrics={"val_accuracy": acc, "val_loss": 1.0},
-                    cache_files=tuple(cache_files))
+                    cache_files=tuple(cache_files), final=final, published=tuple(published))
 
 
 def write_cache(cache_dir: Path, names: list[str], size: int = 2048) -> list[str]:

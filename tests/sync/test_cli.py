@@ -87,3 +87,13 @@ def test_sync_never_imports_tensorflow_or_the_runner():
     code = ("import sys, sync, sync.__main__, sync.backends.drive, sync.uploader, sync.restore; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'runner')]; assert not bad, bad")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_list_on_an_empty_remote_exits_66_with_the_folder_and_the_fix(tmp_path, capsys):
+    from common.errors import EXIT_NO_INPUT
+    from sync.__main__ import main
+    remote = tmp_path / "empty"
+    remote.mkdir()
+    assert main(["--config", str(config_file(tmp_path, remote, tmp_path / "run")), "list"]) == EXIT_NO_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no snapshots in folder {remote}") and "sync.folder" in err

@@ -29,7 +29,7 @@ def _train_on_machine_a(drive_config, tmp_path, steps=(100, 200)):
         sync = open_sync(drive_config, tmp_path / "a/run", tmp_path / "a/cache", "flowers")
         shards = write_cache(tmp_path / "a/cache", [f"shard-{step}.npy"])
         _checkpoint(sync, step, acc=step / 1000, cache_files=shards)
-        assert f"step {step} uploaded" in sync.close(timeout=60)
+        assert f"step {step} uploaded" in sync.close(timeout=60).message
 
 
 def _folders(fake):
@@ -192,8 +192,8 @@ def test_a_permanent_error_during_upload_is_one_line_and_training_continues(driv
     fault = fake_drive.inject("http", on="list", times=10_000, status=403, reason=reason, new_format_only=new_only)
     sync = open_sync(drive_config, tmp_path / "run", tmp_path / "cache", "r1")
     _checkpoint(sync, 100)
-    outcome = sync.close(timeout=30)
-    assert "still pending" in outcome and advice in outcome and "Training continues" in outcome
+    outcome = sync.close(timeout=30).message
+    assert "still pending" in outcome and advice in outcome and "the snapshot stays queued" in caplog.text
     errors = [r for r in caplog.records if r.name == "sync" and r.levelname == "ERROR"]
     assert len(errors) == fault.hits <= 2  # one line per attempt (the first, and the one at close), no retries
     assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.name.startswith("googleapiclient")]
@@ -221,7 +221,7 @@ def test_storage_full_with_trash_counting_is_reported_as_storage(drive_config, f
     fake_drive.storage_limit = 1000
     sync = open_sync(drive_config, tmp_path / "run", tmp_path / "cache", "r1")
     _checkpoint(sync, 100)
-    outcome = sync.close(timeout=30)
+    outcome = sync.close(timeout=30).message
     assert "no storage left" in outcome and "trash" in outcome
 
 
@@ -229,7 +229,7 @@ def test_a_second_run_in_the_same_drive_folder_is_refused(drive_config, fake_dri
     _train_on_machine_a(drive_config, tmp_path, steps=(100,))
     other = open_sync(drive_config, tmp_path / "other/run", tmp_path / "other/cache", "daisies")
     _checkpoint(other, 500)
-    outcome = other.close(timeout=30)
+    outcome = other.close(timeout=30).message
     assert "another run ('flowers'" in outcome and "its own sync.folder" in outcome
     assert not fake_drive.live_files("snapshot-000000500-daisies.tar.gz")
 

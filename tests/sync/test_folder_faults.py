@@ -36,7 +36,7 @@ def test_a_full_sync_folder_is_one_line_per_attempt_with_the_reason(tmp_path, mo
     monkeypatch.setattr(shutil, "copyfile", full)
     sync = _open(tmp_path, tmp_path / "remote")
     _checkpoint(sync, 100)
-    outcome = sync.close(timeout=30)
+    outcome = sync.close(timeout=30).message
     assert "still pending" in outcome and "no space left there" in outcome
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert 1 <= len(errors) <= 2 and all("no space left" in r.getMessage() for r in errors)
@@ -49,7 +49,7 @@ def test_one_corrupt_cache_file_on_the_remote_is_skipped_the_rest_restored_and_i
     sync = _open(tmp_path, remote)
     shards = write_cache(tmp_path / "cache", [f"s{i}.npy" for i in range(4)])
     _checkpoint(sync, 100, shards)
-    assert "uploaded" in sync.close(timeout=30)
+    assert "uploaded" in sync.close(timeout=30).message
     from sync.snapshot import file_digest
     bad_sha = file_digest(tmp_path / "cache" / shards[1])
     (remote / cache_name(bad_sha)).write_bytes(b"garbage")
@@ -60,7 +60,7 @@ def test_one_corrupt_cache_file_on_the_remote_is_skipped_the_rest_restored_and_i
     assert len(restored) == 3 and shards[1] not in restored  # the others came back
     shutil.copy(tmp_path / "cache" / shards[1], tmp_path / "vm2/cache" / shards[1])  # the runner recomputes it
     _checkpoint(vm2, 200, shards)
-    assert "step 200 uploaded" in vm2.close(timeout=30)
+    assert "step 200 uploaded" in vm2.close(timeout=30).message
     assert file_digest(remote / cache_name(bad_sha)) == bad_sha  # replaced by a good copy
 
 
@@ -80,10 +80,10 @@ def test_a_second_run_in_the_same_sync_folder_is_refused(tmp_path):
     remote = tmp_path / "remote"
     first = _open(tmp_path, remote, run="a", run_id="flowers")
     _checkpoint(first, 100)
-    assert "uploaded" in first.close(timeout=30)
+    assert "uploaded" in first.close(timeout=30).message
     second = _open(tmp_path, remote, run="b", run_id="daisies")
     _checkpoint(second, 900)
-    outcome = second.close(timeout=30)
+    outcome = second.close(timeout=30).message
     assert "another run ('flowers', newest step 100)" in outcome and "its own sync.folder" in outcome
     assert [s.step for s in list_snapshots(FolderBackend(remote))] == [100]
 
@@ -125,7 +125,7 @@ def test_on_a_mounted_drive_the_outcome_says_what_verified_means_and_deletes_fre
     for step in (100, 200):
         sync = _open(tmp_path, remote, keep=1)
         _checkpoint(sync, step, acc=step / 1000)
-        outcome = sync.close(timeout=30)
+        outcome = sync.close(timeout=30).message
     assert "uploaded and verified" in outcome and "DriveFS's local copy" in outcome
     truncated = []
     real_truncate = folder_module.os.truncate

@@ -28,7 +28,7 @@ def test_sync_off_is_a_no_op(tmp_path):
     assert not sync.enabled
     sync.on_checkpoint(hand_over(1, []))
     assert sync.restore_latest() is None
-    assert "off" in sync.close()
+    assert "off" in sync.close().message
     assert not (tmp_path / "run").exists()
 
 
@@ -39,7 +39,7 @@ def test_snapshot_round_trip_restores_run_and_cache_into_an_empty_run_dir(tmp_pa
     files = _checkpoint(sync, 200, cache_files=shards)
     expected = {f: (sync.run_dir / f).read_bytes() for f in files}
     expected_cache = tree(tmp_path / "cache")
-    assert sync.close(timeout=30) == f"sync: snapshot step 200 uploaded and verified (folder {remote})"
+    assert sync.close(timeout=30).message == f"sync: snapshot step 200 uploaded and verified (folder {remote})"
 
     fresh = _open(tmp_path, remote, run="vm2/run", cache="vm2/cache")
     assert fresh.restore_latest() == 200
@@ -65,7 +65,7 @@ def test_files_changed_after_on_checkpoint_do_not_change_the_snapshot(tmp_path):
         f.write('{"step": 101}\n')  # the runner keeps appending
     (sync.run_dir / files[1]).unlink()  # and deletes old checkpoints
     gate.set()
-    assert "step 100 uploaded" in sync.close(timeout=30)
+    assert "step 100 uploaded" in sync.close(timeout=30).message
     fresh = _open(tmp_path, remote, run="vm2")
     assert fresh.restore_latest() == 100
     assert (tmp_path / "vm2" / "metrics.jsonl").read_bytes() == staged_metrics
@@ -93,7 +93,7 @@ def test_checkpoints_faster_than_the_network_are_coalesced_to_the_newest(tmp_pat
     for step in (100, 200, 300, 400):
         _checkpoint(sync, step)
     gate.set()
-    assert "step 400 uploaded" in sync.close(timeout=30)
+    assert "step 400 uploaded" in sync.close(timeout=30).message
     sent = [n for n in backend.puts if n.startswith("snapshot-")]
     assert sent[-1] == "snapshot-000000400-r1.tar.gz"
     assert len(sent) <= 2  # at most the one already in flight, then the newest
@@ -113,14 +113,14 @@ def test_snapshots_queued_by_a_failed_run_are_sent_by_the_next_one_newest_only(t
                 backend=_FullFolder(blocked))
     for step in (100, 200, 300):
         _checkpoint(sync, step)
-    outcome = sync.close(timeout=30)
-    assert outcome.startswith("sync: 3 snapshot(s) still pending (newest step 300") or \
-        outcome.startswith("sync: 1 snapshot(s) still pending (newest step 300")
+    outcome = sync.close(timeout=30).message
+    assert outcome.startswith("sync: 1 snapshot(s) still pending (newest step 300")  # the older two: superseded
+    assert [s.step for s in sync.staging.pending()] == [300]
     assert "will be sent on the next run" in outcome
 
     remote = tmp_path / "remote"
     again = _open(tmp_path, remote)
-    assert again.close(timeout=30) == f"sync: snapshot step 300 uploaded and verified (folder {remote})"
+    assert again.close(timeout=30).message == f"sync: snapshot step 300 uploaded and verified (folder {remote})"
     assert [s.step for s in list_snapshots(FolderBackend(remote))] == [300]
     assert not list((tmp_path / "run" / ".sync" / "staged").glob("step-*"))
 
@@ -131,7 +131,7 @@ def test_retention_keeps_newest_k_and_the_best_and_deletes_only_after_a_newer_on
     for step, acc in accs.items():  # one close per checkpoint, so none is coalesced away
         sync = _open(tmp_path, remote, keep=2)
         _checkpoint(sync, step, acc)
-        assert f"step {step} uploaded" in sync.close(timeout=30)
+        assert f"step {step} uploaded" in sync.close(timeout=30).message
     steps = sorted(s.step for s in list_snapshots(FolderBackend(remote)))
     assert steps == [200, 500, 600]  # newest 2 + best val accuracy (step 200)
 
@@ -196,7 +196,7 @@ def test_close_returns_within_its_timeout_while_an_upload_hangs(tmp_path):
                 backend=_GatedFolder(tmp_path / "remote", gate))
     _checkpoint(sync, 100)
     started = time.monotonic()
-    outcome = sync.close(timeout=0.5)
+    outcome = sync.close(timeout=0.5).message
     assert time.monotonic() - started < 2
     assert outcome.startswith("sync: 1 snapshot(s) still pending (newest step 100; still uploading when the timeout")
     gate.set()
@@ -206,14 +206,16 @@ def test_on_checkpoint_with_a_missing_file_logs_and_returns(tmp_path, caplog):
     sync = _open(tmp_path, tmp_path / "remote")
     sync.on_checkpoint(hand_over(100, ["checkpoints/ckpt-100.index"], None))
     assert "could not stage checkpoint step 100" in caplog.text
-    assert sync.close(timeout=10).startswith("sync: nothing new to upload")
+    outcome = sync.close(timeout=10)
+    assert not outcome.on_remote and outcome.pending == 0
+    assert "could not stage checkpoint step 100" in outcome.last_error and outcome.last_error in outcome.message
 
 
 def test_a_vanished_cache_file_does_not_block_the_snapshot(tmp_path):
     sync = _open(tmp_path, tmp_path / "remote")
     shards = write_cache(tmp_path / "cache", ["a.npy"])
     _checkpoint(sync, 100, cache_files=shards + ["mobilenet_v2/gone.npy"])
-    assert "step 100 uploaded" in sync.close(timeout=30)
+    assert "step 100 uploaded" in sync.close(timeout=30).message
     assert _open(tmp_path, tmp_path / "remote", run="vm2", cache="vm2cache").restore_latest() == 100
     assert tree(tmp_path / "vm2cache") == tree(tmp_path / "cache")
 
@@ -253,6 +255,33 @@ def test_the_same_step_staged_twice_sends_the_later_copy(tmp_path):
     _checkpoint(sync, 100)  # e.g. a periodic and a final checkpoint at the same step; metrics.jsonl grew
     final_metrics = (sync.run_dir / "metrics.jsonl").read_bytes()
     gate.set()
-    assert "step 100 uploaded" in sync.close(timeout=30)
+    assert "step 100 uploaded" in sync.close(timeout=30).message
     assert _open(tmp_path, remote, run="vm2").restore_latest() == 100
     assert (tmp_path / "vm2" / "metrics.jsonl").read_bytes() == final_metrics
+
+
+def test_close_waits_for_an_upload_in_flight_then_reports_it_sent_and_pointed_to(tmp_path):
+    remote = tmp_path / "remote"
+    gate = threading.Event()
+    sync = Sync(SyncConfig(folder=str(remote)), tmp_path / "run", tmp_path / "cache", "r1",
+                backend=_GatedFolder(remote, gate))
+    _checkpoint(sync, 100)
+    threading.Timer(0.3, gate.set).start()  # the upload is held until close() is already waiting
+    outcome = sync.close(timeout=30)
+    assert outcome.on_remote and outcome.step == 100 and outcome.pending == 0 and outcome.last_error is None
+    assert json.loads((remote / POINTER).read_text())["step"] == 100
+
+
+def test_a_checkpoint_staged_by_an_earlier_version_is_still_sent(tmp_path):
+    remote = tmp_path / "remote"
+    run_dir = tmp_path / "run"
+    files = write_checkpoint(run_dir, 100)
+    legacy = run_dir / ".sync" / "staged" / "step-000000100-1"
+    for rel in files:
+        (legacy / "files" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (legacy / "files" / rel).write_bytes((run_dir / rel).read_bytes())
+    (legacy / "staged.json").write_text(json.dumps({  # the untyped info dict staging used to write
+        "step": 100, "files": files, "run_id": "r1", "created": 1.0, "staged": 1.0, "metrics": {"val_accuracy": 0.5},
+        "val_accuracy": 0.5, "val_loss": None, "runner_version": "0.9", "cache_files": []}))
+    assert "step 100 uploaded" in _open(tmp_path, remote).close(timeout=30).message
+    assert [s.step for s in list_snapshots(FolderBackend(remote))] == [100]

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from common.errors import EXIT_NO_INPUT
 from sync import HandOver, SyncConfig, open_sync
 from sync.__main__ import main as sync_cli
 from tests.sync.helpers import hand_over, write_checkpoint
@@ -30,7 +31,7 @@ def test_immutable_files_are_hard_linked_and_the_others_copied_when_staged(tmp_p
     sync = open_sync(SyncConfig(folder=str(tmp_path / "remote")), tmp_path / "run", tmp_path / "cache", "r1",
                      start_uploader=False)  # nothing is sent, so the staged copy stays to be looked at
     files = write_checkpoint(sync.run_dir, 100)
-    sync.staging.stage(sync.run_dir, hand_over(100, files), {})
+    sync.staging.stage(sync.run_dir, hand_over(100, files), "r1", created=1.0)
     [staged] = sync.staging.pending()
     for rel in files:
         same_inode = (staged.path / "files" / rel).stat().st_ino == (sync.run_dir / rel).stat().st_ino
@@ -52,13 +53,13 @@ def test_list_does_not_start_the_background_uploader(tmp_path, capsys, monkeypat
     run_dir, remote = tmp_path / "run", tmp_path / "remote"
     staged = open_sync(SyncConfig(folder=str(tmp_path / "unreachable")), run_dir, tmp_path / "cache", "r1",
                        start_uploader=False)
-    staged.staging.stage(run_dir, hand_over(100, write_checkpoint(run_dir, 100)), {"run_id": "r1"})
+    staged.staging.stage(run_dir, hand_over(100, write_checkpoint(run_dir, 100)), "r1", created=1.0)
     config = tmp_path / "run.toml"
     config.write_text(f'[run]\ndir = "{run_dir}"\n[sync]\nfolder = "{remote}"\n')
     started = []
     monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self.name))
-    assert sync_cli(["--config", str(config), "list"]) == 0
-    assert "no snapshots" in capsys.readouterr().out
+    assert sync_cli(["--config", str(config), "list"]) == EXIT_NO_INPUT
+    assert "no snapshots in folder" in capsys.readouterr().err
     assert started == [] and len(staged.staging.pending()) == 1, "list must not send what is staged"
 
 

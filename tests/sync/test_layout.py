@@ -16,7 +16,8 @@ def _final_checkpoint(sync, step, cache_files=()):
     for rel, data in extra.items():
         (sync.run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (sync.run_dir / rel).write_bytes(data)
-    sync.on_checkpoint(hand_over(step, files + sorted(extra), None, cache_files))
+    published = ["export/model.tflite", "export/labels.txt", "report/curves.png"]  # as RunDir.published names them
+    sync.on_checkpoint(hand_over(step, files + sorted(extra), None, cache_files, final=True, published=published))
     return extra
 
 
@@ -25,7 +26,7 @@ def test_the_final_export_and_report_are_plain_files_next_to_the_snapshots_on_dr
     sync = open_sync(drive_config, tmp_path / "run", tmp_path / "cache", "r1")
     shards = write_cache(tmp_path / "cache", ["a.npy"])
     _final_checkpoint(sync, 300, shards)
-    assert "step 300 uploaded" in sync.close(timeout=60)
+    assert "step 300 uploaded" in sync.close(timeout=60).message
     paths = {fake_drive.path_of(f): fake_drive.content[f["id"]] for f in fake_drive.live_files()}
     assert paths["runs/flowers/export/model.tflite"] == b"tflite"
     assert paths["runs/flowers/export/labels.txt"] == b"a\nb\n"
@@ -43,7 +44,7 @@ def test_a_failed_plain_copy_never_fails_the_snapshot(tmp_path, caplog):
     (remote / "export" / "model.tflite").mkdir()  # a folder where the copy should go: the copy fails
     sync = open_sync(SyncConfig(folder=str(remote)), tmp_path / "run", tmp_path / "cache", "r1")
     _final_checkpoint(sync, 100)
-    assert "step 100 uploaded" in sync.close(timeout=30)
+    assert "step 100 uploaded" in sync.close(timeout=30).message
     assert "plain copy of export/model.tflite failed" in caplog.text
 
 
@@ -59,5 +60,5 @@ def test_cache_shards_stored_flat_by_older_versions_are_still_restored_and_not_s
     assert vm2.restore_latest() == 100
     assert tree(tmp_path / "vm2/cache") == tree(tmp_path / "cache")
     vm2.on_checkpoint(hand_over(200, write_checkpoint(vm2.run_dir, 200), None, shards))
-    assert "step 200 uploaded" in vm2.close(timeout=30)
+    assert "step 200 uploaded" in vm2.close(timeout=30).message
     assert not (remote / "cache" / f"cache-{sha}").exists()  # known on the remote: not uploaded twice

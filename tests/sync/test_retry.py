@@ -151,3 +151,18 @@ def test_storage_quota_is_not_retried_and_says_what_to_do():
     assert waits == []
     for advice in ("prune", "shared drive", "user credentials", "trash"):
         assert advice in str(info.value)
+
+
+def test_the_stated_budget_is_what_the_policy_waits_at_most_with_equal_jitter():
+    class Highest(random.Random):
+        def uniform(self, a, b):
+            return b
+    waits = []
+    policy = RetryPolicy(tries=8, backoff_s=1.0, max_delay_s=10.0, sleep=waits.append, rng=Highest())
+    with pytest.raises(TransferError):
+        policy.call(lambda: (_ for _ in ()).throw(ConnectionResetError("reset")), "sending")
+    assert len(waits) == policy.tries - 1 and sum(waits) == pytest.approx(policy.worst_case_wait_s)
+    low = RetryPolicy(tries=8, backoff_s=1.0, max_delay_s=10.0, rng=random.Random(0))
+    for attempt in range(7):  # equal jitter: never under half the ceiling, never over it
+        ceiling = min(low.max_delay_s, low.backoff_s * 2 ** attempt)
+        assert ceiling / 2 <= low.delay(attempt, ConnectionResetError()) <= ceiling

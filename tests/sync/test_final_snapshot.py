@@ -1,0 +1,78 @@
+"""Issue 18.4: a run whose final snapshot is not on the remote is not done. resume.py trains a tiny model in
+process against the fake Drive; the Drive is full when the final snapshot is handed over: exit 75, the model's
+local place and the exact push command; that push, once the Drive has room, exits 0 and a rerun is done (0)."""
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+import resume
+from common.errors import EXIT_OK, EXIT_TRANSIENT
+from runner.config import load_config
+from runner.notebook import run_status
+from sync import Sync
+from sync.__main__ import main as sync_cli
+from sync.outcome import OUTCOME_RECORD, SyncOutcome
+from sync.remote import list_snapshots, read_pointer
+from tests.helpers import write_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("tiny"), num_classes=2, per_class=12, size=40)
+
+
+def _config(run_dir, data_dir, drive_config):
+    sync = {"backend": "drive", "folder": drive_config.folder, "credentials": drive_config.credentials,
+            "api_endpoint": drive_config.api_endpoint, "ca_certs": drive_config.ca_certs, "chunk_mib": 0.25,
+            "retries": drive_config.retries, "backoff_s": drive_config.backoff_s,
+            "timeout_s": drive_config.timeout_s, "flush_timeout_s": 60}
+    return load_config(None, [f"data.dir={data_dir}", f"run.dir={run_dir}", "backbone.name=mobilenet",
+                              "backbone.weights=none", "backbone.allow_random_weights=true", "backbone.alpha=0.25",
+                              "backbone.image_size=32", "train.steps=20", "checkpoint.every_steps=10",
+                              "checkpoint.every_seconds=0", "export.enabled=false", "train.progress=lines",
+                              "data.min_images_per_class=2", "head.search=off",
+                              *(f"sync.{k}={v}" for k, v in sync.items())])
+
+
+def test_a_drive_full_at_the_final_snapshot_exits_75_naming_the_model_and_the_push_command(
+        tiny_data, drive_config, fake_drive, tmp_path, monkeypatch, capsys):
+    hand_overs = []
+    on_checkpoint = Sync.on_checkpoint
+
+    def drive_fills_up_at_the_final_snapshot(sync, hand_over):
+        hand_overs.append(hand_over)
+        if hand_over.final:
+            for on in ("start", "create"):
+                fake_drive.inject("quota", on=on, times=10_000)
+        on_checkpoint(sync, hand_over)
+    monkeypatch.setattr(Sync, "on_checkpoint", drive_fills_up_at_the_final_snapshot)
+    config = _config(tmp_path / "run", tiny_data, drive_config)
+    monkeypatch.setattr("signal.signal", lambda *args: None)  # the trainer's SIGTERM handler stays out of pytest
+    monkeypatch.setattr("runner.distribute.configure_tensorflow", lambda train: None)  # TF is set up already
+
+    assert resume.train(config, debug=False) == EXIT_TRANSIENT
+    out, err = capsys.readouterr()
+    assert "done: step 20" in out
+    push = f"python -m sync --config {shlex.quote(str(config.run_dir / 'config.toml'))} push"
+    assert err.startswith("error: the final snapshot (step 20) is not in Google Drive folder runs/flowers")
+    assert "no storage left" in err and f"on this machine only, in {config.run_dir}" in err and push in err
+    assert [h.final for h in hand_overs] == [False, False, True]
+    recorded = SyncOutcome.load(config.run_dir / ".sync" / OUTCOME_RECORD)
+    assert recorded.final and not recorded.final_on_remote and recorded.pending == 1 and recorded.step == 20
+    status = run_status(config.run_dir)[-1]  # what the notebook prints when the trainer exits 75
+    assert status.startswith("WARNING: the final snapshot (step 20) is not in Google Drive") and push in status
+
+    fake_drive.faults.clear()  # room again: the push command in the message sends the final snapshot
+    assert sync_cli(shlex.split(push)[3:]) == EXIT_OK
+    assert "snapshot step 20 uploaded and verified" in capsys.readouterr().out
+    from sync.backends import make_backend
+    backend = make_backend(drive_config, tmp_path / "transfers")
+    assert read_pointer(backend).final and [s.step for s in list_snapshots(backend)][0] == 20
+
+    monkeypatch.setattr(Sync, "on_checkpoint", on_checkpoint)
+    assert resume.train(config, debug=False) == EXIT_OK  # already finished, and its final snapshot is on Drive
+    out, err = capsys.readouterr()
+    assert "already finished" in out and "sync: nothing new to upload" in out and not err
+    assert run_status(config.run_dir)[-1] == "sync: the final snapshot (step 20) is in Google Drive folder runs/flowers"
