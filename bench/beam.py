@@ -7,7 +7,8 @@ Runs `runner.beam.extract_with_beam` twice into fresh caches, on `--small` and o
 reports the marginal rate (large - small) / (t_large - t_small): the images/s of the workers once started,
 without the fixed start-up cost (TensorFlow import and backbone load in each worker, pipeline set-up), which
 is reported separately; then the trainer's own extraction on the same photos in this process, under the same
-load and core set, so `beam_over_local` is comparable from one machine (and one load) to another. With --json the last line is one JSON object.
+load and core set, so `beam_over_local` is comparable from one machine (and one load) to
+another. With --json the last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def timed_run(count: int, workers: int, scratch: Path) -> float:
     from runner.beam import extract_with_beam
     from runner.config import load_config
     data = copy_photos(scratch / f"data-{count}", count)
-    config = load_config(None, [f"data.dir={data}", f"run.dir={scratch / f'run-{count}'}", "backbone.name=mobilenet",
+    run_dir = scratch / f"run-{count}"
+    config = load_config(None, [f"data.dir={data}", f"run.dir={run_dir}", "backbone.name=mobilenet",
                                 f"backbone.weights={WEIGHTS}", "backbone.alpha=0.25", "backbone.image_size=224",
                                 "cache.shard_size=40", "data.min_images_per_class=1", "train.progress=lines",
                                 "split.validation_percent=10", "split.test_percent=10"])

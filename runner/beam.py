@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 import apache_beam as beam
+import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from common.cli import configure_logging, run_command
@@ -42,7 +43,8 @@ def cache_root(config: Config) -> str:
 def hash_index_for(config: Config) -> HashIndex:
     """The scan's hash index: the trainer's own for a local cache; for a bucket, one kept in the run dir."""
     root = cache_root(config)
-    path = Path(root) / "file-hashes.json" if not cache_files.is_url(root) else config.run_dir / "beam-file-hashes.json"
+    remote = cache_files.is_url(root)
+    path = config.run_dir / "beam-file-hashes.json" if remote else Path(root) / "file-hashes.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     return HashIndex(path)
 
@@ -68,7 +70,6 @@ class ExtractShard(beam.DoFn):
 
     def setup(self):
         """Load the frozen backbone once per worker, and compile the decode and the forward pass."""
-        import tensorflow as tf
         from runner.backbones import build_backbone, decode_and_resize
         from runner.extract import make_forward
         config = BackboneConfig(**self.backbone)
@@ -87,17 +88,18 @@ class ExtractShard(beam.DoFn):
         self._forward = make_forward(backbone, strategy, spec)
         self._decode = tf.function(lambda data: decode_and_resize(data, size),
                                    input_signature=[tf.TensorSpec([], tf.string)])
-        self._tf = tf
 
-    def read(self, path: str) -> bytes:
-        """The bytes of one image (a local path or a URL)."""
-        with self._tf.io.gfile.GFile(path, "rb") as f:
-            return f.read()
+    def read(self, path: str) -> bytes | None:
+        """The bytes of one image (a local path or a URL), None when it was removed since the scan."""
+        try:
+            with tf.io.gfile.GFile(path, "rb") as f:
+                return f.read()
+        except tf.errors.NotFoundError:
+            return None
 
     def process(self, group):
         import numpy as np
         from runner.extract import UNDECODABLE
-        tf = self._tf
         keys, images, vectors = [], [], []
 
         def forward():
@@ -109,8 +111,8 @@ class ExtractShard(beam.DoFn):
 
         for sha, path in group:
             data = self.read(path)
-            if hashlib.sha256(data).hexdigest() != sha:
-                log.warning("%s changed since the scan; the trainer will extract it", path)
+            if data is None or hashlib.sha256(data).hexdigest() != sha:
+                log.warning("%s changed or went since the scan; left to the trainer", path)
                 continue
             try:
                 images.append(self._decode(tf.constant(data)))
@@ -132,7 +134,6 @@ class ExtractShard(beam.DoFn):
 def write_plan(root: str, groups: list) -> str:
     """The groups as a JSON-lines file below cache.dir, which every runner's workers can read."""
     folder = cache_files.join(root, PLAN_FOLDER)
-    import tensorflow as tf
     tf.io.gfile.makedirs(folder)
     path = cache_files.join(folder, f"{uuid.uuid4().hex}.jsonl")
     cache_files.put_atomic(path, "".join(json.dumps(g) + "\n" for g in groups).encode())
@@ -174,7 +175,6 @@ def extract_with_beam(config: Config, beam_args: list[str], images_from: str = "
         with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
             build_pipeline(pipeline, plan, extract, root)
     finally:
-        import tensorflow as tf
         tf.io.gfile.remove(plan)
         if not tf.io.gfile.listdir(cache_files.join(root, PLAN_FOLDER)):
             tf.io.gfile.rmtree(cache_files.join(root, PLAN_FOLDER))

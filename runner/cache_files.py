@@ -43,12 +43,12 @@ def shard_dir(cache_root: str, identity: dict) -> str:
 
 
 def ensure_identity(cache_root: str, identity: dict, dim: int) -> str:
-    """Create the identity's folder and identity.json (as BottleneckCache does) if missing; returns the folder."""
+    """Create the identity's folder and identity.json as BottleneckCache does, if missing; return the folder."""
     folder = shard_dir(cache_root, identity)
     tf.io.gfile.makedirs(folder)
     if not tf.io.gfile.exists(join(folder, "identity.json")):
-        put_atomic(join(folder, "identity.json"),
-                   json.dumps(dict(identity, dim=dim), indent=1, sort_keys=True).encode())
+        text = json.dumps(dict(identity, dim=dim), indent=1, sort_keys=True)
+        put_atomic(join(folder, "identity.json"), text.encode())
     return folder
 
 
