@@ -160,7 +160,9 @@ class Loader:
 
 
 def absolute(value: str, base: Path) -> str:
-    """A path setting made absolute against `base` (`~` expanded)."""
+    """A path setting made absolute against `base` (`~` expanded); a URL (gs://...) is kept as it is."""
+    if "://" in value:
+        return value
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else (Path(base) / path).resolve())
 

@@ -35,6 +35,15 @@ def shard_name(key_bytes: bytes, vector_bytes: bytes) -> str:
     return "shard-" + hashlib.sha256(key_bytes + vector_bytes).hexdigest()[:24]
 
 
+def encode_shard(keys: list[str], vectors: np.ndarray, dtype) -> tuple[str, bytes, bytes]:
+    """A shard's (file stem, .keys bytes, .npy bytes) for these keys and vectors stored as `dtype`."""
+    key_bytes = np.array([k.encode() for k in keys], dtype=f"S{KEY_BYTES}").tobytes()
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(vectors, dtype=dtype))
+    vector_bytes = buffer.getvalue()
+    return shard_name(key_bytes, vector_bytes), key_bytes, vector_bytes
+
+
 def check_content_hash(vectors_path: Path) -> None:
     """Raise ValueError when a shard's bytes no longer match the hash in its name (bit rot, bad copy)."""
     digest = hashlib.sha256(vectors_path.with_suffix(".keys").read_bytes())
@@ -96,11 +105,7 @@ class BottleneckCache:
 
     def add_shard(self, keys: list[str], vectors: np.ndarray) -> Path:
         """Write one complete shard atomically (keys first, vectors last) and make it readable."""
-        key_bytes = np.array([k.encode() for k in keys], dtype=f"S{KEY_BYTES}").tobytes()
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(vectors, dtype=self.dtype))
-        vector_bytes = buffer.getvalue()
-        name = shard_name(key_bytes, vector_bytes)
+        name, key_bytes, vector_bytes = encode_shard(keys, vectors, self.dtype)
         write_atomic(self.dir / f"{name}.keys", lambda f: f.write(key_bytes))
         write_atomic(self.dir / f"{name}.npy", lambda f: f.write(vector_bytes))
         self._open_shard(self.dir / f"{name}.npy", verify=False)  # its bytes were hashed just above

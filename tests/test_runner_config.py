@@ -1,6 +1,8 @@
 """Configuration: one typed object from TOML + --set; unknown keys and bad values named with the fix."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from common.errors import ProjectError
@@ -84,3 +86,9 @@ def test_the_settings_page_is_generated_from_the_settings_declarations():
     config = Config()
     keys = [f"`{s.name}.{f.name}`" for s in dataclasses.fields(config) for f in dataclasses.fields(getattr(config, s.name))]
     assert len(keys) > 60 and all(key in page for key in keys)
+
+
+def test_a_url_path_setting_is_kept_as_given_while_a_relative_path_becomes_absolute(tmp_path):
+    config = load_config(None, ["data.dir=photos", "cache.dir=gs://bucket/cache"])
+    assert config.cache.dir == "gs://bucket/cache"
+    assert Path(config.data.dir).is_absolute()
