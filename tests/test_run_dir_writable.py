@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import errno
 import os
+import pathlib
+import shutil
+import tempfile
 
 import pytest
 
@@ -33,13 +36,43 @@ def test_a_read_only_file_system_is_exit_2_naming_run_dir(tmp_path, capsys, monk
     assert not (tmp_path / "run" / lock.LOCK_FILE).exists()  # nothing was written before the check
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root is not denied by chmod; the two tests above cover root")
-def test_a_folder_without_write_permission_is_exit_2(tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    run_dir.chmod(0o555)
+def _check_as_unprivileged_user(run_dir) -> str:
+    """lock.check_writable(run_dir)'s error message, checked by a user chmod can deny (a forked child as
+    `nobody` when the tests run as root, as they do in CI containers)."""
+    if os.geteuid() != 0:
+        with pytest.raises(lock.RunDirNotWritable) as caught:
+            lock.check_writable(run_dir)
+        return str(caught.value)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, check, report the message through the pipe
+        os.close(read)
+        message = b"no error"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            lock.check_writable(run_dir)
+        except lock.RunDirNotWritable as e:
+            message = str(e).encode()
+        except BaseException as e:  # noqa: BLE001 - anything else is the test's failure, reported as text
+            message = f"unexpected {type(e).__name__}: {e}".encode()
+        os.write(write, message)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return message
+
+
+def test_a_folder_without_write_permission_is_refused_naming_run_dir():
+    base = pathlib.Path(tempfile.mkdtemp(prefix="run-dir-perm-"))
     try:
-        code, err = _main(run_dir, capsys)
+        base.chmod(0o755)  # reachable by the unprivileged user
+        run_dir = base / "run"
+        run_dir.mkdir()
+        run_dir.chmod(0o555)
+        message = _check_as_unprivileged_user(run_dir)
     finally:
-        run_dir.chmod(0o755)
-    assert code == EXIT_USER_ERROR and "Permission denied" in err and "run.dir" in err, err
+        shutil.rmtree(base)
+    assert "Permission denied" in message and "run.dir" in message and "--set run.dir=" in message, message
