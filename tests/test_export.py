@@ -206,8 +206,8 @@ def tflite_probabilities(model_path: Path, images: list[bytes], size: int) -> np
     """Run a TFLite model on decoded, resized images, one at a time as a mobile app would."""
     import tensorflow as tf
     from runner.backbones import decode_and_resize
-    interpreter = tf.lite.Interpreter(str(model_path))
-    interpreter.allocate_tensors()
+    from runner.tflite import tflite_interpreter
+    interpreter = tflite_interpreter(model_path)
     (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
     assert list(source["shape"]) == [1, size, size, 3] and source["dtype"] == np.float32
     out = []
@@ -216,6 +216,23 @@ def tflite_probabilities(model_path: Path, images: list[bytes], size: int) -> np
         interpreter.invoke()
         out.append(interpreter.get_tensor(target["index"])[0].copy())
     return np.array(out)
+
+
+def test_tflite_loads_through_litert_where_it_imports_and_tf_lite_otherwise(exported_run, monkeypatch):
+    import sys
+    from runner.tflite import tflite_interpreter
+    model = exported_run[2] / "model.tflite"
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = None
+    if Interpreter is not None:
+        assert isinstance(tflite_interpreter(model), Interpreter)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    import tensorflow as tf
+    fallback = tflite_interpreter(model)
+    assert isinstance(fallback, tf.lite.Interpreter) and fallback.get_input_details()[0]["shape"][1] == 224
 
 
 def test_tflite_top1_agrees_with_the_saved_model_on_real_test_images(exported_run, test_split,
