@@ -142,7 +142,7 @@ def write_tf1_graphs(classifier: Classifier, out: Path) -> dict:
     with tf.Graph().as_default() as graph:
         tf.compat.v1.import_graph_def(graph_def, name="")
         tf.compat.v1.train.export_meta_graph(filename=str(out / META_GRAPH), graph=graph)
-    names = serving_tensor_names(frozen, frozen.outputs, {node.name for node in graph_def.node})
+    names = serving_tensor_names(function, frozen, {node.name for node in graph_def.node})
     return {"meta_graph": META_GRAPH, "frozen_graph": FROZEN_GRAPH, **names}
 
 

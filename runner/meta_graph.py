@@ -23,12 +23,13 @@ META_GRAPH_FILE = f"{VARIABLES_DIR}/{VARIABLES_PREFIX}.meta"  # beside the check
 _DROPPED_ATTRS = ("_output_shapes", "_has_manual_control_dependencies", "_class")  # hints that cost bytes
 
 
-def serving_tensor_names(function, outputs, nodes: set[str]) -> dict:
-    """The input and output tensor names of the serving function in an exported graph: the ops named inside
-    Classifier._serve ("probabilities:0") when the graph has them, else the generated output names."""
+def serving_tensor_names(function, graph_function, nodes: set[str]) -> dict:
+    """The input and output tensor names of the serving `function` in an exported graph made from
+    `graph_function` (itself or its frozen twin): the ops named inside Classifier._serve ("probabilities:0")
+    when the graph has them, else the generated output names."""
     keys = sorted(function.structured_outputs)  # tf.nest flattens a dict in sorted key order
-    names = {key: f"{key}:0" if key in nodes else tensor.name for key, tensor in zip(keys, outputs)}
-    return {"input": function.inputs[0].name, "probabilities": names["probabilities"],
+    names = {key: f"{key}:0" if key in nodes else tensor.name for key, tensor in zip(keys, graph_function.outputs)}
+    return {"input": graph_function.inputs[0].name, "probabilities": names["probabilities"],
             "top_k_indices": names["top_k_indices"], "classes": names["top_k_classes"]}
 
 
@@ -115,4 +116,4 @@ def write_meta_graph(function, root: tf.Module, saved_model_dir: Path) -> dict:
     write_checkpoint_state(saved_model_dir / VARIABLES_DIR, [VARIABLES_PREFIX])
     nodes = {node.name for node in meta_graph.graph_def.node}
     return {"meta_graph": META_GRAPH_FILE, "checkpoint_dir": VARIABLES_DIR,
-            **serving_tensor_names(function, function.outputs, nodes)}
+            **serving_tensor_names(function, function, nodes)}
