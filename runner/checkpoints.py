@@ -3,7 +3,8 @@
 A checkpoint counts only once its marker exists: the marker is written (atomically) after TensorFlow
 has finished writing, and records the sha256 of every file, the compatibility fingerprint, the label
 map and the resume history. Restore takes the newest checkpoint whose files verify and load, falling
-back to older ones and saying so. File names come from RunDir (runner/rundir.py).
+back to older ones and saying so. TensorFlow's `checkpoint` state file is kept beside them for
+tf.train.latest_checkpoint, never read here. File names come from RunDir (runner/rundir.py).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class CheckpointStore:
         files = {p.name: file_digest(p) for p in self.stage.data_files(local_step)}
         marker = dict(marker, step=local_step, saved_at=time.time(), files=files)
         self.stage.write_marker(local_step, marker)
+        self.stage.write_state(self.keep)  # TensorFlow's state file: after the marker, naming only survivors
         self.stage.prune(self.keep)
         self.seconds_saving += time.perf_counter() - began
         return self.stage.ref(local_step, marker)

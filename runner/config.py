@@ -134,6 +134,8 @@ class FineTuneConfig:
 
 EXPORT_FORMATS = {  # name → what it writes into RUN_DIR/export (model.json is always written)
     "saved_model": "saved_model.pb + variables/ (TF2; what runner.classify loads)",
+    "meta_graph": "variables/variables.meta (TF1 MetaGraph restored from the SavedModel's variables/; needs "
+                  "saved_model)",
     "tflite": "model.tflite (float)",
     "tflite_quantized": "model_quantized.tflite (dynamic-range quantized)",
     "tf1": "frozen_graph.pb + model.meta (TF1 sessions)",
@@ -146,7 +148,7 @@ class ExportConfig:
     enabled: bool = _opt(True, "write RUN_DIR/export at the end of training")
     min_accuracy: float = _opt(0.0, "refuse to export below this test accuracy (0-1)", min=0.0, max=1.0)
     top_k: int = _opt(5, "classes returned per image by the exported model", min=1)
-    formats: str = _opt("saved_model,tflite,labels", "comma-separated formats to write, from: "
+    formats: str = _opt("saved_model,meta_graph,tflite,labels", "comma-separated formats to write, from: "
                         + ", ".join(EXPORT_FORMATS) + " (each full-size format is one more copy of the backbone)")
 
     def format_names(self) -> tuple[str, ...]:
@@ -157,6 +159,10 @@ class ExportConfig:
             raise RunnerError(f"setting export.formats = {self.formats!r}: "
                               f"{'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'empty'}; use a "
                               f"comma-separated list of {', '.join(EXPORT_FORMATS)} (or export.enabled = false).")
+        if "meta_graph" in names and "saved_model" not in names:
+            raise RunnerError(f"setting export.formats = {self.formats!r}: meta_graph restores its variables from the "
+                              f"SavedModel's variables/ folder; add saved_model, or use tf1 for a graph with the "
+                              f"weights inside.")
         return names
 
 

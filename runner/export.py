@@ -1,7 +1,7 @@
-"""Export a run's checkpoint in the formats of export.formats (SavedModel, TFLite float by default; frozen TF1
-graph and quantized TFLite on request), with labels.txt and model.json.
+"""Export a run's checkpoint in the formats of export.formats (SavedModel with a TF1 MetaGraph restored from its
+variables, TFLite float by default; frozen TF1 graph and quantized TFLite on request), with labels.txt and model.json.
 
-    python -m runner.export --run RUN_DIR [--step N] [--formats saved_model,tflite,labels] [--out FOLDER]
+    python -m runner.export --run RUN_DIR [--step N] [--formats saved_model,meta_graph,tflite,labels] [--out FOLDER]
 
 Everything is written to a temporary folder beside RUN_DIR/export (or --out) and renamed into place at the end,
 so a crash never leaves half an export behind.
@@ -31,6 +31,7 @@ from common.files import replace_atomic  # noqa: E402
 from runner.config import EXPORT_FORMATS, Config, load_config  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
 from runner.head import Head, build_head  # noqa: E402
+from runner.meta_graph import serving_tensor_names, write_meta_graph  # noqa: E402
 from runner.rundir import EXPORT_MODEL_INFO, CheckpointRef, RunDir, read_json  # noqa: E402
 
 log = logging.getLogger("runner")
@@ -142,13 +143,8 @@ def write_tf1_graphs(classifier: Classifier, out: Path) -> dict:
     with tf.Graph().as_default() as graph:
         tf.compat.v1.import_graph_def(graph_def, name="")
         tf.compat.v1.train.export_meta_graph(filename=str(out / META_GRAPH), graph=graph)
-    nodes = {node.name for node in graph_def.node}
-    keys = sorted(function.structured_outputs)  # tf.nest flattens a dict in sorted key order
-    # prefer the ops named inside Classifier._serve ("probabilities:0") over the generated "Identity:0"
-    names = {key: f"{key}:0" if key in nodes else tensor.name for key, tensor in zip(keys, frozen.outputs)}
-    return {"meta_graph": META_GRAPH, "frozen_graph": FROZEN_GRAPH, "input": frozen.inputs[0].name,
-            "probabilities": names["probabilities"], "top_k_indices": names["top_k_indices"],
-            "classes": names["top_k_classes"]}
+    names = serving_tensor_names(function, frozen, {node.name for node in graph_def.node})
+    return {"meta_graph": META_GRAPH, "frozen_graph": FROZEN_GRAPH, **names}
 
 
 TFLITE_VARIANTS = (("tflite", "float", TFLITE_FLOAT, []),
@@ -217,6 +213,8 @@ def export_run(run_dir: Path, step: int | None = None, formats: str | None = Non
             info["saved_model"] = {"dir": ".", "signature": "serving_default", "input": "images: tf.string [None]",
                                    "image_formats": DECODED_FORMATS,
                                    "outputs": ["probabilities", "top_k_indices", "top_k_classes"]}
+            if "meta_graph" in names:  # after the SavedModel: its graph restores from the SavedModel's variables/
+                info["meta_graph"] = write_meta_graph(classifier.serve.get_concrete_function(), classifier, staging)
         if "labels" in names:
             (staging / "labels.txt").write_text("".join(f"{name}\n" for name in model.classes))
             info["labels"] = "labels.txt"

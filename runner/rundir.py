@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.files import write_text_atomic
+from runner.checkpoint_state import write_checkpoint_state
 from runner.errors import RunnerError
 
 log = logging.getLogger("runner")
@@ -97,6 +98,12 @@ class StageCheckpoints:
         """A checkpoint's files (data, then marker) relative to the run dir."""
         paths = self.data_files(local_step) + [self.marker_path(local_step)]
         return [p.relative_to(self.run_dir).as_posix() for p in paths if p.is_file()]
+
+    def write_state(self, keep: int) -> None:
+        """TensorFlow's `checkpoint` state file naming the newest `keep` marked checkpoints (for
+        tf.train.latest_checkpoint and CheckpointManager; never read back here): written after the marker,
+        before pruning, so it names only complete checkpoints that exist."""
+        write_checkpoint_state(self.dir, [self.prefix(step).name for step in reversed(self.steps()[:keep])])
 
     def prune(self, keep: int) -> None:
         """Delete all but the newest `keep` checkpoints (marker first, so none is ever half-listed)."""

@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
 
 
-ALL_EXPORT_FORMATS = "saved_model,tflite,tflite_quantized,tf1,labels"  # the shared run's export has every format
+ALL_EXPORT_FORMATS = "saved_model,meta_graph,tflite,tflite_quantized,tf1,labels"  # the shared run's export has every format
 
 
 @pytest.fixture(scope="session")

@@ -73,7 +73,7 @@ def test_export_folder_has_every_promised_file(exported_run):
     run_dir, _, export_dir = exported_run
     assert export_dir == run_dir / "export"
     for name in ("saved_model.pb", "labels.txt", "frozen_graph.pb", "model.meta", "model.tflite",
-                 "model_quantized.tflite", "model.json"):
+                 "model_quantized.tflite", "model.json", "variables/variables.meta", "variables/checkpoint"):
         assert (export_dir / name).stat().st_size > 0, name
     info = json.loads((export_dir / "model.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -83,18 +83,33 @@ def test_export_folder_has_every_promised_file(exported_run):
     assert info["input_size"] == 224 and info["backbone"]["name"] == "mobilenet"
     assert info["runner_version"]
     assert set(info["tf1"]) >= {"meta_graph", "frozen_graph", "input", "probabilities", "classes"}
+    assert info["meta_graph"]["meta_graph"] == "variables/variables.meta"
+    assert info["meta_graph"]["checkpoint_dir"] == "variables"
     assert not list(run_dir.glob(".export-*")), "the staging folder was left behind"
 
 
-def test_default_export_formats_are_one_saved_model_one_float_tflite_and_labels(exported_run, tmp_path):
+def test_default_export_formats_are_a_saved_model_with_its_meta_graph_one_float_tflite_and_labels(exported_run,
+                                                                                                 tmp_path):
     from runner.config import ExportConfig
     from runner.export import export_run
     run_dir = copy_run(exported_run[0], tmp_path)
-    info = json.loads((export_run(run_dir, formats=ExportConfig().formats) / "model.json").read_text())
-    written = {p.name for p in (run_dir / "export").iterdir()} - {"assets", "fingerprint.pb"}  # SavedModel extras
+    export_dir = export_run(run_dir, formats=ExportConfig().formats)
+    info = json.loads((export_dir / "model.json").read_text())
+    written = {p.name for p in export_dir.iterdir()} - {"assets", "fingerprint.pb"}  # SavedModel extras
     assert written == {"saved_model.pb", "variables", "model.tflite", "labels.txt", "model.json"}
-    assert info["formats"] == ["saved_model", "tflite", "labels"] and "tf1" not in info
+    assert info["formats"] == ["saved_model", "meta_graph", "tflite", "labels"] and "tf1" not in info
     assert set(info["tflite"]) == {"float", "input", "output"}
+
+    # the MetaGraph adds its graph and the checkpoint state file, and no copy of the weights
+    meta_graph_files = {export_dir / info["meta_graph"]["meta_graph"], export_dir / "variables" / "checkpoint"}
+    sizes = {p: p.stat().st_size for p in export_dir.rglob("*") if p.is_file()}
+    with_meta_graph = sum(sizes.values())
+    without = with_meta_graph - sum(sizes[p] for p in meta_graph_files)
+    weights = sum(size for p, size in sizes.items() if p.name.startswith("variables.data"))
+    print(f"default export: {with_meta_graph} bytes, {without} without the MetaGraph "
+          f"(+{with_meta_graph / without - 1:.1%}); the weights alone are {weights} bytes")
+    assert with_meta_graph < 1.05 * without
+    assert sum(sizes[p] for p in meta_graph_files) < 0.25 * weights
 
 
 def test_formats_asked_for_later_go_to_their_own_folder_and_leave_the_export_alone(exported_run, tmp_path):
@@ -113,6 +128,13 @@ def test_an_unknown_export_format_is_refused_when_the_config_is_loaded():
     from runner.errors import RunnerError
     with pytest.raises(RunnerError, match=r"export.formats = 'saved_model,onnx': unknown 'onnx'; use .*tf1"):
         load_config(None, ["data.dir=x", "export.formats=saved_model,onnx"])
+
+
+def test_meta_graph_without_the_saved_model_it_restores_from_is_refused():
+    from runner.config import load_config
+    from runner.errors import RunnerError
+    with pytest.raises(RunnerError, match=r"meta_graph restores its variables from the SavedModel.*add saved_model"):
+        load_config(None, ["data.dir=x", "export.formats=meta_graph,tflite"])
 
 
 def test_saved_model_signature_matches_the_training_head_on_the_test_split(test_split, saved_model_probabilities):
@@ -141,12 +163,51 @@ def test_tf1_session_on_raw_jpeg_bytes_gives_the_same_predictions(exported_run, 
     assert np.array_equal(classes, saved_model_probabilities["top_k_classes"])
 
 
+def seed_session_run(export_dir: Path, images: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """The seed script's flow on an export: import the MetaGraph, restore the newest checkpoint of its folder,
+    run the model.json tensors on JPEG bytes."""
+    import tensorflow as tf
+    names = json.loads((export_dir / "model.json").read_text())["meta_graph"]
+    meta, checkpoint_dir = str(export_dir / names["meta_graph"]), str(export_dir / names["checkpoint_dir"])
+    with tf.compat.v1.Session(graph=tf.Graph()) as sess:
+        saver = tf.compat.v1.train.import_meta_graph(meta)
+        saver.restore(sess, tf.train.latest_checkpoint(checkpoint_dir))
+        return tuple(sess.run([names["probabilities"], names["classes"]], {names["input"]: images}))
+
+
+def unpacked_final_snapshot(run_dir: Path, into: Path) -> Path:
+    """The export inside the run's final snapshot, packed as sync packs it and unpacked as classify unpacks it."""
+    from runner.classify import extract_archive
+    from runner.rundir import RunDir
+    from sync.snapshot import pack
+    run = RunDir(run_dir)
+    files = run.hand_over(run.latest(), final=True)
+    archive = into / "snapshot.tar.gz"
+    pack(run_dir, list(files), {"step": run.latest().step}, archive)
+    return extract_archive(archive, into / "unpacked")
+
+
+@pytest.mark.parametrize("source", ["export", "snapshot"])
+def test_the_seed_lines_on_the_default_meta_graph_give_the_saved_model_top1(exported_run, test_split,
+                                                                           saved_model_probabilities, source,
+                                                                           tmp_path):
+    export_dir = exported_run[2] if source == "export" else unpacked_final_snapshot(exported_run[0], tmp_path)
+    assert export_dir != exported_run[2] or source == "export"
+    images, _, reference = test_split
+    probabilities, classes = seed_session_run(export_dir, images)
+    expected = saved_model_probabilities["probabilities"]
+    assert np.array_equal(probabilities.argmax(1), expected.argmax(1))
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert np.array_equal(classes, saved_model_probabilities["top_k_classes"])
+    assert_matches_reference(probabilities, reference)
+
+
 def tflite_probabilities(model_path: Path, images: list[bytes], size: int) -> np.ndarray:
     """Run a TFLite model on decoded, resized images, one at a time as a mobile app would."""
     import tensorflow as tf
     from runner.backbones import decode_and_resize
-    interpreter = tf.lite.Interpreter(str(model_path))
-    interpreter.allocate_tensors()
+    from runner.tflite import tflite_interpreter
+    interpreter = tflite_interpreter(model_path)
     (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
     assert list(source["shape"]) == [1, size, size, 3] and source["dtype"] == np.float32
     out = []
@@ -155,6 +216,23 @@ def tflite_probabilities(model_path: Path, images: list[bytes], size: int) -> np
         interpreter.invoke()
         out.append(interpreter.get_tensor(target["index"])[0].copy())
     return np.array(out)
+
+
+def test_tflite_loads_through_litert_where_it_imports_and_tf_lite_otherwise(exported_run, monkeypatch):
+    import sys
+    from runner.tflite import tflite_interpreter
+    model = exported_run[2] / "model.tflite"
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = None
+    if Interpreter is not None:
+        assert isinstance(tflite_interpreter(model), Interpreter)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    import tensorflow as tf
+    fallback = tflite_interpreter(model)
+    assert isinstance(fallback, tf.lite.Interpreter) and fallback.get_input_details()[0]["shape"][1] == 224
 
 
 def test_tflite_top1_agrees_with_the_saved_model_on_real_test_images(exported_run, test_split,

@@ -4,6 +4,7 @@ generated images keeps each run to seconds."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -85,6 +86,40 @@ def test_a_signal_in_training_stops_at_a_checkpoint_and_the_next_job_ends_bit_id
     assert_same_checkpoint(latest_checkpoint_prefix(unbroken), latest_checkpoint_prefix(tmp_path / "run"))
 
 
+class Killed(BaseException):
+    """A kill: nothing after it runs, no handler sees it."""
+
+
+def test_tensorflow_finds_the_newest_complete_checkpoint_after_a_kill_between_its_files_and_its_marker(
+        tiny_data, tmp_path, monkeypatch):
+    import tensorflow as tf
+    from runner.rundir import StageCheckpoints
+    write_marker = StageCheckpoints.write_marker
+
+    def killed_at_step_30(self, local_step, marker):
+        if local_step == 30:
+            raise Killed()
+        write_marker(self, local_step, marker)
+    monkeypatch.setattr(StageCheckpoints, "write_marker", killed_at_step_30)
+    config = tiny_config(tmp_path / "run", tiny_data, "checkpoint.max_to_keep=2")
+    with pytest.raises(Killed):
+        _job(config, RecordingSync()).run()
+    folder = tmp_path / "run" / "checkpoints"
+    assert (folder / "ckpt-30.index").exists() and not (folder / "ckpt-30.json").exists()
+    assert tf.train.latest_checkpoint(str(folder)) == str(folder / "ckpt-20")
+    state = tf.train.get_checkpoint_state(str(folder))
+    assert list(state.all_model_checkpoint_paths) == [str(folder / "ckpt-10"), str(folder / "ckpt-20")]
+
+    monkeypatch.undo()
+    assert isinstance(_job(config, RecordingSync()).run(), Finished)  # resumes from 20, prunes 10 and 20
+    state = tf.train.get_checkpoint_state(str(folder))
+    assert list(state.all_model_checkpoint_paths) == [str(folder / "ckpt-30"), str(folder / "ckpt-40")]
+    assert all(Path(f"{p}.index").exists() for p in state.all_model_checkpoint_paths)
+    assert not (folder / "ckpt-20.index").exists()
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(), str(folder), max_to_keep=2)
+    assert manager.latest_checkpoint == str(folder / "ckpt-40") == latest_checkpoint_prefix(tmp_path / "run")
+
+
 def test_a_signal_during_the_scan_stops_before_training_and_keeps_the_hashes_read(tiny_data, tmp_path):
     stop = StopFlag()
     stop.signal_name = "SIGINT"
@@ -103,6 +138,10 @@ def test_fine_tuning_follows_the_head_stage_with_run_wide_steps(tiny_data, tmp_p
             outcome.summary.global_step) == ("finetune", 20, 4, 24)
     steps = [h.step for h in sync.hand_overs]
     assert steps == [10, 20, 24, 24] and "head_stage.json" in sync.hand_overs[2].files
+    import tensorflow as tf  # TensorFlow's state file in both stages' folders names each one's newest
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith("checkpoints/ckpt-20")
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "finetune" / "checkpoints")).endswith(
+        "finetune/checkpoints/ckpt-4")
 
 
 def test_a_setting_the_default_head_search_ignores_is_warned_naming_the_mode(tiny_data, tmp_path, caplog):
