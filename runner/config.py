@@ -32,7 +32,9 @@ class SplitConfig:
     test_percent: float = _opt(10.0, "share of images for the final test (stable hash split)", min=0, max=90)
 
 
-BACKBONE_NAMES = ("inception_v3", "mobilenet_v2", "mobilenet", "efficientnet_b0", "resnet50")
+BACKBONE_NAMES = ("inception_v3", "mobilenet_v2", "mobilenet", "efficientnet_b0", "resnet50", "resnet50_v2",
+                  "efficientnet_v2_b0", "efficientnet_v2_b1", "efficientnet_v2_b2", "efficientnet_v2_b3",
+                  "efficientnet_v2_s", "convnext_tiny", "convnext_small")
 
 
 @dataclass
