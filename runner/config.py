@@ -39,8 +39,10 @@ BACKBONE_NAMES = ("inception_v3", "mobilenet_v2", "mobilenet", "efficientnet_b0"
 
 @dataclass
 class BackboneConfig:
-    name: str = _opt("mobilenet_v2", "frozen ImageNet CNN that makes the bottlenecks", choices=BACKBONE_NAMES)
-    weights: str = _opt("imagenet", "'imagenet' (downloaded), a local weights file path, or 'none' (random)",
+    name: str = _opt("mobilenet_v2", "frozen ImageNet CNN that makes the bottlenecks; docs/backbones.md "
+                                    "compares them", choices=BACKBONE_NAMES)
+    weights: str = _opt("imagenet", "'imagenet' (downloaded), a local Keras weights file path (.h5, .weights.h5, "
+                                    ".keras), or 'none' (random)",
                         path=lambda section: section.weights not in ("imagenet", "none"))
     image_size: int = _opt(0, "input size in pixels; 0 = the backbone's default", min=0, max=1024)
     alpha: float = _opt(1.0, "width multiplier of MobileNet / MobileNetV2", min=0.1, max=2.0)

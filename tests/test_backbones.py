@@ -1,6 +1,7 @@
 """The backbone registry: every backbone feeds its keras.applications model the input keras documents, gives
 vectors of its declared length, loads a local weights file, has its own cache identity, and runs end to end
-(extraction → head → SavedModel on JPEG bytes). Random weights at 32 px keep each backbone to seconds."""
+(extraction → head → SavedModel on JPEG bytes). Random weights at 32 px keep each backbone to seconds; the
+end-to-end runs and the larger members of a family are marked slow."""
 from __future__ import annotations
 
 import json
@@ -88,6 +89,7 @@ def two_classes(tmp_path_factory):
     return write_synthetic_dataset(tmp_path_factory.mktemp("two-classes"), num_classes=2, per_class=8, size=48)
 
 
+@pytest.mark.slow  # builds the backbone twice and writes a SavedModel: tens of seconds per backbone on a CPU
 @pytest.mark.parametrize("name", new_backbones())
 def test_a_random_backbone_runs_end_to_end_and_its_saved_model_classifies_jpeg_bytes_like_the_head(
         name, two_classes, tmp_path):
