@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,22 +22,31 @@ log = logging.getLogger("runner")
 class BackboneSpec:
     """How to build one keras.applications model and feed it."""
     constructor: Callable
-    preprocess: Callable
+    preprocess: Callable        # float images in [0, 255] → what the constructor's model expects
     default_size: int
+    feature_dim: int            # length of the pooled vector (at alpha = 1 where the backbone takes one)
     takes_alpha: bool = False
+    include_preprocessing: bool = False  # pass include_preprocessing=True: the model takes [0, 255] itself
 
 
+apps = keras.applications
 REGISTRY: dict[str, BackboneSpec] = {
-    "inception_v3": BackboneSpec(keras.applications.InceptionV3,
-                                 keras.applications.inception_v3.preprocess_input, 299),
-    "mobilenet_v2": BackboneSpec(keras.applications.MobileNetV2,
-                                 keras.applications.mobilenet_v2.preprocess_input, 224, takes_alpha=True),
-    "mobilenet": BackboneSpec(keras.applications.MobileNet,
-                              keras.applications.mobilenet.preprocess_input, 224, takes_alpha=True),
-    "efficientnet_b0": BackboneSpec(keras.applications.EfficientNetB0,
-                                    keras.applications.efficientnet.preprocess_input, 224),
-    "resnet50": BackboneSpec(keras.applications.ResNet50,
-                             keras.applications.resnet50.preprocess_input, 224),
+    "inception_v3": BackboneSpec(apps.InceptionV3, apps.inception_v3.preprocess_input, 299, 2048),
+    "mobilenet_v2": BackboneSpec(apps.MobileNetV2, apps.mobilenet_v2.preprocess_input, 224, 1280, takes_alpha=True),
+    "mobilenet": BackboneSpec(apps.MobileNet, apps.mobilenet.preprocess_input, 224, 1024, takes_alpha=True),
+    "efficientnet_b0": BackboneSpec(apps.EfficientNetB0, apps.efficientnet.preprocess_input, 224, 1280),
+    "resnet50": BackboneSpec(apps.ResNet50, apps.resnet50.preprocess_input, 224, 2048),
+    "resnet50_v2": BackboneSpec(apps.ResNet50V2, apps.resnet_v2.preprocess_input, 224, 2048),  # to [-1, 1]
+    # EfficientNetV2 and ConvNeXt rescale inside the model: their preprocess_input passes [0, 255] through
+    **{name: BackboneSpec(constructor, apps.efficientnet_v2.preprocess_input, size, dim, include_preprocessing=True)
+       for name, constructor, size, dim in (
+           ("efficientnet_v2_b0", apps.EfficientNetV2B0, 224, 1280),
+           ("efficientnet_v2_b1", apps.EfficientNetV2B1, 240, 1280),
+           ("efficientnet_v2_b2", apps.EfficientNetV2B2, 260, 1408),
+           ("efficientnet_v2_b3", apps.EfficientNetV2B3, 300, 1536),
+           ("efficientnet_v2_s", apps.EfficientNetV2S, 384, 1280))},
+    **{name: BackboneSpec(constructor, apps.convnext.preprocess_input, 224, 768, include_preprocessing=True)
+       for name, constructor in (("convnext_tiny", apps.ConvNeXtTiny), ("convnext_small", apps.ConvNeXtSmall))},
 }
 
 
@@ -62,9 +73,31 @@ def weights_identity(config: BackboneConfig) -> str:
         return config.weights
     path = Path(config.weights)
     if not path.is_file():
-        raise RunnerError(f"backbone.weights = {config.weights!r}: no such file. Use 'imagenet', 'none', "
-                          f"or the path of a Keras weights file (.h5) for backbone {config.name}.")
+        raise RunnerError(f"backbone.weights = {config.weights!r}: no such file. Use 'imagenet', 'none', or the "
+                          f"path of a Keras weights file (.h5, .weights.h5 or .keras) for backbone {config.name}.")
     return "sha256:" + file_digest(path)
+
+
+def cache_identity(config: BackboneConfig) -> dict:
+    """Everything the cached vectors of `config` depend on: backbone name, weights, input size, alpha."""
+    return {"backbone": config.name, "weights": weights_identity(config), "image_size": image_size_for(config),
+            "alpha": config.alpha if REGISTRY[config.name].takes_alpha else None}
+
+
+RANDOM_WEIGHTS_SEED = 0
+
+
+@contextmanager
+def _reproducible_initialization():
+    """Keras draws each unseeded initializer's seed from Python's `random`: a fixed state while the model is
+    built makes backbone.weights = 'none' the same random backbone in every process (extraction, resume,
+    export), so vectors cached by one process match the graph another exports."""
+    state = random.getstate()
+    random.seed(RANDOM_WEIGHTS_SEED)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def _construct(config: BackboneConfig, weights: str | None) -> keras.Model:
@@ -74,8 +107,11 @@ def _construct(config: BackboneConfig, weights: str | None) -> keras.Model:
     kwargs = dict(input_shape=(size, size, 3), include_top=False, weights=weights, pooling="avg")
     if spec.takes_alpha:
         kwargs["alpha"] = config.alpha
+    if spec.include_preprocessing:
+        kwargs["include_preprocessing"] = True
     try:
-        base = spec.constructor(**kwargs)
+        with _reproducible_initialization():
+            base = spec.constructor(**kwargs)
     except Exception as e:  # h5py reports a damaged file as RuntimeError, KeyError, UnicodeDecodeError ...
         if config.weights in ("imagenet", "none") and not isinstance(e, (ValueError, OSError)):
             raise  # e.g. the ImageNet download failed: not the file's fault
@@ -99,17 +135,15 @@ def _with_preprocessing(config: BackboneConfig, base: keras.Model) -> keras.Mode
 
 def build_backbone(config: BackboneConfig) -> Backbone:
     """Construct the frozen backbone with its preprocessing folded into the model."""
-    spec = REGISTRY[config.name]
-    size = image_size_for(config)
-    identity = {"backbone": config.name, "weights": weights_identity(config), "image_size": size,
-                "alpha": config.alpha if spec.takes_alpha else None}
+    identity = cache_identity(config)
     weights = None if config.weights == "none" else config.weights
     if weights is None:
         log.warning("backbone.weights = 'none': the backbone is RANDOM. Its features carry no ImageNet "
                     "knowledge and the accuracy of this run means nothing.")
     base = _construct(config, weights)
     model = _with_preprocessing(config, base)
-    return Backbone(config.name, size, model, int(model.outputs[0].shape[-1]), identity, base, config)
+    return Backbone(config.name, identity["image_size"], model, int(model.outputs[0].shape[-1]), identity, base,
+                    config)
 
 
 def extraction_model(backbone: Backbone) -> keras.Model:

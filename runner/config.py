@@ -40,13 +40,17 @@ class SplitConfig:
     test_percent: float = _opt(10.0, "share of images for the final test (stable hash split)", min=0, max=90)
 
 
-BACKBONE_NAMES = ("inception_v3", "mobilenet_v2", "mobilenet", "efficientnet_b0", "resnet50")
+BACKBONE_NAMES = ("inception_v3", "mobilenet_v2", "mobilenet", "efficientnet_b0", "resnet50", "resnet50_v2",
+                  "efficientnet_v2_b0", "efficientnet_v2_b1", "efficientnet_v2_b2", "efficientnet_v2_b3",
+                  "efficientnet_v2_s", "convnext_tiny", "convnext_small")
 
 
 @dataclass
 class BackboneConfig:
-    name: str = _opt("mobilenet_v2", "frozen ImageNet CNN that makes the bottlenecks", choices=BACKBONE_NAMES)
-    weights: str = _opt("imagenet", "'imagenet' (downloaded), a local weights file path, or 'none' (random)",
+    name: str = _opt("mobilenet_v2", "frozen ImageNet CNN that makes the bottlenecks; docs/backbones.md "
+                                    "compares them", choices=BACKBONE_NAMES)
+    weights: str = _opt("imagenet", "'imagenet' (downloaded), a local Keras weights file path (.h5, .weights.h5, "
+                                    ".keras), or 'none' (random)",
                         path=lambda section: section.weights not in ("imagenet", "none"))
     image_size: int = _opt(0, "input size in pixels; 0 = the backbone's default", min=0, max=1024)
     alpha: float = _opt(1.0, "width multiplier of MobileNet / MobileNetV2", min=0.1, max=2.0)
