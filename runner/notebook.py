@@ -20,12 +20,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from common.files import replace_atomic
+from runner.data import IMAGE_EXTENSIONS, is_ignored
 from runner.errors import RunnerError
 from runner.progress import clock
 from runner.results import Summary
 from runner.rundir import RunDir, read_json
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
 
 def display_figure(figure: Figure) -> None:
@@ -83,8 +83,9 @@ def fetch_dataset(url: str, target: Path) -> Path:
 
 def class_images(data_dir: Path) -> dict[str, list[Path]]:
     """Class folder name → its image files, sorted."""
-    return {folder.name: sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            for folder in sorted(Path(data_dir).iterdir()) if folder.is_dir() and not folder.name.startswith(".")}
+    return {folder.name: sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+                                and not is_ignored(p.name))
+            for folder in sorted(Path(data_dir).iterdir()) if folder.is_dir() and not is_ignored(folder.name)}
 
 
 def _thumbnail(path: Path, size: int = 160) -> np.ndarray | None:

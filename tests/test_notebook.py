@@ -227,3 +227,11 @@ def test_the_colab_clone_cell_clones_once_then_pulls(tmp_path, monkeypatch):
     assert f"working in {checkout}" in first and (checkout / "resume.py").is_file(), first
     assert "Already up to date." in second and f"working in {checkout}" in second, second
     assert not list(checkout.parent.glob("*.partial"))
+
+
+def test_the_sample_images_cell_ignores_what_the_scan_ignores(tmp_path):
+    from runner.notebook import class_images
+    for name in ("cats/a.jpg", "cats/._a.jpg", "cats/b.webp", "__MACOSX/cats/._a.jpg", ".hidden/c.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert class_images(tmp_path) == {"cats": [tmp_path / "cats" / "a.jpg", tmp_path / "cats" / "b.webp"]}
