@@ -202,20 +202,24 @@ def keras_guide(data: Path, weights: str, epochs: int, out: Path, validation_per
 
 
 # -- measured in this process: the per-image way and the bound --------------------------------------------
-def in_process(args, paths: list[str], head_s: float) -> dict:
-    """retrain.py's per-image extraction (s/image x images) and the bound (import + extraction at the
-    CPU-sharing bound + head_s)."""
+def tf_import_seconds() -> float:
+    """Seconds of `import tensorflow, keras` in a fresh process."""
+    began = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import tensorflow, keras"], check=True,
+                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    return time.perf_counter() - began
+
+
+def extraction_rates(weights: str, paths: list[str], rate_images: int) -> dict:
+    """retrain.py's per-image extraction (s/image x images) and our extraction's CPU-sharing bound, from
+    bench/extraction.py's measurements on a sample of `rate_images` of `paths`."""
     from extraction import (PER_IMAGE_LIMIT, cpu_sharing_bound, decode_ours, per_image, plain_forward,
                             pure_forward, read_all, timed)
     from runner.backbones import build_backbone
     from runner.config import BackboneConfig
-    began = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import tensorflow, keras"], check=True,
-                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    import_s = time.perf_counter() - began
-    backbone = build_backbone(BackboneConfig(name="mobilenet", weights=args.weights, alpha=0.25))
+    backbone = build_backbone(BackboneConfig(name="mobilenet", weights=weights, alpha=0.25))
     forward, size = plain_forward(backbone), backbone.image_size
-    sample = paths[:: max(1, len(paths) // args.rate_images)][: args.rate_images]
+    sample = paths[:: max(1, len(paths) // rate_images)][:rate_images]
     read_all(paths)
     per_image(sample[:8], forward, size)  # warm-up: tracing, thread pools
     decode_ours(sample[:8], size)
@@ -224,9 +228,9 @@ def in_process(args, paths: list[str], head_s: float) -> dict:
     decode_rate = timed(decode_ours, sample, size)
     forward_rate = timed(pure_forward, forward, size, len(sample))
     bound_rate = cpu_sharing_bound(decode_rate, forward_rate)
-    return {"import_s": import_s, "per_image_s": len(paths) / per_image_rate, "per_image_timed_on": len(timed_per_image),
+    return {"per_image_s": len(paths) / per_image_rate, "per_image_timed_on": len(timed_per_image),
             "decode_img_s": decode_rate, "forward_img_s": forward_rate, "bound_img_s": bound_rate,
-            "bound_extraction_s": len(paths) / bound_rate, "bound_s": import_s + len(paths) / bound_rate + head_s}
+            "bound_extraction_s": len(paths) / bound_rate}
 
 
 # -- the run ------------------------------------------------------------------------------------------------
@@ -248,8 +252,11 @@ def measure(args, root: Path) -> dict:
     guide = keras_guide_run(args, root / "keras")
     if mine["num_test"] != guide["num_test"]:
         raise SystemExit(f"the test splits differ: ours {mine['num_test']} images, the guide's {guide['num_test']}")
-    rest = in_process(args, paths, mine["phases"]["head"])
-    return {"images": len(paths), "ours": mine, "keras_guide": guide, **rest}
+    rates = extraction_rates(args.weights, paths, args.rate_images)
+    import_s = tf_import_seconds()
+    bound_s = import_s + rates["bound_extraction_s"] + mine["phases"]["head"]
+    return {"images": len(paths), "ours": mine, "keras_guide": guide, "import_s": import_s, "bound_s": bound_s,
+            **rates}
 
 
 def report(r: dict, args) -> dict:
