@@ -77,7 +77,14 @@ def main() -> None:
                         help="pairs of runs (checkpoints off, on) in the cost-of-safety section")
     parser.add_argument("--resume-files", type=int, default=100_000,
                         help="images (and cached vectors) of the resume-latency section (0 = skip it)")
+    parser.add_argument("--scale-steps", type=int, default=30, help="steps timed per k in the --rows mode")
+    parser.add_argument("--rows", type=int, default=0,
+                        help="instead of the sections above: the head search at this many cached vectors (e.g. "
+                             "1000000 with --dim 1280): RSS, s/epoch, the default search's budget and wall time")
     args = parser.parse_args()
+    if args.rows:
+        print_at_scale(search_at_scale(args), args)
+        return
     labels = np.random.default_rng(0).integers(0, args.classes, args.vectors).astype(np.int32)
     with tempfile.TemporaryDirectory() as tmp:
         keys = [f"{i:064x}" for i in range(args.vectors)]
@@ -228,6 +235,88 @@ def timed(step, batches: list) -> float:
             start = time.perf_counter()
         step(i, rows)
     return (time.perf_counter() - start) / (len(batches) - 2)
+
+
+# -- the head search at a million vectors (issue 20) -------------------------------------------------------
+def search_at_scale(args) -> dict:
+    """The default head search (HeadSearchStage, default settings) on args.rows generated float16 vectors read
+    memory-mapped through the real cache (90 % train, 10 % validation): what each part costs in time and RSS,
+    the budget, measured steps and validations, and the budget's wall time projected from them."""
+    from runner.rundir import RunDir
+    from runner.stages import HeadSearchStage, Split
+    rows, classes, dim = args.rows, args.classes, args.dim
+    labels = np.random.default_rng(0).integers(0, classes, rows).astype(np.int32)
+    r: dict = {"rss_start_mib": current_rss_mib()}
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = [f"{i:064x}" for i in range(rows)]
+        r["write_s"] = write_synthetic_cache(Path(tmp) / "cache", {"bench": True}, keys, labels, classes, dim)
+        r["memmap_mib"] = rows * dim * 2 / 2 ** 20
+        r["rss_after_write_mib"] = current_rss_mib()
+        start = time.perf_counter()
+        cache = BottleneckCache(Path(tmp) / "cache", {"bench": True}, dim)  # reopened: shards verified, mapped
+        r["open_s"], r["rss_after_open_mib"] = time.perf_counter() - start, current_rss_mib()
+        cut = rows * 9 // 10
+        start = time.perf_counter()
+        train = Split([], labels[:cut], cache.table(keys[:cut]))
+        val = Split([], labels[cut:], cache.table(keys[cut:]))
+        r["tables_s"], r["rss_after_tables_mib"] = time.perf_counter() - start, current_rss_mib()
+        config = Config()
+        config.train.batch_size = args.batch_size
+        head = build_head(classes, dim, config.head, 0)
+        start = time.perf_counter()
+        stage = HeadSearchStage(config, head, train, val, np.ones(classes, np.float32), {},
+                                RunDir(Path(tmp) / "run").stage("head"))
+        r["stage_s"], r["rss_after_stage_mib"] = time.perf_counter() - start, current_rss_mib()
+        r["steps"], r["eval_every"] = stage.total_steps, stage.eval_every
+        seed, weights = tf.constant([0, 0], tf.int64), tf.ones(args.batch_size)
+        step_s = []
+        for step in range(args.scale_steps + 2):
+            t0 = time.perf_counter()
+            inputs, batch_labels = stage.next_batch(step)
+            stage.train_step(tf.constant(inputs), tf.constant(batch_labels), weights, seed)
+            step_s.append(time.perf_counter() - t0)
+        r["step_s"] = float(np.mean(step_s[2:]))  # the first two trace and compile
+        start = time.perf_counter()
+        stage.validate(stage.eval_every)
+        r["validate_s"], r["rss_after_validate_mib"] = time.perf_counter() - start, current_rss_mib()
+        start = time.perf_counter()
+        stage.search.write_selected(head, stage._val_features, val.labels)  # the last checkpoint's soup
+        r["soup_s"], r["rss_after_soup_mib"] = time.perf_counter() - start, current_rss_mib()
+        fixed_step = make_head_step(head, build_optimizer(config.train, head.trainable_variables),
+                                    tf.distribute.get_strategy(), config, classes)
+        per_step = step_times(stage.search, fixed_step, train.table, train.labels, BatchOrder(cut, args.batch_size, 0),
+                              weights, repeats=args.scale_steps)
+        phases = schedule(len(stage.search.candidates), stage.search.policy.first_rung_step, stage.total_steps)
+        evaluations = stage.total_steps // stage.eval_every
+        r["per_step_s"] = per_step
+        r["projected_s"] = sum(n * per_step[k] for k, n in phases) + evaluations * r["validate_s"]
+        r["steps_per_epoch"] = math.ceil(cut / args.batch_size)
+    r["rss_peak_mib"] = peak_rss_mib()
+    return r
+
+
+def print_at_scale(r: dict, args) -> None:
+    rows, cut = args.rows, args.rows * 9 // 10
+    print(f"\nthe default head search on {rows:,} cached {args.dim}-d float16 vectors ({r['memmap_mib']:,.0f} MiB "
+          f"memory-mapped; {cut:,} train / {rows - cut:,} validation), {args.classes} classes, batch "
+          f"{args.batch_size}, {os.cpu_count()} CPUs")
+    print(f"  written in {r['write_s']:.0f} s; cache reopened (every shard's hash checked) in {r['open_s']:.1f} s")
+    for name in ("start", "after_write", "after_open", "after_tables", "after_stage", "after_validate", "after_soup"):
+        print(f"  RSS {name.replace('_', ' '):15s} {r[f'rss_{name}_mib']:8,.0f} MiB")
+    print(f"  peak RSS (getrusage maxrss)  {r['rss_peak_mib']:8,.0f} MiB")
+    print(f"  split tables {r['tables_s']:.1f} s; HeadSearchStage built (statistics, validation vectors) in "
+          f"{r['stage_s']:.1f} s")
+    epoch = r["steps_per_epoch"]
+    per_step = r["per_step_s"]
+    print(f"  step with 20 candidates {1000 * r['step_s']:.1f} ms through the stage (gather + standardize + step) "
+          f"= {epoch * r['step_s']:,.0f} s/epoch ({epoch:,} steps); one fixed head {1000 * per_step[0]:.1f} ms = "
+          f"{epoch * per_step[0]:,.0f} s/epoch")
+    print("  per step with k candidates: " + ", ".join(f"k={k}: {1000 * t:.1f} ms" for k, t in per_step.items() if k))
+    print(f"  one validation of every candidate on {rows - cut:,} vectors {r['validate_s']:.1f} s; the final soup "
+          f"{r['soup_s']:.1f} s")
+    print(f"  default budget (train.epochs = {Config().train.epochs:g}): {r['steps']:,} steps, validation every "
+          f"{r['eval_every']:,}; projected wall time with no candidate stopping early "
+          f"{r['projected_s'] / 3600:,.1f} h (successive halving from the per-step times above)")
 
 
 # -- cost of safety: checkpoint cadence overhead and resume latency (issue 12) --------------------------

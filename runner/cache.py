@@ -147,6 +147,9 @@ class FeatureTable:
         return out
 
     def all(self, batch: int = 8192) -> np.ndarray:
-        """Every vector as one float32 array (use for the small validation/test splits)."""
-        parts = [self.gather(np.arange(i, min(i + batch, len(self)))) for i in range(0, len(self), batch)]
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        """Every vector as one float32 array (use for the small validation/test splits), filled in place
+        batch by batch: the peak is the array itself, not its parts plus their concatenation."""
+        out = np.empty((len(self), self.dim), np.float32)
+        for lo in range(0, len(self), batch):
+            out[lo:lo + batch] = self.gather(np.arange(lo, min(lo + batch, len(self))))
+        return out

@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import tensorflow as tf
-from tensorflow.python.checkpoint import graph_view, save_util
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+from tensorflow.python.trackable.base import SaveType
 
 from runner.checkpoint_state import write_checkpoint_state
 
@@ -33,16 +34,26 @@ def serving_tensor_names(function, graph_function, nodes: set[str]) -> dict:
             "top_k_indices": names["top_k_indices"], "classes": names["top_k_classes"]}
 
 
-def checkpoint_keys(root: tf.Module) -> dict[int, tuple[str, tf.Variable]]:
-    """id(variable handle) → (its key in a checkpoint of `root`, the variable), as tf.saved_model.save writes
-    them into variables/."""
-    serialized = save_util.serialize_graph_view(graph_view.ObjectGraphView(root))[0]
-    keys = {}
-    for trackable, tensors in serialized.items():
+def checkpoint_keys(root: tf.Module, prefix: str) -> dict[int, tuple[str, tf.Variable]]:
+    """id(variable handle) → (its key in the checkpoint `prefix` that tf.saved_model.save wrote for `root`, the
+    variable): the checkpoint's own object graph is walked alongside the live objects, so a variable reachable
+    by several paths (ConvNeXt's layers are) gets the key the checkpoint actually holds."""
+    stored = trackable_object_graph_pb2.TrackableObjectGraph()
+    stored.ParseFromString(tf.train.load_checkpoint(prefix).get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    live, queue, keys = {0: root}, [0], {}
+    while queue:
+        node_id = queue.pop()
+        trackable = live[node_id]
+        node = stored.nodes[node_id]
+        children = trackable._trackable_children(save_type=SaveType.CHECKPOINT)  # noqa: SLF001 - TF's own walk
+        for child in node.children:
+            if child.node_id not in live and child.local_name in children:
+                live[child.node_id] = children[child.local_name]
+                queue.append(child.node_id)
         variable = getattr(trackable, "value", trackable)  # a Keras 3 variable wraps a tf.Variable
-        if len(tensors) == 1 and hasattr(variable, "handle"):
-            (key,) = tensors
-            keys[id(variable.handle)] = key, variable
+        for attribute in node.attributes:
+            if attribute.name == "VARIABLE_VALUE" and hasattr(variable, "handle"):
+                keys[id(variable.handle)] = attribute.checkpoint_key, variable
     return keys
 
 
@@ -92,8 +103,9 @@ def _shorten_names(graph_def, keep: set[str]) -> dict[str, str]:
 def write_meta_graph(function, root: tf.Module, saved_model_dir: Path) -> dict:
     """Write the MetaGraph of `function` (a concrete function of `root`, already saved by tf.saved_model.save
     into `saved_model_dir`) and the checkpoint state file of variables/; return what model.json says of it."""
-    graph_def, variables = _variables_graph_def(function, checkpoint_keys(root))
-    stored = tf.train.load_checkpoint(str(saved_model_dir / VARIABLES_DIR / VARIABLES_PREFIX)).get_variable_to_shape_map()
+    prefix = str(saved_model_dir / VARIABLES_DIR / VARIABLES_PREFIX)
+    graph_def, variables = _variables_graph_def(function, checkpoint_keys(root, prefix))
+    stored = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
     missing = [key for key, _ in variables.values() if key not in stored]
     if missing:
         raise RuntimeError(f"the SavedModel in {saved_model_dir} lacks {len(missing)} variables the serving graph "

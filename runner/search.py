@@ -354,8 +354,11 @@ class HeadSearch:
         return status
 
     def standardize(self, features: np.ndarray) -> np.ndarray:
-        """Vectors standardized as the head does it (the candidates train on standardized vectors)."""
-        return (features - self.mean) / self.std
+        """Vectors standardized as the head does it (the candidates train on standardized vectors); one new
+        array, no temporary (the validation split is standardized whole)."""
+        out = np.subtract(features, self.mean, dtype=np.float32)
+        out /= self.std
+        return out
 
     def write_selected(self, head, features: np.ndarray | None = None, labels: np.ndarray | None = None) -> None:
         """Put the selection into `head` (an ordinary Head): the leader's best-step weights, or, given the
@@ -385,10 +388,15 @@ class HeadSearch:
                 members, total, best_loss = members + [k], trial, loss
         return members
 
-    def _loss(self, weights: list[np.ndarray], features: np.ndarray, labels: np.ndarray) -> float:
+    def _loss(self, weights: list[np.ndarray], features: np.ndarray, labels: np.ndarray, batch: int = 4096) -> float:
+        """Mean validation cross-entropy of one head's weights, in batches (never all the logits at once)."""
         one_slot = [tf.constant(w[:, None] if i == 0 else w[None]) for i, w in enumerate(weights)]
-        logits = self.heads.logits(one_slot, tf.constant(features))[:, 0]
-        return float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)))
+        total = 0.0
+        for lo in range(0, len(labels), batch):
+            logits = self.heads.logits(one_slot, tf.constant(features[lo:lo + batch]))[:, 0]
+            total += float(tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels[lo:lo + batch],
+                                                                                         logits)))
+        return total / max(len(labels), 1)
 
     def log_selection(self) -> None:
         """Say which candidate was chosen, on what evidence, and what happened to the others."""

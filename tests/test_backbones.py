@@ -1,6 +1,6 @@
 """The backbone registry: every backbone feeds its keras.applications model the input keras documents, gives
 vectors of its declared length, loads a local weights file, has its own cache identity, and runs end to end
-(extraction → head → SavedModel on JPEG bytes). Random weights at 32 px keep each backbone to seconds; the
+(extraction → head → SavedModel and the seed's TF1 MetaGraph on JPEG bytes, one backbone per family). Random weights at 32 px keep each backbone to seconds; the
 end-to-end runs and the larger members of a family are marked slow."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from runner.config import BACKBONE_NAMES, BackboneConfig, load_config
 from tests.helpers import cached_split, latest_checkpoint_prefix, write_synthetic_dataset
+from tests.test_export import seed_session_run
 
 SIZE = 32  # the smallest input every keras.applications model here accepts (inception_v3 excepted)
 
@@ -90,7 +91,7 @@ def two_classes(tmp_path_factory):
 
 
 @pytest.mark.slow  # builds the backbone twice and writes a SavedModel: tens of seconds per backbone on a CPU
-@pytest.mark.parametrize("name", new_backbones())
+@pytest.mark.parametrize("name", FAMILY_REPRESENTATIVES)  # the others differ from theirs only in depth and width
 def test_a_random_backbone_runs_end_to_end_and_its_saved_model_classifies_jpeg_bytes_like_the_head(
         name, two_classes, tmp_path):
     """backbone.weights = none: extraction → head → export; the SavedModel's probabilities on the JPEG bytes are
@@ -107,7 +108,7 @@ def test_a_random_backbone_runs_end_to_end_and_its_saved_model_classifies_jpeg_b
         "backbone.allow_random_weights=true", f"backbone.image_size={SIZE}", "cache.dtype=float32",
         "data.min_images_per_class=2", "split.validation_percent=25", "split.test_percent=25",
         "head.search=off", "train.steps=6", "checkpoint.every_steps=6", "checkpoint.every_seconds=0",
-        "train.progress=lines", "export.enabled=true", "export.formats=saved_model,labels"])
+        "train.progress=lines", "export.enabled=true", "export.formats=saved_model,meta_graph,labels"])
     outcome = Job(config, RecordingSync()).run()
     assert isinstance(outcome, Finished) and outcome.summary.global_step == 6
 
@@ -126,3 +127,5 @@ def test_a_random_backbone_runs_end_to_end_and_its_saved_model_classifies_jpeg_b
     outputs = serve(images=tf.constant([Path(r.path).read_bytes() for r in records]))
     np.testing.assert_allclose(outputs["probabilities"].numpy(), expected, atol=1e-4)
     assert [c.decode() for c in outputs["top_k_classes"].numpy()[:, 0]] == [classes[i] for i in expected.argmax(1)]
+    seed_probabilities, _ = seed_session_run(export, [Path(r.path).read_bytes() for r in records])
+    np.testing.assert_allclose(seed_probabilities, expected, atol=1e-4)  # the seed's TF1 lines, same model
