@@ -31,6 +31,7 @@ class Sync:
         self.state_dir = self.run_dir / STATE_DIR
         self._uploader, self._started = None, False
         self._last_error: str | None = None  # a hand-over that could not be staged (so is not on its way)
+        self._restored_step: int | None = None  # the snapshot restore_latest brought onto this machine
         if self.enabled:
             from sync.staging import Staging
             from sync.uploader import Uploader
@@ -60,8 +61,9 @@ class Sync:
         if not self.enabled:
             return None
         from sync.restore import restore_latest
-        return restore_latest(self.backend, self.run_dir, self.cache_dir, self.state_dir / "download",
-                              run_id=self.run_id, on_bad_cache=self._uploader.reupload)
+        self._restored_step = restore_latest(self.backend, self.run_dir, self.cache_dir, self.state_dir / "download",
+                                             run_id=self.run_id, on_bad_cache=self._uploader.reupload)
+        return self._restored_step
 
     def download_latest(self, dest: Path) -> int | None:
         """Extract the newest verified remote snapshot into dest, without the bottleneck cache (to use its
@@ -134,6 +136,16 @@ class Sync:
             note = f"; {self.backend.note}" if self.backend.note else ""
             return SyncOutcome(message=f"sync: snapshot step {step} uploaded and verified ({where}){note}",
                                on_remote=True, **common)
+        if record is None and self._restored_step is not None and not error:
+            # a fresh machine that restored a run and handed nothing over: done if what it restored is the final
+            from sync.remote import snapshot_on_remote
+            try:
+                if snapshot_on_remote(self.backend, self._restored_step, True):
+                    return SyncOutcome(message=f"sync: nothing new to upload ({where}; the final snapshot of step "
+                                               f"{self._restored_step} is there)", on_remote=True,
+                                       **{**common, "step": self._restored_step, "final": True})
+            except SyncError as e:
+                error = str(e)
         if record is None:
             message = f"sync: nothing sent ({where}): {error.removeprefix('sync: ')}" if error else \
                 f"sync: nothing new to upload ({where}; no checkpoint handed over here yet)"

@@ -148,7 +148,7 @@ def test_run_all_twice_in_a_kernel_streams_progress_and_the_second_pass_redoes_n
     assert "3 classes, 42 images: hat (14), pants (14), shoes (14)" in cell_text(dataset)
     assert images_shown(dataset) == 1 and not list(tmp_path.glob(".photos-download-*"))
 
-    status = cell_text(cell_with(first, "run_status"))
+    status = cell_text(cell_with(first, "#@title Status"))
     assert "no checkpoint yet" in status and "no snapshots in folder" in status
 
     train = cell_text(cell_with(first, "!python resume.py"))
@@ -177,7 +177,7 @@ def test_run_all_twice_in_a_kernel_streams_progress_and_the_second_pass_redoes_n
     assert "already finished, nothing changed: step 40" in train, train
     assert "extracting bottlenecks" not in train, train
     assert "downloaded" not in cell_text(cell_with(second, "fetch_dataset"))
-    assert "newest checkpoint: step 40" in cell_text(cell_with(second, "run_status"))
+    assert "newest checkpoint: step 40" in cell_text(cell_with(second, "#@title Status"))
     assert "exported to" not in cell_text(cell_with(second, "import_meta_graph"))
     for name, path in (("export", run_dir / "export"), ("drive", drive), ("cache", run_dir / "cache"),
                        ("tf1", Path(f"{run_dir}-tf1")), ("data", data_dir)):
