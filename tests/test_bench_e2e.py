@@ -45,6 +45,18 @@ def test_phases_of_our_job_are_read_from_its_output_lines():
     assert no_export["export"] == 0 and no_export["finish"] == 1.0 and sum(no_export.values()) == 10.0
 
 
+def test_kills_land_on_the_half_way_markers_not_on_a_clock(tmp_path):
+    assert not e2e.ours_half_way("extracting bottlenecks: 900/1885 (90.0 img/s, elapsed 0:10, ETA 0:11)")
+    assert e2e.ours_half_way("extracting bottlenecks: 943/1885 (90.0 img/s, elapsed 0:10, ETA 0:11)")
+    assert not e2e.ours_half_way("training head: 1000/1885 (9 step/s)")
+    assert e2e.guide_half_way(20)("Epoch 11/20\n") and not e2e.guide_half_way(20)("Epoch 10/20")
+    child = [sys.executable, "-c", "import time\nfor i in range(5): print(f'Epoch {i + 1}/4', flush=True); time.sleep(2)"]
+    wall, lines, code, killed = e2e.run_timed(child, e2e.guide_half_way(4))
+    assert killed and code == -9 and lines[-1][1] == "Epoch 3/4"
+    with pytest.raises(SystemExit, match="never printed its half-way marker"):
+        e2e.killed_run([sys.executable, "-c", "print('Epoch 1/4')"], e2e.guide_half_way(4), "the guide")
+
+
 def test_the_keras_guide_workflow_trains_evaluates_and_saves(tiny, tmp_path):
     result = e2e.keras_guide(tiny, str(MOBILENET_WEIGHTS), 1, tmp_path / "guide", 25, 25)
     assert Path(result["model"]).stat().st_size > 0
