@@ -25,19 +25,18 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2  # noqa: E402
 
 from runner import __version__  # noqa: E402
-from runner.backbones import DECODED_FORMATS, Backbone, build_backbone, decode_and_resize  # noqa: E402
+from runner.backbones import DECODED_FORMATS, Backbone, build_backbone, cache_identity, decode_and_resize  # noqa: E402
 from common.cli import configure_logging, run_command  # noqa: E402
 from common.files import replace_atomic  # noqa: E402
 from runner.config import EXPORT_FORMATS, Config, load_config  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
 from runner.head import Head, build_head  # noqa: E402
 from runner.meta_graph import serving_tensor_names, write_meta_graph  # noqa: E402
+from runner.tflite_export import TFLITE_VARIANTS, append_head, convert, converted_backbone, pixels_spec  # noqa: E402
 from runner.rundir import EXPORT_MODEL_INFO, CheckpointRef, RunDir, read_json  # noqa: E402
 
 log = logging.getLogger("runner")
 
-TFLITE_FLOAT = "model.tflite"
-TFLITE_QUANTIZED = "model_quantized.tflite"
 FROZEN_GRAPH = "frozen_graph.pb"
 META_GRAPH = "model.meta"
 
@@ -147,22 +146,22 @@ def write_tf1_graphs(classifier: Classifier, out: Path) -> dict:
     return {"meta_graph": META_GRAPH, "frozen_graph": FROZEN_GRAPH, **names}
 
 
-TFLITE_VARIANTS = (("tflite", "float", TFLITE_FLOAT, []),
-                   ("tflite_quantized", "quantized", TFLITE_QUANTIZED, [tf.lite.Optimize.DEFAULT]))
-
-
-def write_tflite(classifier: Classifier, out: Path, formats: tuple[str, ...]) -> dict:
-    """Convert the decoded-image function ([1, S, S, 3] float32 in 0..255) to the TFLite variants asked for."""
-    # frozen first: converting the live function loses the Keras 3 variables (the model outputs NaN)
-    function = convert_variables_to_constants_v2(classifier.classify_pixels.get_concrete_function(
-        tf.TensorSpec([1, classifier.size, classifier.size, 3], tf.float32, name="pixels")))
+def write_tflite(classifier: Classifier, model: RunModel, out: Path, formats: tuple[str, ...]) -> dict:
+    """The TFLite variants asked for, input [1, S, S, 3] float32 0..255: the cached converted backbone with the
+    head appended (a head-stage checkpoint), or the whole model converted (a fine-tuned one)."""
+    fine_tuned = model.checkpoint.stage == "finetune"
+    identity = cache_identity(model.config.backbone)
     written = {}
     for format_name, key, name, optimizations in TFLITE_VARIANTS:
         if format_name not in formats:
             continue
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([function], classifier)
-        converter.optimizations = optimizations
-        (out / name).write_bytes(converter.convert())
+        if fine_tuned:
+            data = convert(classifier.classify_pixels.get_concrete_function(pixels_spec(classifier.size)),
+                           classifier, optimizations)
+        else:
+            data = append_head(converted_backbone(model.backbone, identity, key, optimizations,
+                                                  model.config.cache_dir), model.head)
+        (out / name).write_bytes(data)
         written[key] = name
     size = classifier.size
     return dict(written, input=f"float32 [1, {size}, {size}, 3], RGB pixel values 0..255 (resized, not "
@@ -221,7 +220,7 @@ def export_run(run_dir: Path, step: int | None = None, formats: str | None = Non
         if "tf1" in names:
             info["tf1"] = write_tf1_graphs(classifier, staging)
         if {"tflite", "tflite_quantized"} & set(names):
-            info["tflite"] = write_tflite(classifier, staging, names)
+            info["tflite"] = write_tflite(classifier, model, staging, names)
         (staging / EXPORT_MODEL_INFO).write_text(json.dumps(info, indent=1))
         _replace_dir(staging, target)
     except BaseException:

@@ -1,0 +1,120 @@
+"""The TFLite export in process: the backbone converted once and reused, the head appended as TFLite ops."""
+from __future__ import annotations
+
+import logging
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tests.helpers import MOBILENET_WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def parts(shared_assets):
+    """The real MobileNet 0.25 backbone, a head with a hidden layer and non-trivial standardization, and the
+    classifier that the export builds from them."""
+    from runner.backbones import build_backbone
+    from runner.config import Config
+    from runner.export import Classifier, RunModel
+    from runner.head import build_head
+    config = Config()
+    config.backbone.name, config.backbone.alpha, config.backbone.weights = "mobilenet", 0.25, str(MOBILENET_WEIGHTS)
+    config.head.hidden_units = 16
+    backbone = build_backbone(config.backbone)
+    head = build_head(5, backbone.feature_dim, config.head, 0)
+    rng = np.random.default_rng(0)
+    head.set_standardization(rng.normal(size=backbone.feature_dim), rng.uniform(0.5, 2.0, size=backbone.feature_dim))
+    for weight in head.trainable_weights:
+        weight.assign(0.1 * rng.normal(size=weight.shape).astype(np.float32))
+    model = RunModel(config, [f"class{i}" for i in range(5)], SimpleNamespace(stage="head"), backbone, head)
+    pixels = rng.uniform(0, 255, size=(3, backbone.image_size, backbone.image_size, 3)).astype(np.float32)
+    return model, Classifier(model), pixels
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """A cache folder the tests of this module share, so the backbone is converted once for them."""
+    return tmp_path_factory.mktemp("tflite-cache")
+
+
+def tflite_outputs(path, pixels: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Probabilities of each image through the TFLite file, one at a time, and its signatures."""
+    from runner.tflite import tflite_interpreter
+    interpreter = tflite_interpreter(path)
+    (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+    out = []
+    for image in pixels:
+        interpreter.set_tensor(source["index"], image[None])
+        interpreter.invoke()
+        out.append(interpreter.get_tensor(target["index"])[0].copy())
+    return np.array(out), interpreter.get_signature_list()
+
+
+def test_the_head_appended_to_the_converted_backbone_classifies_like_the_saved_model(parts, shared_cache, tmp_path,
+                                                                                      caplog):
+    from runner.export import write_tflite
+    model, classifier, pixels = parts
+    shutil.rmtree(shared_cache / "tflite", ignore_errors=True)  # the backbone is converted now
+    model.config.cache.dir = str(shared_cache)
+    expected = classifier.classify_pixels(pixels)["probabilities"].numpy()
+    with caplog.at_level(logging.INFO, logger="runner"):
+        info = write_tflite(classifier, model, tmp_path, ("tflite",))
+    assert info["float"] == "model.tflite" and not any("reusing" in r.message for r in caplog.records)
+    probabilities, signatures = tflite_outputs(tmp_path / "model.tflite", pixels)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert signatures == {"serving_default": {"inputs": ["pixels"], "outputs": ["probabilities"]}}
+    cached = list((shared_cache / "tflite").glob("*.tflite"))
+    assert len(cached) == 1
+
+
+def test_a_second_export_reuses_the_converted_backbone_and_a_fine_tuned_one_converts_its_own(
+        parts, shared_cache, tmp_path, caplog, monkeypatch):
+    import runner.tflite_export as tflite_export
+    from runner.export import write_tflite
+    model, classifier, pixels = parts
+    model.config.cache.dir = str(shared_cache)
+    (tmp_path / "first").mkdir()
+    write_tflite(classifier, model, tmp_path / "first", ("tflite",))
+    conversions = []
+    real_convert = tflite_export.convert
+    monkeypatch.setattr("runner.export.convert", lambda *a: conversions.append("whole") or real_convert(*a))
+    monkeypatch.setattr(tflite_export, "convert", lambda *a: conversions.append("backbone") or real_convert(*a))
+    (tmp_path / "second").mkdir()
+    with caplog.at_level(logging.INFO, logger="runner"):
+        write_tflite(classifier, model, tmp_path / "second", ("tflite",))
+    assert conversions == [] and any("reusing the converted mobilenet backbone" in r.message for r in caplog.records)
+    expected = classifier.classify_pixels(pixels)["probabilities"].numpy()
+    np.testing.assert_allclose(tflite_outputs(tmp_path / "second" / "model.tflite", pixels)[0], expected, atol=1e-5)
+
+    fine_tuned = type(model)(model.config, model.classes, SimpleNamespace(stage="finetune"), model.backbone, model.head)
+    (tmp_path / "finetune").mkdir()
+    write_tflite(classifier, fine_tuned, tmp_path / "finetune", ("tflite",))
+    assert conversions == ["whole"]  # its backbone weights are its own: the cached backbone is not used
+    np.testing.assert_allclose(tflite_outputs(tmp_path / "finetune" / "model.tflite", pixels)[0], expected, atol=1e-5)
+
+
+def test_a_damaged_cached_backbone_is_converted_again(parts, shared_cache, tmp_path, caplog):
+    from runner.export import write_tflite
+    model, classifier, pixels = parts
+    model.config.cache.dir = str(shared_cache)
+    (tmp_path / "a").mkdir()
+    write_tflite(classifier, model, tmp_path / "a", ("tflite",))
+    (cached,) = (shared_cache / "tflite").glob("*.tflite")
+    cached.write_bytes(cached.read_bytes()[:1000])  # e.g. a disk that lost the end of the file
+    (tmp_path / "b").mkdir()
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        write_tflite(classifier, model, tmp_path / "b", ("tflite",))
+    assert any("is damaged" in r.message and cached.name in r.message for r in caplog.records)
+    expected = classifier.classify_pixels(pixels)["probabilities"].numpy()
+    np.testing.assert_allclose(tflite_outputs(tmp_path / "b" / "model.tflite", pixels)[0], expected, atol=1e-5)
+    assert cached.stat().st_size > 100_000
+
+
+def test_the_cache_key_changes_with_the_weights_and_the_variant():
+    from runner.tflite_export import backbone_key
+    identity = {"backbone": "mobilenet", "weights": "sha256:ab", "image_size": 224, "alpha": 0.25}
+    assert backbone_key(identity, "float") == backbone_key(dict(identity), "float")
+    assert backbone_key(identity, "float") != backbone_key(identity, "quantized")
+    assert backbone_key(identity, "float") != backbone_key(dict(identity, weights="sha256:cd"), "float")
