@@ -25,6 +25,7 @@ from runner.report import write_report
 from runner.results import Finished, HeadRecord, Outcome, StageResult, Stopped, Summary, Unchanged
 from runner.rundir import CheckpointRef, RunDir, read_json
 from runner.stages import FineTuneStage, TrainingStage, build_head_stage
+from runner.tflite_export import BackgroundConversion, start_background_conversion
 from runner.train import StageLoop, StopFlag, class_weight_vector
 from sync import HandOver
 
@@ -40,6 +41,7 @@ class Job:
         self.stop = stop if stop is not None else StopFlag()
         self.make_backbone = make_backbone  # tests pass a small one
         self.prepared: Prepared | None = None
+        self.conversion: BackgroundConversion | None = None
 
     def run(self) -> Outcome:
         """Train (or continue) both stages, evaluate, export and hand sync the final snapshot."""
@@ -71,6 +73,9 @@ class Job:
             return Finished(summary) if self._finish(summary, report) else Unchanged(summary)
         except StopRequested as e:  # scan, extraction or restore: what they finished is kept for the next start
             return Stopped(e.signal_name, e.phase)
+        finally:
+            if self.conversion is not None:
+                self.conversion.close()
 
     # -- build steps -------------------------------------------------------------------------------------
     def _build_head_stage(self, data: Prepared, strategy, head, class_weights
@@ -83,6 +88,7 @@ class Job:
         marker = dict(data.marker(), fingerprint=self.config.compatibility_fingerprint())
         stage = build_head_stage(self.config, strategy, head, data.train, data.val, class_weights, marker,
                                  run.stage("head"), data.version.step_offset)
+        self.conversion = start_background_conversion(self.config)  # the export's TFLite, while the head trains
         result, history = self._train(stage, strategy, class_weights)
         record = HeadRecord.read(run.head_record)
         if not result.stopped_by and (result.trained or record is None):

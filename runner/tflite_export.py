@@ -6,12 +6,23 @@ kept in CACHE_DIR/tflite/, named by the backbone's cache identity, and each expo
 the head's standardization folded into its first dense layer, FULLY_CONNECTED ops (ReLU fused for the hidden
 layer), then SOFTMAX, and the model's output and signature moved to the new `probabilities` tensor. A
 fine-tuned checkpoint carries its own backbone weights, so its whole model is converted as before.
+
+The first conversion of a backbone happens off the training path: when the head stage begins, a child
+process (`python -m runner.tflite_export --run RUN_DIR`, niced) converts it into the cache while the head
+trains, holding CACHE_DIR/tflite/.lock; an export that needs it waits on that lock and then reuses the file.
 """
 from __future__ import annotations
 
+import argparse
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +32,16 @@ from tensorflow.lite.tools import flatbuffer_utils
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from common.files import write_bytes_atomic, write_text_atomic
-from runner.backbones import Backbone
+from runner.backbones import Backbone, build_backbone, cache_identity
+from runner.config import Config, load_config
 from runner.head import Head
+from runner.rundir import RunDir
 
 log = logging.getLogger("runner")
 
 TFLITE_DIR = "tflite"  # inside the bottleneck cache folder
+LOCK_FILE = ".lock"  # held while a backbone is converted into TFLITE_DIR
+CHILD_LOG = "conversion.log"
 TFLITE_FLOAT = "model.tflite"
 TFLITE_QUANTIZED = "model_quantized.tflite"
 # (export format, model.json key, file, converter optimizations)
@@ -130,23 +145,147 @@ def backbone_key(identity: dict, variant: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def cached_path(cache_dir: Path, identity: dict, variant: str) -> Path:
+    """Where the converted backbone of `identity` in `variant` is kept."""
+    return cache_dir / TFLITE_DIR / f"{backbone_key(identity, variant)}.tflite"
+
+
+def _cached(path: Path) -> bytes | None:
+    """A cached conversion whose sha256 still matches its sidecar, else None (a damaged one is reported)."""
+    digest_path = path.with_suffix(".sha256")
+    if not (path.is_file() and digest_path.is_file()):
+        return None
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() == digest_path.read_text().strip():
+        return data
+    log.warning("TFLite: %s is damaged (its sha256 differs from %s); converting the backbone again",
+                path, digest_path.name)
+    return None
+
+
+@contextmanager
+def conversion_lock(cache_dir: Path):
+    """Hold CACHE_DIR/tflite/.lock, waiting (and saying so) while another process converts a backbone."""
+    folder = cache_dir / TFLITE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("TFLite: waiting for the backbone conversion running in the background (%s)",
+                     folder / CHILD_LOG)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def converted_backbone(backbone: Backbone, identity: dict, variant: str, optimizations: list,
-                       cache_dir: Path | None) -> bytes:
-    """The backbone alone (pixels → features) as TFLite, from CACHE_DIR/tflite when an earlier export converted
-    it (and its sha256 still matches), else converted now and kept there."""
-    path = cache_dir / TFLITE_DIR / f"{backbone_key(identity, variant)}.tflite" if cache_dir else None
-    digest_path = path.with_suffix(".sha256") if path is not None else None
-    if path is not None and path.is_file() and digest_path.is_file():
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() == digest_path.read_text().strip():
+                       cache_dir: Path | None, locked: bool = True) -> bytes:
+    """The backbone alone (pixels → features) as TFLite, from CACHE_DIR/tflite when an earlier export or the
+    background conversion made it (and its sha256 still matches), else converted now and kept there."""
+    if cache_dir is None:
+        return _convert_backbone(backbone, optimizations)
+    path = cached_path(cache_dir, identity, variant)
+    with conversion_lock(cache_dir) if locked else nullcontext():
+        data = _cached(path)
+        if data is not None:
             log.info("TFLite: reusing the converted %s backbone (%s)", identity["backbone"], path)
             return data
-        log.warning("TFLite: %s is damaged (its sha256 differs from %s); converting the backbone again",
-                    path, digest_path.name)
-    features = tf.function(lambda pixels: backbone.model(pixels, training=False))
-    data = convert(features.get_concrete_function(pixels_spec(backbone.image_size)), backbone.model, optimizations)
-    if path is not None:
+        data = _convert_backbone(backbone, optimizations)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, data)
-        write_text_atomic(digest_path, hashlib.sha256(data).hexdigest() + "\n")  # last: it vouches for the file
-    return data
+        write_text_atomic(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest() + "\n")  # last: it vouches
+        return data
+
+
+def _convert_backbone(backbone: Backbone, optimizations: list) -> bytes:
+    features = tf.function(lambda pixels: backbone.model(pixels, training=False))
+    return convert(features.get_concrete_function(pixels_spec(backbone.image_size)), backbone.model, optimizations)
+
+
+def variants_to_convert(config: Config) -> list[tuple[str, str, str, list]]:
+    """The TFLite variants the export of `config` will append a head to (none when the export is off or a
+    fine-tuned backbone will be converted whole)."""
+    if not config.export.enabled or config.fine_tune.enabled:
+        return []
+    names = config.export.format_names()
+    return [variant for variant in TFLITE_VARIANTS if variant[0] in names]
+
+
+class BackgroundConversion:
+    """The child process converting a run's backbone into the cache; close() stops it if it still runs."""
+
+    def __init__(self, process: subprocess.Popen, log_path: Path):
+        self.process, self.log_path = process, log_path
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        elif self.process.returncode != 0:  # the export converted the backbone itself
+            log.warning("TFLite: the background conversion failed (exit %s); see %s", self.process.returncode,
+                        self.log_path)
+        self.process.wait()
+
+
+def start_background_conversion(config: Config) -> BackgroundConversion | None:
+    """Start converting the backbone's TFLite variants into the cache in a niced child process while training
+    goes on; None when nothing needs converting or another process is converting into this cache already."""
+    variants = variants_to_convert(config)
+    identity = cache_identity(config.backbone)
+    cache_dir = config.cache_dir
+    if not any(_cached(cached_path(cache_dir, identity, key)) is None for _, key, _, _ in variants):
+        return None
+    folder = cache_dir / TFLITE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        with open(folder / CHILD_LOG, "w") as out:  # the child holds the lock until it exits
+            process = subprocess.Popen(
+                [sys.executable, "-m", "runner.tflite_export", "--run", str(config.run_dir), "--parent",
+                 str(os.getpid())], pass_fds=(lock,), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, env=env)
+    finally:
+        os.close(lock)
+    log.info("TFLite: converting the %s backbone in the background (%s)", config.backbone.name, folder / CHILD_LOG)
+    return BackgroundConversion(process, folder / CHILD_LOG)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a killed run leaves no converter behind)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        sys.exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The background conversion: convert RUN_DIR's backbone for its export into its cache folder."""
+    parser = argparse.ArgumentParser(prog="python -m runner.tflite_export", description=main.__doc__)
+    parser.add_argument("--run", required=True, type=Path, help="the run directory (its config.toml)")
+    parser.add_argument("--parent", type=int, help="exit when this process is gone")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.parent:
+        _die_with_parent(args.parent)
+    os.nice(10)  # training goes first
+    config = load_config(RunDir(args.run).config)
+    backbone = build_backbone(config.backbone)
+    identity = cache_identity(config.backbone)
+    for _, key, _, optimizations in variants_to_convert(config):
+        converted_backbone(backbone, identity, key, optimizations, config.cache_dir, locked=False)  # lock inherited
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
