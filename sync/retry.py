@@ -307,12 +307,12 @@ class RetryPolicy:
                 used[kind] += 1
                 spent = sum(used.values())
                 if used[kind] > recoveries.limits[kind]:
-                    raise kind.gives_up_as(f"sync: {what} gave up: {exc} ({kind.label}, {used[kind]} times; "
-                                           f"mended at most {recoveries.limits[kind]} times).") from None
+                    raise kind.gives_up_as(f"sync: {what} gave up after {kind.label} {used[kind]} times (at most "
+                                           f"{recoveries.limits[kind]} recoveries of that kind): {exc}.") from None
                 if spent > recoveries.total:
                     tally = ", ".join(f"{k.label} x{n}" for k, n in used.items())
-                    raise kind.gives_up_as(f"sync: {what} gave up after {spent} attempts ({tally}), the most one "
-                                           f"operation gets; last: {exc}.") from None
+                    raise kind.gives_up_as(f"sync: {what} gave up after {spent} attempts ({tally}; at most "
+                                           f"{recoveries.total} recoveries in all): last, {exc}.") from None
                 log.warning("%s: %s; mending it (%s %d/%d, recovery %d/%d)", what, exc, kind.label, used[kind],
                             recoveries.limits[kind], spent, recoveries.total)
                 mend[kind](exc)
