@@ -1,11 +1,11 @@
 """The one retry policy of sync, and the one place where remote failures are classified.
 
 Transient failures (rate limits, 5xx, resets, timeouts) are retried with one backoff; permanent ones become a
-RemoteError whose message names the fix. Failures that one more attempt of a whole operation can mend (a
-Recover: md5 mismatch, a refused file id, a forgotten upload session, a deleted folder) are mended by
-RetryPolicy.call_with_recovery, within Recoveries: a limit for each kind and one total. Reasons come from the legacy body (`error.errors[].reason`) and the
+RemoteError whose message names the fix. Reasons come from the legacy body (`error.errors[].reason`) and the
 new one (`error.status`, `error.details[].reason`), as documented in the Drive guide "Resolve errors"
-(https://developers.google.com/drive/api/guides/handle-errors).
+(https://developers.google.com/drive/api/guides/handle-errors). Failures that one more attempt of a whole
+operation can mend (a Recover: md5 mismatch, a refused file id, a forgotten upload session, a deleted folder)
+are mended by RetryPolicy.call_with_recovery within Recoveries: a limit for each kind and one total.
 """
 from __future__ import annotations
 
