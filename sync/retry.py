@@ -3,7 +3,9 @@
 Transient failures (rate limits, 5xx, resets, timeouts) are retried with one backoff; permanent ones become a
 RemoteError whose message names the fix. Reasons come from the legacy body (`error.errors[].reason`) and the
 new one (`error.status`, `error.details[].reason`), as documented in the Drive guide "Resolve errors"
-(https://developers.google.com/drive/api/guides/handle-errors).
+(https://developers.google.com/drive/api/guides/handle-errors). Failures that one more attempt of a whole
+operation can mend (a Recover: md5 mismatch, a refused file id, a forgotten upload session, a deleted folder)
+are mended by RetryPolicy.call_with_recovery within Recoveries: a limit for each kind and one total.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ import random
 import socket
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Callable, Mapping, NamedTuple, TypeVar
 
-from sync.errors import QuotaExceeded, RemoteError, TransferError
+from sync.errors import IntegrityError, QuotaExceeded, RemoteError, SyncError, TransferError
 
 log = logging.getLogger("sync")
 T = TypeVar("T")
@@ -168,6 +171,65 @@ def permanent_error(exc: BaseException, what: str) -> RemoteError | None:
     return kind(f"sync: {what} failed ({describe(exc)}): {advice}", status, reasons)
 
 
+class Recover(SyncError):
+    """A failure of one attempt that a fresh attempt can mend; only call_with_recovery catches it."""
+    label = "a recoverable failure"  # what kept failing, in messages
+    gives_up_as: type[SyncError] = SyncError  # raised when the recoveries are spent
+
+
+class Md5Mismatch(Recover):
+    """The stored copy's md5 is not the local file's: send the content again (resource: the stored copy)."""
+    label = "md5 mismatch"
+    gives_up_as = IntegrityError
+
+    def __init__(self, message: str, resource: dict):
+        super().__init__(message)
+        self.resource = resource
+
+
+class StaleId(Recover):
+    """Drive refused the saved pre-generated file id (400, or 409 for another file): use a new id."""
+    label = "refused file id"
+
+
+class SessionGone(Recover):
+    """Drive forgot the resumable upload session (404/410 on a chunk): start a new session."""
+    label = "upload session gone"
+
+
+class ParentGone(Recover):
+    """The folder (or the file being replaced) is gone (404): look it up, or create it, again."""
+    label = "folder gone"
+
+
+@dataclass(frozen=True)
+class Recoveries:
+    """How often each kind of Recover may be mended in one operation, and the one total over all kinds.
+
+    An operation runs at most `attempts` = 1 + total times; recoveries never wait (only RetryPolicy.call does)."""
+    limits: Mapping[type[Recover], int]
+    total: int
+
+    def __post_init__(self):
+        if min(self.limits.values()) < 0 or not 0 <= self.total <= sum(self.limits.values()):
+            raise ValueError(f"recovery limits {self.limits} do not fit the total {self.total}")
+
+    @property
+    def attempts(self) -> int:
+        """The most attempts of one operation, whatever keeps failing."""
+        return 1 + self.total
+
+    def attempts_of(self, kind: type[Recover]) -> int:
+        """The attempts of one operation whose every attempt fails with kind."""
+        return 1 + min(self.limits[kind], self.total)
+
+
+class WorstCase(NamedTuple):
+    """The most one operation costs: tries of requests sent, and seconds waited between them."""
+    tries: int
+    wait_s: float
+
+
 @dataclass
 class RetryPolicy:
     """Bounded tries with delays backoff_s * 2**n (capped at max_delay_s) with equal jitter (a delay is drawn
@@ -175,7 +237,8 @@ class RetryPolicy:
 
     The budget of one request is `tries` tries and at most `worst_case_wait_s` seconds of waiting between them
     (plus each try's own socket timeout, sync.timeout_s). This is the only loop that waits and retries a
-    request; the Drive backend's recoveries (see drive.RECOVERY_BUDGET) each start requests under it."""
+    request. call_with_recovery runs whole attempts of an operation within Recoveries; their requests each
+    run under call, so one operation costs at most worst_case(requests per attempt, recoveries)."""
     tries: int = 8
     backoff_s: float = 1.0
     max_delay_s: float = 60.0
@@ -186,6 +249,12 @@ class RetryPolicy:
     def worst_case_wait_s(self) -> float:
         """The longest this policy waits, in all, between the tries of one request."""
         return sum(min(self.max_delay_s, self.backoff_s * 2 ** attempt) for attempt in range(self.tries - 1))
+
+    def worst_case(self, requests_per_attempt: int, recoveries: Recoveries | None = None) -> WorstCase:
+        """The most an operation of requests_per_attempt requests costs: every attempt that recoveries allow,
+        every request of each attempt taking all `tries` tries and the longest waits between them."""
+        requests = (recoveries.attempts if recoveries else 1) * requests_per_attempt
+        return WorstCase(requests * self.tries, requests * self.worst_case_wait_s)
 
     def delay(self, attempt: int, exc: BaseException) -> float:
         """Seconds to wait before try number attempt+1 (attempt counts from 0)."""
@@ -218,3 +287,32 @@ class RetryPolicy:
                             self.tries - 1, wait)
                 self.sleep(wait)
         raise AssertionError("unreachable")
+
+    def call_with_recovery(self, attempt: Callable[[], T], recoveries: Recoveries, what: str,
+                           mend: Mapping[type[Recover], Callable[[Recover], None]]) -> T:
+        """Run attempt until it returns; after each Recover it raises, run mend[its kind] (at once, no waiting)
+        and attempt again. A kind past its limit, or recoveries past the total, raise the kind's gives_up_as
+        naming `what` and what kept failing. Other exceptions propagate unchanged."""
+        if set(mend) != set(recoveries.limits):
+            raise ValueError(f"mend {sorted(k.__name__ for k in mend)} for recoveries of "
+                             f"{sorted(k.__name__ for k in recoveries.limits)}")
+        used: Counter[type[Recover]] = Counter()
+        while True:
+            try:
+                return attempt()
+            except Recover as exc:
+                kind = next((k for k in recoveries.limits if isinstance(exc, k)), None)
+                if kind is None:
+                    raise
+                used[kind] += 1
+                spent = sum(used.values())
+                if used[kind] > recoveries.limits[kind]:
+                    raise kind.gives_up_as(f"sync: {what} gave up after {kind.label} {used[kind]} times (at most "
+                                           f"{recoveries.limits[kind]} recoveries of that kind): {exc}.") from None
+                if spent > recoveries.total:
+                    tally = ", ".join(f"{k.label} x{n}" for k, n in used.items())
+                    raise kind.gives_up_as(f"sync: {what} gave up after {spent} attempts ({tally}; at most "
+                                           f"{recoveries.total} recoveries in all): last, {exc}.") from None
+                log.warning("%s: %s; mending it (%s %d/%d, recovery %d/%d)", what, exc, kind.label, used[kind],
+                            recoveries.limits[kind], spent, recoveries.total)
+                mend[kind](exc)
