@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         _die_with_parent(args.parent)
     os.nice(10)  # training goes first
     config = load_config(RunDir(args.run).config)
+    log.info("converting the %s backbone for the export of %s", config.backbone.name, args.run)
     backbone = build_backbone(config.backbone)
     identity = cache_identity(config.backbone)
     for _, key, _, optimizations in variants_to_convert(config):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -118,3 +119,74 @@ def test_the_cache_key_changes_with_the_weights_and_the_variant():
     assert backbone_key(identity, "float") == backbone_key(dict(identity), "float")
     assert backbone_key(identity, "float") != backbone_key(identity, "quantized")
     assert backbone_key(identity, "float") != backbone_key(dict(identity, weights="sha256:cd"), "float")
+
+
+def test_the_shared_run_converted_its_backbone_in_the_background_and_its_export_reused_it(clothing_run):
+    run_dir, cache_dir, output = clothing_run
+    assert "TFLite: converting the mobilenet backbone in the background" in output
+    assert output.count("TFLite: reusing the converted mobilenet backbone") == 2  # float and quantized
+    assert len(list((cache_dir / "tflite").glob("*.tflite"))) == 2
+    assert "converting the backbone again" not in output and "background conversion failed" not in output
+
+
+def converter_processes(run_dir: Path) -> list[int]:
+    """Pids of live background converters of `run_dir` (from /proc; zombies are not alive)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if b"runner.tflite_export" in command and str(run_dir).encode() in command and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_no_converter_behind_and_a_stopped_one_stops_it(shared_assets, tmp_path):
+    import subprocess
+    import sys
+    import time
+    from tests.helpers import REPO, child_env
+    run_dir = tmp_path / "run"
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+from runner.config import load_config, to_toml
+from runner.rundir import RunDir
+from runner.tflite_export import start_background_conversion
+config = load_config(None, ["data.dir=x", "run.dir={run_dir}", "backbone.name=inception_v3", "backbone.weights=none",
+                            "backbone.allow_random_weights=true"])
+RunDir(config.run_dir).path.mkdir(parents=True, exist_ok=True)
+RunDir(config.run_dir).config.write_text(to_toml(config))
+conversion = start_background_conversion(config)
+print("started", conversion.process.pid, flush=True)
+sys.stdin.readline()  # the test says when to close it
+conversion.close()
+print("closed", flush=True)
+time.sleep(120)
+"""
+    for mode in ("kill", "close"):
+        parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True, env=child_env())
+        line = parent.stdout.readline()
+        assert line.startswith("started"), line
+        child = int(line.split()[1])
+        converter_log = run_dir / "cache" / "tflite" / "conversion.log"
+        deadline = time.monotonic() + 120
+        while "converting the inception_v3 backbone" not in converter_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)  # past its start-up checks: only the kernel's parent-death signal can stop it now
+        assert converter_processes(run_dir) == [child]
+        if mode == "kill":
+            parent.kill()
+        else:
+            parent.stdin.write("close\n")
+            parent.stdin.flush()
+            assert parent.stdout.readline().strip() == "closed"
+        deadline = time.monotonic() + 10  # Inception V3's conversion alone takes longer than this
+        while converter_processes(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert converter_processes(run_dir) == [], mode
+        parent.kill()
+        parent.wait()
