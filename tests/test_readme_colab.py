@@ -1,6 +1,6 @@
 """README's Colab cells, parsed out of README.md, run in sequence in one shell session on the local checkout:
-the clone and Colab-only lines are replaced by the checkout, /content by a temporary folder, the flower_photos
-URL by a local archive, and the run is made small (local MobileNet weights, few steps, folder sync)."""
+the clone and Colab-only lines are replaced by the checkout, /content by a temporary folder, configs/flowers.toml's
+flower_photos URL by a local archive (the download itself is tested in test_sources.py), and the run is made small (local MobileNet weights, few steps, folder sync)."""
 from __future__ import annotations
 
 import re
@@ -63,6 +63,8 @@ def test_readme_colab_cells_parse_into_known_lines():
     assert not any(line.startswith("!cd ") or " && cd " in line for line in lines), "cd in a ! shell does not last"
     assert any(line.startswith("!python resume.py --config configs/flowers.toml") for line in lines)
     assert "not measured here" in README.read_text()
+    from runner.config import load_config
+    assert load_config(REPO / "configs" / "flowers.toml").data.dir == FLOWERS_URL  # the config downloads it
 
 
 @pytest.mark.slow
@@ -71,7 +73,7 @@ def test_readme_colab_cells_run_in_one_shell_session_and_again_after_a_disconnec
     content, drive = tmp_path / "content", tmp_path / "drive"
     content.mkdir()
     small_run = " ".join(f"--set {item}" for item in (
-        f"data.dir={content}/flower_photos", f"run.dir={content}/runs/flowers", "backbone.name=mobilenet",
+        f"data.dir={flowers_archive}", f"data.unpack_dir={content}/data", f"run.dir={content}/runs/flowers", "backbone.name=mobilenet",
         f"backbone.weights={MOBILENET_WEIGHTS}", "backbone.alpha=0.25", "backbone.image_size=224",
         "train.steps=30", "eval.every_steps=15", "checkpoint.every_steps=15", "data.min_images_per_class=3",
         "sync.backend=folder", f"sync.folder={drive}"))  # no Google account here: the folder backend stands in
@@ -86,8 +88,9 @@ def test_readme_colab_cells_run_in_one_shell_session_and_again_after_a_disconnec
 
     first = run_cells()
     assert "done: step 30" in first, first
-    assert sorted(p.name for p in (content / "flower_photos").iterdir()) == ["hat", "pants", "shoes"]
-    assert sorted(p.name for p in content.iterdir()) == ["flower_photos", "runs"], "a download folder was left behind"
+    (photos,) = [p for p in (content / "data").rglob("flower_photos") if p.is_dir()]  # unpacked once, whole
+    assert sorted(p.name for p in photos.iterdir() if not p.name.startswith(".")) == ["hat", "pants", "shoes"]
+    assert sorted(p.name for p in content.iterdir()) == ["data", "runs"], "a download folder was left behind"
     assert (content / "runs" / "flowers" / "export" / "model.tflite").is_file() and any(drive.iterdir())
 
     # the laptop recipe: the newest snapshot "downloaded from Drive" and the one command on it
@@ -96,7 +99,7 @@ def test_readme_colab_cells_run_in_one_shell_session_and_again_after_a_disconnec
     command = laptop_command().split()
     assert command[:3] == ["python", "-m", "runner.classify"] and re.search(rf"/{name}$", command[3]), command
     assert re.fullmatch(name, snapshot.name), snapshot.name
-    hats = sorted((content / "flower_photos" / "hat").glob("*.jpg"))
+    hats = sorted((photos / "hat").glob("*.jpg"))
     local = {command[3]: str(snapshot), "my_photo.jpg": str(hats[0]), "more_photos/": str(hats[0].parent)}
     laptop = subprocess.run([local.get(word, word) for word in command], cwd=REPO, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
