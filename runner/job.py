@@ -50,7 +50,7 @@ class Job:
         try:
             strategy = make_strategy(self.config.train)
             data = self.prepared = prepare(self.config, self.rundir, self.sync, self.stop, strategy,
-                                           self.make_backbone)
+                                           self.make_backbone, self._start_tflite_conversion)
             class_weights = class_weight_vector(data.train.labels, len(data.dataset.classes),
                                                 self.config.train.class_weights)
             with strategy.scope():
@@ -88,7 +88,6 @@ class Job:
         marker = dict(data.marker(), fingerprint=self.config.compatibility_fingerprint())
         stage = build_head_stage(self.config, strategy, head, data.train, data.val, class_weights, marker,
                                  run.stage("head"), data.version.step_offset)
-        self.conversion = start_background_conversion(self.config)  # the export's TFLite, while the head trains
         result, history = self._train(stage, strategy, class_weights)
         record = HeadRecord.read(run.head_record)
         if not result.stopped_by and (result.trained or record is None):
@@ -159,6 +158,11 @@ class Job:
         return True
 
     # -- helpers -----------------------------------------------------------------------------------------
+    def _start_tflite_conversion(self) -> None:
+        """Convert the export's TFLite backbone in a child process while extraction and training go on (the
+        backbone's weights are on disk by now: the child never downloads them a second time)."""
+        self.conversion = start_background_conversion(self.config)
+
     def _hand_to_sync(self, checkpoint: CheckpointRef, final: bool = False) -> None:
         """Give sync a finished checkpoint: the complete file list RunDir names for it."""
         files = self.rundir.hand_over(checkpoint, final)

@@ -135,8 +135,9 @@ def extract(config: Config, dataset: Dataset, backbone: Backbone, strategy, stop
 
 
 def prepare(config: Config, run: RunDir, sync, stop: StopFlag, strategy,
-            make_backbone=build_backbone) -> Prepared:
-    """Restore, scan, check, build the backbone (under `strategy`), extract and split: a run ready to train."""
+            make_backbone=build_backbone, on_backbone=None) -> Prepared:
+    """Restore, scan, check, build the backbone (under `strategy`), extract and split: a run ready to train.
+    `on_backbone()` is called once the backbone is built (its weights downloaded), before extraction."""
     run.path.mkdir(parents=True, exist_ok=True)
     finish_interrupted_archive(run)  # before the restore: an archive moves the checkpoints away
     restore_from_sync(config, run, sync, stop)
@@ -146,6 +147,8 @@ def prepare(config: Config, run: RunDir, sync, stop: StopFlag, strategy,
     record_settings(config, run, dataset.classes)
     with strategy.scope():
         backbone = make_backbone(config.backbone)
+    if on_backbone is not None:
+        on_backbone()
     dataset, cache, computed = extract(config, dataset, backbone, strategy, stop)
     train, val, test = (Split.of(dataset, cache, name) for name in ("train", "validation", "test"))
     log.info("%d classes; %d train / %d validation / %d test images; %d skipped; %d vectors computed "

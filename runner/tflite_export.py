@@ -7,9 +7,10 @@ the head's standardization folded into its first dense layer, FULLY_CONNECTED op
 layer), then SOFTMAX, and the model's output and signature moved to the new `probabilities` tensor. A
 fine-tuned checkpoint carries its own backbone weights, so its whole model is converted as before.
 
-The first conversion of a backbone happens off the training path: when the head stage begins, a child
-process (`python -m runner.tflite_export --run RUN_DIR`, niced) converts it into the cache while the head
-trains, holding CACHE_DIR/tflite/.lock; an export that needs it waits on that lock and then reuses the file.
+The first conversion of a backbone happens off the export's path: once the run has built its backbone, a child
+process (`python -m runner.tflite_export --run RUN_DIR`) converts it into the cache while extraction and the
+head run, holding CACHE_DIR/tflite/.lock; an export that needs it waits on that lock and reuses the file.
+The converter is mostly single-threaded, so beside extraction it costs less wall time than at the export.
 """
 from __future__ import annotations
 
@@ -230,8 +231,7 @@ class BackgroundConversion:
 
 
 def start_background_conversion(config: Config) -> BackgroundConversion | None:
-    """Start converting the backbone's TFLite variants into the cache in a niced child process while training
-    goes on; None when nothing needs converting or another process is converting into this cache already."""
+    """Start converting the backbone's TFLite variants into the cache in a child process while the run goes on; None when nothing needs converting or another process is converting into this cache already."""
     variants = variants_to_convert(config)
     identity = cache_identity(config.backbone)
     cache_dir = config.cache_dir
@@ -278,7 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.parent:
         _die_with_parent(args.parent)
-    os.nice(10)  # training goes first
     config = load_config(RunDir(args.run).config)
     log.info("converting the %s backbone for the export of %s", config.backbone.name, args.run)
     backbone = build_backbone(config.backbone)
