@@ -19,7 +19,7 @@ from runner.data import Dataset, HashIndex, check_class_sizes, scan_dataset
 from runner.dataversion import DataFingerprint, RunVersion, finish_interrupted_archive, follow_data
 from runner.errors import IncompatibleRunError
 from runner.extract import extract_missing
-from runner.rundir import RunDir
+from runner.rundir import STAGES, RunDir
 from runner.sources import local_data_dir
 from runner.stages import Split
 from runner.train import StopFlag
@@ -65,6 +65,8 @@ def restore_from_sync(config: Config, run: RunDir, sync, stop: StopFlag) -> None
         restored_step = sync.restore_latest()
     if restored_step is not None:
         log.info("downloaded the snapshot of step %d from sync (%s)", restored_step, config.sync.backend)
+        for stage in STAGES:  # a snapshot carries checkpoints, not TensorFlow's state file naming them
+            run.stage(stage).write_state(config.checkpoint.max_to_keep)
 
 
 def check_compatible(marker: dict | None, fingerprint: dict, classes: list[str], run: RunDir,

@@ -69,6 +69,40 @@ def test_a_job_hands_over_every_checkpoint_then_the_final_snapshot_and_a_rerun_c
     assert isinstance(second, Unchanged) and second.summary == summary and again.hand_overs == []
 
 
+class RestoringSync(RecordingSync):
+    """Sync on, with a remote holding `run`'s final snapshot: restore copies its files (checkpoint data and
+    marker, records, results; no TensorFlow state file, as in a real snapshot) and its cache into a new disk."""
+    enabled = True
+
+    def __init__(self, source_config, final, target_config):
+        super().__init__()
+        self.source, self.final, self.target = source_config, final, target_config
+
+    def restore_latest(self):
+        import shutil
+        for rel in self.final.files:
+            (self.target.run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.source.run_dir / rel, self.target.run_dir / rel)
+        for rel in self.final.cache_files:
+            if not (self.source.cache_dir / rel).is_file():
+                continue  # the scan index's copy, renamed by the source's rerun since; the shards are there
+            (self.target.cache_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.source.cache_dir / rel, self.target.cache_dir / rel)
+        return self.final.step
+
+
+def test_a_finished_run_restored_on_a_new_disk_gets_tensorflows_checkpoint_state_file(tiny_run, tiny_data,
+                                                                                      tmp_path):
+    import tensorflow as tf
+    config, sync, outcome = tiny_run
+    final = sync.hand_overs[-1]
+    assert not any(rel.endswith("/checkpoint") for rel in final.files)  # the snapshot does not carry it
+    fresh = tiny_config(tmp_path / "new-disk" / "run", tiny_data)
+    second = _job(fresh, RestoringSync(config, final, fresh)).run()
+    assert isinstance(second, Unchanged) and second.summary.global_step == 40
+    assert tf.train.latest_checkpoint(str(fresh.run_dir / "checkpoints")) == str(fresh.run_dir / "checkpoints" / "ckpt-40")
+
+
 def test_a_signal_in_training_stops_at_a_checkpoint_and_the_next_job_ends_bit_identical(tiny_run, tiny_data,
                                                                                         tmp_path):
     stop = StopFlag()
