@@ -309,8 +309,18 @@ def _prepare_folder(folder: Path) -> None:
         raise _unwritable(folder, e, "creating it") from None
 
 
-def _unwritable(folder: Path, e: OSError, doing: str) -> RunnerError:
-    """The error for a failed write under data.unpack_dir: a full disk or a folder that cannot be written."""
+# what a network file system's mount (Google Drive's on Colab) answers when it cannot serve a read right now
+MOUNT_HICCUPS = {errno.EIO, errno.ENOTCONN, errno.ETIMEDOUT, errno.ESTALE, errno.ECONNRESET, errno.ECONNABORTED,
+                 errno.EAGAIN}
+
+
+def _unwritable(folder: Path, e: OSError, doing: str) -> RunnerError | TransientError:
+    """The error for a failed copy or write under data.unpack_dir: a full disk or a folder that cannot be written
+    (exit 2), or a mount that failed to serve a read (exit 75: the same command resumes the copy)."""
+    if e.errno in MOUNT_HICCUPS:
+        return TransientError(f"{doing} failed: {e.strerror or e} (errno {e.errno}), which is what a network mount "
+                              f"such as Google Drive's says when it cannot serve a file right now. Run the same "
+                              f"command again: what was copied is kept and the copy goes on from there.")
     why = "the disk is full" if is_disk_full(e) else (e.strerror or str(e))
     if not (is_disk_full(e) or e.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR)):
         raise e

@@ -194,6 +194,30 @@ def test_a_folder_on_the_drive_mount_is_copied_once_then_kept_up_to_date(tmp_pat
     assert local_data_dir(data_config(data, tmp_path / "unpack", copy_prefix=""), "lines") == data  # '' = no copy
 
 
+def test_a_read_the_drive_mount_cannot_serve_exits_75_and_the_next_start_finishes_the_copy(tmp_path, monkeypatch):
+    import errno
+    from common.errors import EXIT_TRANSIENT, status_of
+    drive = tmp_path / "drive"
+    data = write_synthetic_dataset(drive / "MyDrive" / "pets", num_classes=2, per_class=3, size=24)
+    config = data_config(data, tmp_path / "unpack", copy_prefix=drive)
+    copy2, copied = shutil.copy2, []
+
+    def flaky(src, dst):  # the FUSE mount answers EIO for the fourth file, as Drive's does when it times out
+        if len(copied) == 3:
+            raise OSError(errno.EIO, "Input/output error")
+        copied.append(src)
+        return copy2(src, dst)
+    monkeypatch.setattr(sources.shutil, "copy2", flaky)
+    with pytest.raises(Exception) as failure:
+        local_data_dir(config, "lines")
+    assert status_of(failure.value)[0] == EXIT_TRANSIENT
+    assert str(data) in str(failure.value) and "Run the same command again" in str(failure.value)
+    monkeypatch.setattr(sources.shutil, "copy2", lambda src, dst: copied.append(src) or copy2(src, dst))
+    local = local_data_dir(config, "lines")
+    assert class_counts(local) == {"class_0000": 3, "class_0001": 3}
+    assert len(copied) == 6 and len(set(copied)) == 6  # the three copied before the failure were kept
+
+
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Serves `bytes=N-` Range requests with 206, as download servers do (SimpleHTTPRequestHandler does not)."""
     requested: list[str] = []
