@@ -18,7 +18,8 @@ point whatever the machine's load): ours when its extraction progress line repor
 extracted, the guide when fit prints "Epoch E/N" with E = N // 2 + 1 (half its epochs done). Then the
 seconds a restart needs to finish. Ours resumes (the cache shards and checkpoints written before the kill
 are kept); the guide saves nothing before its final model.save (its typical workflow shows no
-ModelCheckpoint), so its restart is a run from scratch.
+ModelCheckpoint), so its restart is a run from scratch. And what the kill cost: time to the kill + the
+restart's time - the unbroken run's time.
 The bound: `import tensorflow, keras` in a fresh process + extraction of every image at the CPU-sharing
 bound 1 / (1/decode + 1/forward) (bench/extraction.py's measurements) + our head phase; ours as a
 fraction of it, and the phase shares of our job read from its timestamped output lines.
@@ -287,6 +288,11 @@ def measure(args, root: Path) -> dict:
             **rates}
 
 
+def kill_cost(result: dict) -> float:
+    """Seconds a SIGKILL added to the job: time to the kill + the restart's time to finish - the unbroken run."""
+    return result["killed_at_s"] + result["after_kill_s"] - result["s"]
+
+
 def report(r: dict, args) -> dict:
     mine, guide = r["ours"], r["keras_guide"]
     print(f"\nthe whole job to an exported model, {r['images']} images, {os.cpu_count()} CPUs, one run each "
@@ -304,6 +310,8 @@ def report(r: dict, args) -> dict:
           f"in {mine['after_kill_s']:.1f} s  [{'; '.join(s.split('runner: ')[-1] for s in mine['after_kill_output'])}]")
     print(f"  Keras guide killed at {guide['killed_at_s']:.1f} s; it had saved {guide['saved_before_kill'] or 'nothing'}; "
           f"rerun from scratch in {guide['after_kill_s']:.1f} s")
+    print(f"  what the kill cost (time to the kill + the restart's time - the unbroken run's): ours "
+          f"{kill_cost(mine):.1f} s, the Keras guide {kill_cost(guide):.1f} s")
     print(f"\nthe bound: import {r['import_s']:.1f} s + extraction at 1/(1/decode + 1/forward) = "
           f"1/(1/{r['decode_img_s']:.0f} + 1/{r['forward_img_s']:.0f}) = {r['bound_img_s']:.1f} img/s: "
           f"{r['bound_extraction_s']:.1f} s + our head phase {mine['phases']['head']:.1f} s = {r['bound_s']:.1f} s; "
@@ -312,6 +320,7 @@ def report(r: dict, args) -> dict:
     return {"ours_s": round(mine["s"], 1), "ours_test_acc": round(mine["test_acc"], 4),
             "keras_guide_s": round(guide["s"], 1), "keras_guide_test_acc": round(guide["test_acc"], 4),
             "ours_after_kill_s": round(mine["after_kill_s"], 1), "keras_guide_after_kill_s": round(guide["after_kill_s"], 1),
+            "ours_kill_cost_s": round(kill_cost(mine), 1), "keras_guide_kill_cost_s": round(kill_cost(guide), 1),
             "bound_s": round(r["bound_s"], 1), "ours_fraction_of_bound": round(r["bound_s"] / mine["s"], 3),
             "per_image_s": round(r["per_image_s"], 1), "import_s": round(r["import_s"], 2),
             "bound_img_s": round(r["bound_img_s"], 1), "images": r["images"], "num_test": mine["num_test"],

@@ -81,3 +81,4 @@ def test_quick_mode_prints_every_figure_as_json():
                 "keras_guide_after_kill_s", "bound_s"):
         assert figures[key] is not None, key
     assert sum(figures["ours_phases_s"].values()) == pytest.approx(figures["ours_s"], abs=0.5)
+    assert figures["ours_kill_cost_s"] is not None and figures["keras_guide_kill_cost_s"] is not None
