@@ -32,7 +32,8 @@ from runner.config import EXPORT_FORMATS, Config, load_config  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
 from runner.head import Head, build_head  # noqa: E402
 from runner.meta_graph import serving_tensor_names, write_meta_graph  # noqa: E402
-from runner.tflite_export import TFLITE_VARIANTS, append_head, convert, converted_backbone, pixels_spec  # noqa: E402
+from runner.tflite_export import TFLITE_VARIANTS, convert, converted_backbone, pixels_spec  # noqa: E402
+from runner.tflite_head import append_head  # noqa: E402
 from runner.rundir import EXPORT_MODEL_INFO, CheckpointRef, RunDir, read_json  # noqa: E402
 
 log = logging.getLogger("runner")
