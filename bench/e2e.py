@@ -14,8 +14,8 @@ Same photos, backbone, weights, split (runner.data.split_of) and test images for
   per_image      retrain.py's way, extraction only: one backbone call per image (read, decode, resize,
                  forward), timed on the first 400 photos; seconds per image x all images
 After a SIGKILL half-way through each one's main work, at an output marker (so the kill lands at the same
-point whatever the machine's load): ours when its extraction progress line reports half the images
-extracted, the guide when fit prints "Epoch E/N" with E = N // 2 + 1 (half its epochs done). Then the
+point whatever the machine's load): ours once its cache's complete shards hold half the images' vectors
+(polled on disk; shards are cache.shard_size = 512 vectors, so 1,024 of 1,885 here), the guide when fit prints "Epoch E/N" with E = N // 2 + 1 (half its epochs done). Then the
 seconds a restart needs to finish. Ours resumes (the cache shards and checkpoints written before the kill
 are kept); the guide saves nothing before its final model.save (its typical workflow shows no
 ModelCheckpoint), so its restart is a run from scratch. And what the kill cost: time to the kill + the
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -71,31 +70,45 @@ def split_lists(data: Path, validation_percent: float, test_percent: float) -> t
 
 
 # -- child processes, timed from their start, their output lines timestamped -----------------------------
-def run_timed(command: list[str], kill_at: Callable[[str], bool] | None = None
-              ) -> tuple[float, list[tuple[float, str]], int, bool]:
+def run_timed(command: list[str], kill_at: Callable[[str], bool] | None = None,
+              kill_when: Callable[[], bool] | None = None) -> tuple[float, list[tuple[float, str]], int, bool]:
     """(seconds from start to exit, [(seconds since start, line)], return code, killed): SIGKILL as soon as
-    the child prints a line for which kill_at(line) is true."""
+    the child prints a line for which kill_at(line) is true, or kill_when() (polled every 0.05 s) is."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[tuple[float, str]] = []
-    killed = False
+    killed = threading.Event()
+
+    def kill() -> None:
+        if not killed.is_set():
+            killed.set()
+            process.send_signal(signal.SIGKILL)
+
+    def watch() -> None:
+        while process.poll() is None and not killed.is_set():
+            if kill_when():
+                kill()
+            time.sleep(0.05)
+    if kill_when is not None:
+        threading.Thread(target=watch, daemon=True).start()
     for line in process.stdout:
         lines.append((time.perf_counter() - start, line.rstrip("\n")))
-        if kill_at is not None and not killed and kill_at(line):
-            process.send_signal(signal.SIGKILL)
-            killed = True
+        if kill_at is not None and kill_at(line):
+            kill()
     process.wait()
-    return time.perf_counter() - start, lines, process.returncode, killed
+    return time.perf_counter() - start, lines, process.returncode, killed.is_set()
 
 
-EXTRACTION_LINE = re.compile(r"extracting bottlenecks: (\d+)/(\d+)")
+def cached_vectors(cache_dir: Path) -> int:
+    """Vectors in the complete shards of a cache folder (a shard counts once its .npy is in place)."""
+    from runner.cache import KEY_BYTES
+    return sum(npy.with_suffix(".keys").stat().st_size // KEY_BYTES for npy in cache_dir.glob("*/shard-*.npy"))
 
 
-def ours_half_way(line: str) -> bool:
-    """Our kill marker: an extraction progress line with at least half the images extracted."""
-    found = EXTRACTION_LINE.search(line)
-    return bool(found) and 2 * int(found.group(1)) >= int(found.group(2))
+def ours_half_way(cache_dir: Path, images: int) -> Callable[[], bool]:
+    """Our kill marker: complete cache shards holding at least half the images' vectors."""
+    return lambda: 2 * cached_vectors(cache_dir) >= images
 
 
 def guide_half_way(epochs: int) -> Callable[[str], bool]:
@@ -104,11 +117,12 @@ def guide_half_way(epochs: int) -> Callable[[str], bool]:
     return lambda line: line.strip() == marker
 
 
-def killed_run(command: list[str], kill_at: Callable[[str], bool], who: str) -> tuple[float, list[tuple[float, str]]]:
+def killed_run(command: list[str], who: str, kill_at: Callable[[str], bool] | None = None,
+               kill_when: Callable[[], bool] | None = None) -> tuple[float, list[tuple[float, str]]]:
     """Run `command` until its kill marker and SIGKILL it there; (seconds to the kill, its lines)."""
-    wall, lines, code, killed = run_timed(command, kill_at)
+    wall, lines, code, killed = run_timed(command, kill_at, kill_when)
     if not killed:
-        raise SystemExit(f"{who} never printed its half-way marker (exit {code}); the kill figure would mean "
+        raise SystemExit(f"{who} never reached its half-way marker (exit {code}); the kill figure would mean "
                          f"nothing:\n" + "\n".join(line for _, line in lines[-20:]))
     return wall, lines
 
@@ -157,13 +171,14 @@ def phase_seconds(lines: list[tuple[float, str]], wall: float) -> dict[str, floa
     return {phase: max(0.0, end - bounds[phase]) for phase, end in zip(PHASES, ends)}
 
 
-def ours(args, root: Path) -> dict:
+def ours(args, root: Path, images: int) -> dict:
     """Our default job from scratch; then, in fresh directories, killed half-way through extraction and restarted."""
     wall, lines, code, _ = run_timed(ours_command(args, root / "run", root / "cache"))
     if code != 0:
         raise SystemExit(f"resume.py failed ({code}):\n" + "\n".join(line for _, line in lines))
     summary = json.loads((root / "run" / "summary.json").read_text())
-    killed_at, killed_lines = killed_run(ours_command(args, root / "run-k", root / "cache-k"), ours_half_way, "ours")
+    killed_at, killed_lines = killed_run(ours_command(args, root / "run-k", root / "cache-k"), "ours",
+                                         kill_when=ours_half_way(root / "cache-k", images))
     after, after_lines, code, _ = run_timed(ours_command(args, root / "run-k", root / "cache-k"))
     if code != 0:
         raise SystemExit(f"resume.py after the kill failed ({code}):\n" + "\n".join(line for _, line in after_lines))
@@ -180,7 +195,7 @@ def keras_guide_run(args, root: Path) -> dict:
     if code != 0:
         raise SystemExit(f"the Keras guide's workflow failed ({code}):\n" + "\n".join(line for _, line in lines))
     result = json.loads(lines[-1][1])
-    killed_at, _ = killed_run(guide_command(args, root / "guide-k"), guide_half_way(args.epochs), "the Keras guide")
+    killed_at, _ = killed_run(guide_command(args, root / "guide-k"), "the Keras guide", guide_half_way(args.epochs))
     saved = [p.name for p in (root / "guide-k").glob("*")] if (root / "guide-k").exists() else []
     after, lines, code, _ = run_timed(guide_command(args, root / "guide-k"))
     if code != 0:
@@ -277,7 +292,7 @@ def measure(args, root: Path) -> dict:
         quick_setup(args, root)
     _, splits = split_lists(Path(args.data), args.validation_percent, args.test_percent)
     paths = [p for name in ("train", "validation", "test") for p in splits[name][0]]
-    mine = ours(args, root / "ours")
+    mine = ours(args, root / "ours", len(paths))
     guide = keras_guide_run(args, root / "keras")
     if mine["num_test"] != guide["num_test"]:
         raise SystemExit(f"the test splits differ: ours {mine['num_test']} images, the guide's {guide['num_test']}")
@@ -304,7 +319,7 @@ def report(r: dict, args) -> dict:
     print(f"  retrain.py way, extraction only    {r['per_image_s']:7.1f} s   (one call per image, timed on "
           f"{r['per_image_timed_on']})")
     print(f"  ours / Keras guide: {guide['s'] / mine['s']:.2f}x faster")
-    print(f"\nafter a SIGKILL half-way (ours: half the images extracted; the guide: half its epochs), the seconds "
+    print(f"\nafter a SIGKILL half-way (ours: half the vectors in the cache; the guide: half its epochs), the seconds "
           f"a restart needs to finish:")
     print(f"  ours        killed at {mine['killed_at_s']:.1f} s (during {mine['killed_during']}); resumed and finished "
           f"in {mine['after_kill_s']:.1f} s  [{'; '.join(s.split('runner: ')[-1] for s in mine['after_kill_output'])}]")

@@ -46,15 +46,25 @@ def test_phases_of_our_job_are_read_from_its_output_lines():
 
 
 def test_kills_land_on_the_half_way_markers_not_on_a_clock(tmp_path):
-    assert not e2e.ours_half_way("extracting bottlenecks: 900/1885 (90.0 img/s, elapsed 0:10, ETA 0:11)")
-    assert e2e.ours_half_way("extracting bottlenecks: 943/1885 (90.0 img/s, elapsed 0:10, ETA 0:11)")
-    assert not e2e.ours_half_way("training head: 1000/1885 (9 step/s)")
+    import numpy as np
+    from runner.cache_files import write_shard
+    cache = tmp_path / "cache"
+    half_way = e2e.ours_half_way(cache, images=5)
+    (cache / "identity-x").mkdir(parents=True)
+    write_shard(str(cache / "identity-x"), [f"{i:064x}" for i in range(2)], np.zeros((2, 4)), "float16")
+    assert e2e.cached_vectors(cache) == 2 and not half_way()
+    write_shard(str(cache / "identity-x"), [f"{i:064x}" for i in range(2, 3)], np.zeros((1, 4)), "float16")
+    assert e2e.cached_vectors(cache) == 3 and half_way()
     assert e2e.guide_half_way(20)("Epoch 11/20\n") and not e2e.guide_half_way(20)("Epoch 10/20")
     child = [sys.executable, "-c", "import time\nfor i in range(5): print(f'Epoch {i + 1}/4', flush=True); time.sleep(2)"]
     wall, lines, code, killed = e2e.run_timed(child, e2e.guide_half_way(4))
     assert killed and code == -9 and lines[-1][1] == "Epoch 3/4"
-    with pytest.raises(SystemExit, match="never printed its half-way marker"):
-        e2e.killed_run([sys.executable, "-c", "print('Epoch 1/4')"], e2e.guide_half_way(4), "the guide")
+    with pytest.raises(SystemExit, match="never reached its half-way marker"):
+        e2e.killed_run([sys.executable, "-c", "print('Epoch 1/4')"], "the guide", e2e.guide_half_way(4))
+    marker = tmp_path / "marker"
+    child = [sys.executable, "-c", f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\ntime.sleep(60)"]
+    _, _, code, killed = e2e.run_timed(child, kill_when=marker.exists)
+    assert killed and code == -9
 
 
 def test_the_keras_guide_workflow_trains_evaluates_and_saves(tiny, tmp_path):
