@@ -25,7 +25,7 @@ from runner.report import write_report
 from runner.results import Finished, HeadRecord, Outcome, StageResult, Stopped, Summary, Unchanged
 from runner.rundir import CheckpointRef, RunDir, read_json
 from runner.stages import FineTuneStage, TrainingStage, build_head_stage
-from runner.tflite_export import BackgroundConversion, start_background_conversion
+from runner.tflite_export import BackgroundConversion, converts_in_background, start_background_conversion
 from runner.train import StageLoop, StopFlag, class_weight_vector
 from sync import HandOver
 
@@ -158,10 +158,12 @@ class Job:
         return True
 
     # -- helpers -----------------------------------------------------------------------------------------
-    def _start_tflite_conversion(self) -> None:
-        """Convert the export's TFLite backbone in a child process while extraction and training go on (the
-        backbone's weights are on disk by now: the child never downloads them a second time)."""
-        self.conversion = start_background_conversion(self.config)
+    def _start_tflite_conversion(self, backbone) -> None:
+        """Convert the export's TFLite backbone in a child process while extraction and training go on, when it
+        is big enough to be worth one (the backbone's weights are on disk by now: the child never downloads
+        them a second time)."""
+        if converts_in_background(backbone):
+            self.conversion = start_background_conversion(self.config)
 
     def _hand_to_sync(self, checkpoint: CheckpointRef, final: bool = False) -> None:
         """Give sync a finished checkpoint: the complete file list RunDir names for it."""

@@ -139,7 +139,7 @@ def extract(config: Config, dataset: Dataset, backbone: Backbone, strategy, stop
 def prepare(config: Config, run: RunDir, sync, stop: StopFlag, strategy,
             make_backbone=build_backbone, on_backbone=None) -> Prepared:
     """Restore, scan, check, build the backbone (under `strategy`), extract and split: a run ready to train.
-    `on_backbone()` is called once the backbone is built (its weights downloaded), before extraction."""
+    `on_backbone(backbone)` is called once it is built (its weights downloaded), before extraction."""
     run.path.mkdir(parents=True, exist_ok=True)
     finish_interrupted_archive(run)  # before the restore: an archive moves the checkpoints away
     restore_from_sync(config, run, sync, stop)
@@ -150,7 +150,7 @@ def prepare(config: Config, run: RunDir, sync, stop: StopFlag, strategy,
     with strategy.scope():
         backbone = make_backbone(config.backbone)
     if on_backbone is not None:
-        on_backbone()
+        on_backbone(backbone)
     dataset, cache, computed = extract(config, dataset, backbone, strategy, stop)
     train, val, test = (Split.of(dataset, cache, name) for name in ("train", "validation", "test"))
     log.info("%d classes; %d train / %d validation / %d test images; %d skipped; %d vectors computed "

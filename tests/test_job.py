@@ -196,6 +196,23 @@ def test_a_fixed_head_follows_eval_every_steps(tiny_data, tmp_path):
     assert [r["step"] for r in RunDir(tmp_path / "run").metrics.read()] == [8, 16, 24, 32, 40]
 
 
+@pytest.mark.parametrize("background", [True, False])
+def test_the_tflite_backbone_is_converted_once_in_a_child_only_when_big_enough(tiny_data, tmp_path, monkeypatch,
+                                                                              caplog, background):
+    import runner.tflite_export as tflite_export
+    if background:  # the tiny MobileNet stands in for a big backbone
+        monkeypatch.setattr(tflite_export, "BACKGROUND_MIN_PARAMS", 0)
+    config = tiny_config(tmp_path / "run", tiny_data, f"cache.dir={tmp_path / 'cache'}", "export.enabled=true",
+                         "export.formats=tflite,labels", "train.steps=10")
+    with caplog.at_level(logging.INFO, logger="runner"):
+        assert isinstance(_job(config, RecordingSync()).run(), Finished)
+    assert ("TFLite: converting the mobilenet backbone in the background" in caplog.text) == background
+    assert ("TFLite: reusing the converted mobilenet backbone" in caplog.text) == background
+    assert "background conversion failed" not in caplog.text
+    assert len(list((tmp_path / "cache" / "tflite").glob("*.tflite"))) == 1
+    assert (config.run_dir / "export" / "model.tflite").is_file()
+
+
 def _job(config, sync, stop=None):
     from runner.job import Job
     return Job(config, sync, stop)
