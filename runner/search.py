@@ -324,11 +324,12 @@ class HeadSearch:
         record, slots = self.record, self.heads.slots.numpy()
         improved = np.flatnonzero(losses < record.best_loss.numpy()[slots])   # slot positions
         self.heads.keep_best(improved)
-        for position in improved:
-            k = slots[position]
-            record.best_loss[k].assign(losses[position])
-            record.best_accuracy[k].assign(accuracies[position])
-            record.best_step[k].assign(step)
+        if len(improved):  # one assignment per variable: per-candidate assignments were most of an evaluation
+            for variable, values in ((record.best_loss, losses[improved]),
+                                     (record.best_accuracy, accuracies[improved]), (record.best_step, step)):
+                array = variable.numpy()
+                array[slots[improved]] = values
+                variable.assign(array)
         stalled = record.stalled.numpy()
         stalled[slots] += 1
         stalled[slots[improved]] = 0
