@@ -20,7 +20,7 @@ from runner.tf_quiet import set_native_log_level  # noqa: E402
 
 set_native_log_level("--debug" in sys.argv[1:])
 
-from common.cli import configure_logging, run_command  # noqa: E402
+from common.cli import configure_logging, exit_with, run_command  # noqa: E402
 from common.errors import EXIT_OK, EXIT_STOPPED, EXIT_TRANSIENT  # noqa: E402
 from runner.config import describe_settings, load_config, to_toml  # noqa: E402  (no TensorFlow import)
 from runner.lock import LOCK_FILE, hold_run_dir  # noqa: E402
@@ -148,4 +148,4 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     from runner.tf_quiet import skip_keras_extras
     skip_keras_extras()
-    sys.exit(main(sys.argv[1:]))
+    exit_with(main(sys.argv[1:]))

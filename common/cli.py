@@ -1,6 +1,7 @@
 """What every command-line entry point shares: logging set-up, and one way to end with an exit status."""
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import traceback
@@ -30,3 +31,12 @@ def run_command(command: Callable[[], int], debug: bool = False) -> int:
         code, message = status_of(e)
         print(f"error: {message}", file=sys.stderr, flush=True)
         return code
+
+
+def exit_with(status: int) -> None:
+    """End the process with `status`, skipping the interpreter's garbage collections of TensorFlow's many
+    long-lived objects at shutdown (about 0.7 s of every exit here): garbage is collected once, then the rest
+    is frozen out of the final collections. atexit handlers, finalizers and stream flushes still run."""
+    gc.collect()
+    gc.freeze()
+    sys.exit(status)

@@ -25,7 +25,7 @@ import apache_beam as beam
 import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from common.cli import configure_logging, run_command
+from common.cli import configure_logging, exit_with, run_command
 from runner import cache_files
 from runner.config import BackboneConfig, Config, load_config
 from runner.data import HashIndex, ImageRecord, scan_dataset
@@ -211,4 +211,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

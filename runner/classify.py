@@ -23,7 +23,7 @@ from runner.tf_quiet import import_tensorflow
 
 tf = import_tensorflow()
 
-from common.cli import run_command  # noqa: E402
+from common.cli import exit_with, run_command  # noqa: E402
 from runner.data import sniff_format  # noqa: E402
 from runner.errors import NothingClassified, RunnerError  # noqa: E402
 from runner.rundir import RunDir  # noqa: E402
@@ -208,4 +208,4 @@ def classify_command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

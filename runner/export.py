@@ -26,7 +26,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 
 from runner import __version__  # noqa: E402
 from runner.backbones import DECODED_FORMATS, Backbone, build_backbone, cache_identity, decode_and_resize  # noqa: E402
-from common.cli import configure_logging, run_command  # noqa: E402
+from common.cli import configure_logging, exit_with, run_command  # noqa: E402
 from common.files import replace_atomic  # noqa: E402
 from runner.config import EXPORT_FORMATS, Config, load_config  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
@@ -161,7 +161,7 @@ def write_tflite(classifier: Classifier, model: RunModel, out: Path, formats: tu
             continue
         if fine_tuned:
             data = convert(classifier.classify_pixels.get_concrete_function(pixels_spec(classifier.size)),
-                           classifier, optimizations)
+                           optimizations)
         else:
             data = append_head(converted_backbone(model.backbone, identity, key, optimizations,
                                                   model.config.cache_dir), model.head)
@@ -252,4 +252,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from common.files import write_bytes_atomic, write_text_atomic
-from common.cli import run_command
+from common.cli import exit_with, run_command
 from runner.errors import RunnerError
 from runner.results import SearchSummary, Summary
 from runner.rundir import RunDir, read_json
@@ -190,4 +190,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

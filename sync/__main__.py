@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from common.cli import configure_logging, run_command
+from common.cli import configure_logging, exit_with, run_command
 from sync import STATE_DIR, open_sync
 from sync.config import load_toml
 from common.errors import EXIT_OK
@@ -113,4 +113,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -48,3 +48,14 @@ def test_line_mode_before_any_progress_has_no_eta():
     from runner.progress import LineProgress
     line = LineProgress(total=10, desc="extracting bottlenecks", unit="img")
     assert line.line(line.start + 3.0) == "extracting bottlenecks: 0/10 (0.0 img/s, elapsed 0:03, ETA ?)"
+
+
+def test_exit_with_keeps_the_status_the_atexit_handlers_and_unflushed_output(tmp_path):
+    marker = tmp_path / "atexit-ran"
+    script = (f"import atexit, sys; sys.path.insert(0, {str(REPO)!r}); from common.cli import exit_with\n"
+              f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+              "sys.stdout.write('unflushed'); sys.stderr.write('to stderr')\n"
+              "exit_with(75)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=child_env())
+    assert (result.returncode, result.stdout, result.stderr) == (75, "unflushed", "to stderr")
+    assert marker.read_text() == "ran"
