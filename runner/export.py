@@ -31,7 +31,7 @@ from common.files import replace_atomic  # noqa: E402
 from runner.config import EXPORT_FORMATS, Config, load_config  # noqa: E402
 from runner.errors import RunnerError  # noqa: E402
 from runner.head import Head, build_head  # noqa: E402
-from runner.meta_graph import serving_tensor_names, write_meta_graph  # noqa: E402
+from runner.meta_graph import serving_tensor_names, tf_variable, write_meta_graph  # noqa: E402
 from runner.tflite_export import TFLITE_VARIANTS, convert, converted_backbone, pixels_spec  # noqa: E402
 from runner.tflite_head import append_head  # noqa: E402
 from runner.rundir import EXPORT_MODEL_INFO, CheckpointRef, RunDir, read_json  # noqa: E402
@@ -106,12 +106,23 @@ def check_accuracy_gate(run_dir: Path, step: int, kind: str, accuracy: float | N
                           f"data, or lower export.min_accuracy in {RunDir(run_dir).config}.")
 
 
+@dataclass(frozen=True)
+class _Networks:
+    """The Keras backbone and head, kept out of the SavedModel's object graph (a plain object is not tracked)."""
+    backbone: tf.keras.Model
+    head: Head
+
+
 class Classifier(tf.Module):
-    """The exported model: encoded image bytes or decoded pixels → class probabilities and top-k names."""
+    """The exported model: encoded image bytes or decoded pixels → class probabilities and top-k names.
+
+    Its weights are saved as one flat list (`weights`), not through the Keras objects: walking the Keras
+    models' trackable children was about half of tf.saved_model.save (MobileNet 0.25: 1.9 s → 1.0 s)."""
 
     def __init__(self, model: RunModel):
         super().__init__(name="classifier")
-        self.backbone, self.head = model.backbone.model, model.head
+        self._networks = _Networks(model.backbone.model, model.head)
+        self.weights = [tf_variable(v) for v in model.backbone.model.variables + model.head.variables]
         self.size = model.backbone.image_size
         self.top_k = min(model.config.export.top_k, len(model.classes))
         self.class_names = tf.constant(model.classes)
@@ -120,7 +131,8 @@ class Classifier(tf.Module):
             tf.TensorSpec([None, self.size, self.size, 3], tf.float32, name="pixels")])
 
     def _probabilities(self, pixels):
-        return tf.nn.softmax(self.head(self.backbone(pixels, training=False), training=False))
+        networks = self._networks
+        return tf.nn.softmax(networks.head(networks.backbone(pixels, training=False), training=False))
 
     def _classify_pixels(self, pixels):
         return {"probabilities": tf.identity(self._probabilities(pixels), name="probabilities")}

@@ -34,6 +34,12 @@ def serving_tensor_names(function, graph_function, nodes: set[str]) -> dict:
             "top_k_indices": names["top_k_indices"], "classes": names["top_k_classes"]}
 
 
+def tf_variable(trackable):
+    """The tf.Variable behind a Keras 3 variable (which wraps one); any other object as it is."""
+    value = getattr(trackable, "value", None)
+    return value if isinstance(value, tf.Variable) else trackable
+
+
 def checkpoint_keys(root: tf.Module, prefix: str) -> dict[int, tuple[str, tf.Variable]]:
     """id(variable handle) → (its key in the checkpoint `prefix` that tf.saved_model.save wrote for `root`, the
     variable): the checkpoint's own object graph is walked alongside the live objects, so a variable reachable
@@ -50,7 +56,7 @@ def checkpoint_keys(root: tf.Module, prefix: str) -> dict[int, tuple[str, tf.Var
             if child.node_id not in live and child.local_name in children:
                 live[child.node_id] = children[child.local_name]
                 queue.append(child.node_id)
-        variable = getattr(trackable, "value", trackable)  # a Keras 3 variable wraps a tf.Variable
+        variable = tf_variable(trackable)
         for attribute in node.attributes:
             if attribute.name == "VARIABLE_VALUE" and hasattr(variable, "handle"):
                 keys[id(variable.handle)] = attribute.checkpoint_key, variable

@@ -147,6 +147,20 @@ def test_saved_model_signature_matches_the_training_head_on_the_test_split(test_
     print(f"exported model test accuracy {np.mean(top[:, 0] == labels):.4f} on {len(labels)} images")
 
 
+def test_the_saved_models_object_graph_holds_the_weights_flat_not_the_keras_objects(exported_run):
+    import tensorflow as tf
+    from runner.export import restore_run_model
+    from runner.meta_graph import tf_variable
+    run_dir, _, export_dir = exported_run
+    loaded = tf.saved_model.load(str(export_dir))
+    model = restore_run_model(run_dir)
+    expected = sorted((tf_variable(v).name, tuple(v.shape)) for v in model.backbone.model.variables
+                      + model.head.variables)
+    assert sorted((v.name, tuple(v.shape)) for v in loaded.weights) == expected  # every weight once, nothing else
+    assert not hasattr(loaded, "backbone") and not hasattr(loaded, "head")
+    assert callable(loaded.serve) and callable(loaded.classify_pixels)
+
+
 def test_top_k_classes_are_the_label_names_of_the_top_k_indices(exported_run, saved_model_probabilities):
     classes = (exported_run[2] / "labels.txt").read_text().splitlines()
     names = np.vectorize(lambda i: classes[i].encode())(saved_model_probabilities["top_k_indices"])
