@@ -10,16 +10,15 @@ import io
 import os
 import platform
 import shutil
-import tarfile
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from common.files import replace_atomic
+from runner import sources
 from runner.data import IMAGE_EXTENSIONS, is_ignored
 from runner.errors import RunnerError
 from runner.progress import clock
@@ -53,8 +52,9 @@ def describe_environment() -> list[str]:
 
 
 def fetch_dataset(url: str, target: Path) -> Path:
-    """Make sure `target` holds the dataset: download and unpack `url` (a .tgz) into a temporary folder
-    beside it and rename it into place, so an interrupted download never looks complete."""
+    """Make sure `target` holds the dataset: download `url` (an archive; a cut download resumes) and unpack it
+    with runner.sources' checks into a temporary folder beside `target`, then rename it into place, so an
+    interrupted download or unpack never looks complete."""
     target = Path(target)
     if target.is_dir():
         return target
@@ -62,21 +62,18 @@ def fetch_dataset(url: str, target: Path) -> Path:
         raise RunnerError(f"DATA_DIR {target} does not exist: upload your photos there (one sub-folder per "
                           f"class) or set DATASET_URL to a .tgz archive of such folders.")
     target.parent.mkdir(parents=True, exist_ok=True)
+    downloads = target.parent / f".{target.name}-partial-download"  # kept while a cut download resumes
+    archive = sources.fetch(url, downloads / (Path(url.split("?")[0]).name or "archive"), "auto")
     prefix = f".{target.name}-download-"
-    for stale in target.parent.glob(prefix + "*"):  # left by a download that was interrupted
+    for stale in target.parent.glob(prefix + "*"):  # left by an unpack that was interrupted
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
     try:
-        archive = staging / "archive.tgz"
-        urllib.request.urlretrieve(url, archive)
-        with tarfile.open(archive) as tar:
-            tar.extractall(staging / "unpacked", filter="data")
-        archive.unlink()
-        tops = [p for p in (staging / "unpacked").iterdir() if not p.name.startswith(".")]
-        root = tops[0] if len(tops) == 1 and tops[0].is_dir() else staging / "unpacked"
-        replace_atomic(root, target)
+        sources.unpack_archive(archive, staging, url, "auto")
+        replace_atomic(sources.dataset_root(staging), target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(downloads, ignore_errors=True)  # unpacked, or damaged: downloaded again next time
     print(f"downloaded {url} into {target}")
     return target
 
