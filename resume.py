@@ -22,10 +22,10 @@ set_native_log_level("--debug" in sys.argv[1:])
 
 from common.cli import configure_logging, exit_with, run_command  # noqa: E402
 from common.errors import EXIT_OK, EXIT_STOPPED, EXIT_TRANSIENT  # noqa: E402
-from runner.config import describe_settings, load_config, to_toml  # noqa: E402  (no TensorFlow import)
-from runner.lock import LOCK_FILE, hold_run_dir  # noqa: E402
-from runner.rundir import RunDir  # noqa: E402
-from runner.supervise import supervise  # noqa: E402
+from runner.run.config import describe_settings, load_config, to_toml  # noqa: E402  (no TensorFlow import)
+from runner.run.lock import LOCK_FILE, hold_run_dir  # noqa: E402
+from runner.run.rundir import RunDir  # noqa: E402
+from runner.run.supervise import supervise  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -61,14 +61,14 @@ def train(config, debug: bool) -> int:
     created = _first_missing(config.run_dir)  # the top folder this run would create, or None
     try:
         with hold_run_dir(config.run_dir):  # first: a second trainer is refused before TensorFlow loads
-            from runner.cleanup import remove_stale_temporaries
+            from runner.run.cleanup import remove_stale_temporaries
             remove_stale_temporaries(config.run_dir, config.cache_dir)
             from runner.tf_quiet import import_tensorflow
             import_tensorflow(debug)
-            from runner.train import StopFlag
+            from runner.training.loop import StopFlag
             stop = StopFlag()
             stop.install()
-            from runner.distribute import configure_tensorflow
+            from runner.features.distribute import configure_tensorflow
             configure_tensorflow(config.train)
             from runner.job import Job
             from sync import open_sync
@@ -90,7 +90,7 @@ def train(config, debug: bool) -> int:
 def report(outcome, run: RunDir, flushed=None) -> int:
     """Print what the job's outcome and sync's (a SyncOutcome) mean for the user and return the exit status:
     a finished run whose final snapshot is not on the remote is not done (75), whatever the training did."""
-    from runner.results import Stopped, Unchanged
+    from runner.run.results import Stopped, Unchanged
     if isinstance(outcome, Stopped):
         where = f"at step {outcome.step}: checkpoint saved" if outcome.step is not None else \
             f"during {outcome.phase}: what was done is kept"

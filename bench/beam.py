@@ -3,7 +3,7 @@
     python bench/beam.py [--small 40] [--large 240] [--workers 1] [--json]
     taskset -c 0 python bench/beam.py --json       # one worker on one core: images/s per worker core
 
-Runs `runner.beam.extract_with_beam` twice into fresh caches, on `--small` and on `--large` images, and
+Runs `runner.features.beam.extract_with_beam` twice into fresh caches, on `--small` and on `--large` images, and
 reports the marginal rate (large - small) / (t_large - t_small): the images/s of the workers once started,
 without the fixed start-up cost (TensorFlow import and backbone load in each worker, pipeline set-up), which
 is reported separately; then the trainer's own extraction on the same photos in this process, under the same
@@ -46,8 +46,8 @@ def copy_photos(root: Path, count: int) -> Path:
 
 def timed_run(count: int, workers: int, scratch: Path) -> float:
     """Seconds for one pipeline run over `count` photos into a fresh cache."""
-    from runner.beam import extract_with_beam
-    from runner.config import load_config
+    from runner.features.beam import extract_with_beam
+    from runner.run.config import load_config
     data = copy_photos(scratch / f"data-{count}", count)
     run_dir = scratch / f"run-{count}"
     config = load_config(None, [f"data.dir={data}", f"run.dir={run_dir}", "backbone.name=mobilenet",
@@ -63,14 +63,14 @@ def timed_run(count: int, workers: int, scratch: Path) -> float:
 
 
 def local_rate(count: int, scratch: Path) -> float:
-    """Images/s of the trainer's own extraction (runner.extract) on the same photos, in this process, after
+    """Images/s of the trainer's own extraction (runner.features.extract) on the same photos, in this process, after
     the backbone is built: the reference the Beam rate is a fraction of, measured under the same load."""
     import tensorflow as tf
-    from runner.backbones import build_backbone
-    from runner.cache import BottleneckCache
-    from runner.config import load_config
-    from runner.data import HashIndex, scan_dataset
-    from runner.extract import extract_missing
+    from runner.features.backbones import build_backbone
+    from runner.features.cache import BottleneckCache
+    from runner.run.config import load_config
+    from runner.data.scan import HashIndex, scan_dataset
+    from runner.features.extract import extract_missing
     config = load_config(None, [f"data.dir={scratch / f'data-{count}'}", "backbone.name=mobilenet",
                                 f"backbone.weights={WEIGHTS}", "backbone.alpha=0.25", "backbone.image_size=224"])
     dataset = scan_dataset(Path(config.data.dir), 10, 10, HashIndex(scratch / "local-hashes.json"), 1, "lines")

@@ -24,9 +24,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from extraction import write_large  # noqa: E402
-from runner.backbones import build_backbone, decode_and_resize  # noqa: E402
-from runner.config import BackboneConfig  # noqa: E402
-from runner.data import split_of  # noqa: E402
+from runner.features.backbones import build_backbone, decode_and_resize  # noqa: E402
+from runner.run.config import BackboneConfig  # noqa: E402
+from runner.data.scan import split_of  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 

@@ -2,7 +2,7 @@
 
     python bench/e2e.py [--json] [--epochs 20] [--quick]
 
-Same photos, backbone, weights, split (runner.data.split_of) and test images for every contender:
+Same photos, backbone, weights, split (runner.data.scan.split_of) and test images for every contender:
   ours           `python resume.py --config configs/clothing_local.toml` in a child process (fresh run.dir
                  and cache.dir): process start to the exported model; test accuracy from its summary.json
   keras_guide    the keras-io guide "Transfer learning & fine-tuning", its typical workflow: the frozen base
@@ -57,7 +57,7 @@ PHASE_STARTS = (("scan", ("image files in",)), ("extraction", ("extracting bottl
 # -- the split every contender uses ---------------------------------------------------------------------
 def split_lists(data: Path, validation_percent: float, test_percent: float) -> tuple[list[str], dict]:
     """(classes, {split: (paths, labels)}) of data's class folders, split as the runner splits them."""
-    from runner.data import IMAGE_EXTENSIONS, split_of
+    from runner.data.scan import IMAGE_EXTENSIONS, split_of
     classes = sorted(d.name for d in data.iterdir() if d.is_dir() and not d.name.startswith("."))
     splits: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "validation": ([], []), "test": ([], [])}
     for label, name in enumerate(classes):
@@ -102,7 +102,7 @@ def run_timed(command: list[str], kill_at: Callable[[str], bool] | None = None,
 
 def cached_vectors(cache_dir: Path) -> int:
     """Vectors in the complete shards of a cache folder (a shard counts once its .npy is in place)."""
-    from runner.cache import KEY_BYTES
+    from runner.features.cache import KEY_BYTES
     return sum(npy.with_suffix(".keys").stat().st_size // KEY_BYTES for npy in cache_dir.glob("*/shard-*.npy"))
 
 
@@ -223,8 +223,8 @@ def keras_guide(data: Path, weights: str, epochs: int, out: Path, validation_per
                 test_percent: float) -> dict:
     """Train, evaluate and save the guide's model; {test_acc, num_test, model}."""
     import keras
-    from runner.backbones import build_backbone
-    from runner.config import BackboneConfig
+    from runner.features.backbones import build_backbone
+    from runner.run.config import BackboneConfig
     classes, splits = split_lists(data, validation_percent, test_percent)
     backbone = build_backbone(BackboneConfig(name="mobilenet", weights=weights, alpha=0.25))
     size = backbone.image_size
@@ -259,8 +259,8 @@ def extraction_rates(weights: str, paths: list[str], rate_images: int) -> dict:
     bench/extraction.py's measurements on a sample of `rate_images` of `paths`."""
     from extraction import (PER_IMAGE_LIMIT, cpu_sharing_bound, decode_ours, per_image, plain_forward,
                             pure_forward, read_all, timed)
-    from runner.backbones import build_backbone
-    from runner.config import BackboneConfig
+    from runner.features.backbones import build_backbone
+    from runner.run.config import BackboneConfig
     backbone = build_backbone(BackboneConfig(name="mobilenet", weights=weights, alpha=0.25))
     forward, size = plain_forward(backbone), backbone.image_size
     sample = paths[:: max(1, len(paths) // rate_images)][:rate_images]

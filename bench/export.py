@@ -51,7 +51,7 @@ def inline_export(run_dir: Path, cache_dir: Path, out: Path) -> float:
     began = time.perf_counter()
     _, lines, code, _ = run_timed([sys.executable, "-m", "runner.export", "--run", str(run_dir), "--out", str(out)])
     if code != 0:
-        raise SystemExit(f"runner.export failed ({code}):\n" + "\n".join(line for _, line in lines[-30:]))
+        raise SystemExit(f"runner.export.exporter failed ({code}):\n" + "\n".join(line for _, line in lines[-30:]))
     return time.perf_counter() - began
 
 

@@ -5,7 +5,7 @@
 "small" = the shared clothing photos (about 400 x 534); "large" = the same photos re-encoded at
 2,400 x 1,800 (or 1,800 x 2,400), generated into a temp dir. Images/s of:
   per_image    the retrain.py way: read, decode, resize, one forward call per image
-  pipeline     our extraction (runner.extract.extract_missing into a fresh cache, shards written), in a
+  pipeline     our extraction (runner.features.extract.extract_missing into a fresh cache, shards written), in a
                child process configured as resume.py configures it (thread budget)
   forward      the pure forward pass on ready tensors (batch 32)
   decode       our decode + resize alone (the extraction's tf.data pipeline), DCT-ratio decoding for JPEGs
@@ -36,7 +36,7 @@ LARGE_SIDES = (2400, 1800)
 
 
 def backbone_config(args):
-    from runner.config import BackboneConfig
+    from runner.run.config import BackboneConfig
     return BackboneConfig(name=args.backbone, weights=args.weights, alpha=args.alpha)
 
 
@@ -65,14 +65,14 @@ def plain_forward(backbone):
 # -- measured in this process (TensorFlow defaults: each part has the whole machine) ------------------
 def per_image(paths: list[str], forward, size: int) -> int:
     import tensorflow as tf
-    from runner.backbones import decode_and_resize
+    from runner.features.backbones import decode_and_resize
     for path in paths:
         forward(decode_and_resize(tf.io.read_file(path), size)[None]).numpy()
     return len(paths)
 
 
 def decode_ours(paths: list[str], size: int) -> int:
-    from runner.extract import image_pipeline
+    from runner.features.extract import image_pipeline
     return sum(int(images.shape[0]) for images, _ in image_pipeline(paths, size, BATCH))
 
 
@@ -105,14 +105,14 @@ def pure_forward(forward, size: int, count: int) -> int:
 def child_pipeline(paths: list[str], args) -> float:
     """Our extraction as resume.py runs it: thread budget, then extract_missing into a fresh cache."""
     import hashlib
-    from runner.config import TrainConfig
-    from runner.distribute import configure_tensorflow
+    from runner.run.config import TrainConfig
+    from runner.features.distribute import configure_tensorflow
     configure_tensorflow(TrainConfig())
     import tensorflow as tf
-    from runner.backbones import build_backbone
-    from runner.cache import BottleneckCache
-    from runner.data import ImageRecord
-    from runner.extract import extract_missing, extraction_forward
+    from runner.features.backbones import build_backbone
+    from runner.features.cache import BottleneckCache
+    from runner.data.scan import ImageRecord
+    from runner.features.extract import extract_missing, extraction_forward
     backbone = build_backbone(backbone_config(args))
     records = [ImageRecord(p, p, 0, "train", hashlib.sha256(p.encode()).hexdigest()) for p in paths]
     strategy = tf.distribute.get_strategy()
@@ -128,7 +128,7 @@ def child_pipeline(paths: list[str], args) -> float:
 def child_keras_peer(paths: list[str], args) -> float:
     """What a Keras user writes: image_dataset_from_directory + model.predict, TensorFlow defaults."""
     import keras
-    from runner.backbones import build_backbone
+    from runner.features.backbones import build_backbone
     backbone = build_backbone(backbone_config(args))
     root = Path(args.root)
     size = backbone.image_size
@@ -192,7 +192,7 @@ def read_all(paths: list[str]) -> None:
 # -- the run -------------------------------------------------------------------------------------------
 def measure(args) -> dict:
     import tensorflow as tf
-    from runner.backbones import build_backbone
+    from runner.features.backbones import build_backbone
     all_small = sorted(str(p) for p in Path(args.data).rglob("*.jpg"))
     small = all_small[: args.images] if args.images else all_small
     large_sources = all_small[:: max(1, len(all_small) // args.large_images)][: args.large_images]

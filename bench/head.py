@@ -28,13 +28,13 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from runner.cache import BottleneckCache  # noqa: E402
-from runner.config import Config  # noqa: E402
-from runner.head import build_head, build_optimizer, feature_statistics  # noqa: E402
-from runner.search import (RUNG_GROWTH, RUNG_KEEP, StackedHeads, build_search, candidate_grid,  # noqa: E402
+from runner.features.cache import BottleneckCache  # noqa: E402
+from runner.run.config import Config  # noqa: E402
+from runner.training.head import build_head, build_optimizer, feature_statistics  # noqa: E402
+from runner.training.search import (RUNG_GROWTH, RUNG_KEEP, StackedHeads, build_search, candidate_grid,  # noqa: E402
                            head_budget)
-from runner.stages import make_head_step  # noqa: E402
-from runner.train import BatchOrder  # noqa: E402
+from runner.training.stages import make_head_step  # noqa: E402
+from runner.training.loop import BatchOrder  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -242,8 +242,8 @@ def search_at_scale(args) -> dict:
     """The default head search (HeadSearchStage, default settings) on args.rows generated float16 vectors read
     memory-mapped through the real cache (90 % train, 10 % validation): what each part costs in time and RSS,
     the budget, measured steps and validations, and the budget's wall time projected from them."""
-    from runner.rundir import RunDir
-    from runner.stages import HeadSearchStage, Split
+    from runner.run.rundir import RunDir
+    from runner.training.stages import HeadSearchStage, Split
     rows, classes, dim = args.rows, args.classes, args.dim
     labels = np.random.default_rng(0).integers(0, classes, rows).astype(np.int32)
     r: dict = {"rss_start_mib": current_rss_mib()}
@@ -324,10 +324,10 @@ def train_through_the_loop(table, labels: np.ndarray, args, run_dir: Path, check
     """(seconds in all, seconds inside checkpoint saves) to train args.safety_steps steps of the configured head
     (head.search = off) through the runner's own stage and step loop (validation every eval.every_steps on a
     tenth of the vectors), checkpointing on the default cadence, or only at the end."""
-    from runner.events import CheckpointPolicy, Listeners, MetricsLogger
-    from runner.rundir import RunDir
-    from runner.stages import FixedHeadStage, Split
-    from runner.train import StageLoop, StopFlag
+    from runner.training.events import CheckpointPolicy, Listeners, MetricsLogger
+    from runner.run.rundir import RunDir
+    from runner.training.stages import FixedHeadStage, Split
+    from runner.training.loop import StageLoop, StopFlag
     config = Config()
     config.run.dir, config.train.batch_size, config.train.progress = str(run_dir), args.batch_size, "lines"
     config.head.search, config.train.steps = "off", args.safety_steps
@@ -406,9 +406,9 @@ def resume_latency(files: int, classes: int = 1000) -> dict:
     import threading
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from scan import write_tree
-    from runner.backbones import build_backbone
-    from runner.config import BackboneConfig
-    from runner.data import HashIndex, scan_dataset
+    from runner.features.backbones import build_backbone
+    from runner.run.config import BackboneConfig
+    from runner.data.scan import HashIndex, scan_dataset
     weights = REPO.parent / "shared" / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
     backbone = build_backbone(BackboneConfig(name="mobilenet", weights=str(weights), alpha=0.25))
     with tempfile.TemporaryDirectory() as tmp:

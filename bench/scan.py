@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from runner.data import HashIndex, scan_dataset  # noqa: E402
+from runner.data.scan import HashIndex, scan_dataset  # noqa: E402
 
 OPENED = [0]
 WATCHED: list[str] = []  # count only opens below these folders (the data tree)

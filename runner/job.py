@@ -1,7 +1,7 @@
 """One training job from start to summary: prepare → head → fine-tune → evaluate → finish.
 
 The same call starts a new run or resumes the one in `run.dir`, in whichever stage it stopped. `Job.run`
-is a few small build steps (Model Garden's `_build_*` style) and returns a typed outcome (runner/results.py)
+is a few small build steps (Model Garden's `_build_*` style) and returns a typed outcome (runner/run/results.py)
 that resume.py reads: Finished, Unchanged or Stopped.
 """
 from __future__ import annotations
@@ -10,23 +10,23 @@ import logging
 
 from common.files import write_text_atomic
 from runner import __version__
-from runner.backbones import build_backbone
-from runner.config import Config, ignored_settings
-from runner.distribute import make_strategy
+from runner.features.backbones import build_backbone
+from runner.run.config import Config, ignored_settings
+from runner.features.distribute import make_strategy
 from runner.errors import IncompatibleRunError, RunnerError, StopRequested
-from runner.evaluate import loss_and_accuracy, predict_logits, report_json, test_report
-from runner.events import (CheckpointPolicy, Listeners, MetricsLogger, ProgressDisplay, SyncHandOver,
+from runner.training.evaluate import loss_and_accuracy, predict_logits, report_json, test_report
+from runner.training.events import (CheckpointPolicy, Listeners, MetricsLogger, ProgressDisplay, SyncHandOver,
                            TensorBoardScalars)
-from runner.export import export_run
-from runner.finetune import ImageFeatures
-from runner.head import build_head
+from runner.export.exporter import export_run
+from runner.training.finetune import ImageFeatures
+from runner.training.head import build_head
 from runner.prepare import Prepared, prepare
-from runner.report import write_report
-from runner.results import Finished, HeadRecord, Outcome, StageResult, Stopped, Summary, Unchanged
-from runner.rundir import CheckpointRef, RunDir, read_json
-from runner.stages import FineTuneStage, TrainingStage, build_head_stage
-from runner.tflite_export import BackgroundConversion, converts_in_background, start_background_conversion
-from runner.train import StageLoop, StopFlag, class_weight_vector
+from runner.ui.report import write_report
+from runner.run.results import Finished, HeadRecord, Outcome, StageResult, Stopped, Summary, Unchanged
+from runner.run.rundir import CheckpointRef, RunDir, read_json
+from runner.training.stages import FineTuneStage, TrainingStage, build_head_stage
+from runner.export.tflite import BackgroundConversion, converts_in_background, start_background_conversion
+from runner.training.loop import StageLoop, StopFlag, class_weight_vector
 from sync import HandOver
 
 log = logging.getLogger("runner")

@@ -12,17 +12,17 @@ from pathlib import Path
 
 from common.files import write_text_atomic
 from runner import __version__
-from runner.backbones import Backbone, build_backbone
-from runner.cache import BottleneckCache
-from runner.config import Config, to_toml
-from runner.data import Dataset, HashIndex, check_class_sizes, scan_dataset
-from runner.dataversion import DataFingerprint, RunVersion, finish_interrupted_archive, follow_data
+from runner.features.backbones import Backbone, build_backbone
+from runner.features.cache import BottleneckCache
+from runner.run.config import Config, to_toml
+from runner.data.scan import Dataset, HashIndex, check_class_sizes, scan_dataset
+from runner.run.dataversion import DataFingerprint, RunVersion, finish_interrupted_archive, follow_data
 from runner.errors import IncompatibleRunError
-from runner.extract import extract_missing
-from runner.rundir import STAGES, RunDir
-from runner.sources import local_data_dir
-from runner.stages import Split
-from runner.train import StopFlag
+from runner.features.extract import extract_missing
+from runner.run.rundir import STAGES, RunDir
+from runner.data.sources import local_data_dir
+from runner.training.stages import Split
+from runner.training.loop import StopFlag
 
 log = logging.getLogger("runner")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from runner import cache_files
-from runner.beam import ExtractShard
-from runner.cache import encode_shard
+from runner.features import cache_gfile as cache_files
+from runner.features.beam import ExtractShard
+from runner.features.cache import encode_shard
 
 
 class DieOnceMidShard(ExtractShard):

@@ -206,9 +206,9 @@ def assert_same_checkpoint(expected_prefix: str, actual_prefix: str) -> None:
 
 def cached_split(run_dir: Path, cache_dir: Path, split: str):
     """A run's split read back with the runner's own scan and cache: (vectors, labels, records)."""
-    from runner.cache import BottleneckCache
-    from runner.config import load_config
-    from runner.data import HashIndex, scan_dataset
+    from runner.features.cache import BottleneckCache
+    from runner.run.config import load_config
+    from runner.data.scan import HashIndex, scan_dataset
     config = load_config(Path(run_dir) / "config.toml")
     dataset = scan_dataset(Path(config.data.dir), config.split.validation_percent, config.split.test_percent,
                            HashIndex(Path(cache_dir) / "file-hashes.json"), 1, "lines")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner.config import BACKBONE_NAMES, BackboneConfig, load_config
+from runner.run.config import BACKBONE_NAMES, BackboneConfig, load_config
 from tests.helpers import cached_split, latest_checkpoint_prefix, write_synthetic_dataset
 from tests.test_export import seed_session_run
 
@@ -47,7 +47,7 @@ def random_pixels(count: int = 3, seed: int = 0) -> np.ndarray:
 
 def test_every_backbone_users_can_name_is_in_the_registry_under_its_keras_applications_name():
     import keras
-    from runner.backbones import REGISTRY
+    from runner.features.backbones import REGISTRY
     assert set(BACKBONE_NAMES) == set(REGISTRY)
     for name, constructor in CONSTRUCTORS.items():
         assert REGISTRY[name].constructor is getattr(keras.applications, constructor)
@@ -58,7 +58,7 @@ def test_a_local_weights_file_gives_the_features_of_the_keras_model_fed_as_keras
     """The test saves a keras.applications model's weights; backbone.weights = that file gives the same vectors
     as the keras model on its documented input, of the declared length."""
     import keras
-    from runner.backbones import REGISTRY, build_backbone
+    from runner.features.backbones import REGISTRY, build_backbone
     keras.utils.set_random_seed(1)
     reference = getattr(keras.applications, CONSTRUCTORS[name])(include_top=False, weights=None, pooling="avg",
                                                                 input_shape=(SIZE, SIZE, 3))
@@ -76,8 +76,8 @@ def test_a_local_weights_file_gives_the_features_of_the_keras_model_fed_as_keras
 
 
 def test_each_backbone_has_its_own_cache_identity():
-    from runner.backbones import cache_identity
-    from runner.cache import identity_hash
+    from runner.features.backbones import cache_identity
+    from runner.features.cache import identity_hash
     configs = [BackboneConfig(name=name, weights="none", image_size=SIZE) for name in BACKBONE_NAMES]
     folders = {identity_hash(cache_identity(config)) for config in configs}
     assert len(folders) == len(BACKBONE_NAMES)
@@ -97,10 +97,10 @@ def test_a_random_backbone_runs_end_to_end_and_its_saved_model_classifies_jpeg_b
     """backbone.weights = none: extraction → head → export; the SavedModel's probabilities on the JPEG bytes are
     the trained head's on the cached vectors, so export and extraction feed the backbone alike."""
     import tensorflow as tf
-    from runner.backbones import REGISTRY
-    from runner.head import build_head
+    from runner.features.backbones import REGISTRY
+    from runner.training.head import build_head
     from runner.job import Job
-    from runner.results import Finished
+    from runner.run.results import Finished
     from tests.test_job import RecordingSync
     run_dir = tmp_path / "run"
     config = load_config(None, [

@@ -1,4 +1,4 @@
-"""runner.beam on DirectRunner (2 worker processes) over a subset of the shared photos and one file only the
+"""runner.features.beam on DirectRunner (2 worker processes) over a subset of the shared photos and one file only the
 decoder can tell is not an image: a worker killed mid-bundle fails the first pipeline without leaving a shard
 the trainer would read, the re-run completes the cache, its vectors equal local extraction's, the undecodable
 file is recorded as the trainer records it, and the trainer's preparation then computes none."""
@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("apache_beam")  # a guard only: CI installs requirements-beam.txt
 
-from runner.beam import extract_with_beam, parse_args  # noqa: E402
-from runner.config import load_config  # noqa: E402
+from runner.features.beam import extract_with_beam, parse_args  # noqa: E402
+from runner.run.config import load_config  # noqa: E402
 from tests.beam_faults import DieOnceMidShard  # noqa: E402
 from tests.helpers import REPO  # noqa: E402
 
@@ -65,8 +65,8 @@ def monkeypatch_module():
 
 def cache_contents(config):
     """The trainer's view of the cache: {content hash: vector}, and the shards it set aside as corrupt."""
-    from runner.backbones import build_backbone
-    from runner.cache import BottleneckCache
+    from runner.features.backbones import build_backbone
+    from runner.features.cache import BottleneckCache
     backbone = build_backbone(config.backbone)
     cache = BottleneckCache(config.cache_dir, backbone.cache_identity, backbone.feature_dim, config.cache.dtype)
     keys = sorted(k.decode() for k in cache.index)
@@ -77,10 +77,10 @@ def cache_contents(config):
 def local_vectors(config, tmp_path):
     """The same images extracted by the trainer's own extraction, into a fresh cache."""
     import tensorflow as tf
-    from runner.backbones import build_backbone
-    from runner.cache import BottleneckCache
-    from runner.data import HashIndex, scan_dataset
-    from runner.extract import extract_missing
+    from runner.features.backbones import build_backbone
+    from runner.features.cache import BottleneckCache
+    from runner.data.scan import HashIndex, scan_dataset
+    from runner.features.extract import extract_missing
     dataset = scan_dataset(config.data.dir, 10, 10, HashIndex(tmp_path / "hashes.json"), 2, "lines")
     backbone = build_backbone(config.backbone)
     cache = BottleneckCache(tmp_path / "cache", backbone.cache_identity, backbone.feature_dim, "float16")
@@ -119,8 +119,8 @@ def test_beam_vectors_equal_local_extraction_within_float16_rounding(beam_run, t
 def test_the_trainer_then_computes_no_vector_and_a_second_pipeline_none(beam_run, caplog):
     import tensorflow as tf
     from runner.prepare import prepare
-    from runner.rundir import RunDir
-    from runner.train import StopFlag
+    from runner.run.rundir import RunDir
+    from runner.training.loop import StopFlag
     config, _, _ = beam_run
 
     class NoSync:

@@ -22,7 +22,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_every_contender_gets_the_runners_split(tiny, tmp_path):
-    from runner.data import HashIndex, scan_dataset
+    from runner.data.scan import HashIndex, scan_dataset
     dataset = scan_dataset(tiny, 25, 25, HashIndex(tmp_path / "hashes.json"), 1, "lines")
     classes, splits = e2e.split_lists(tiny, 25, 25)
     assert classes == dataset.classes
@@ -47,7 +47,7 @@ def test_phases_of_our_job_are_read_from_its_output_lines():
 
 def test_kills_land_on_the_half_way_markers_not_on_a_clock(tmp_path):
     import numpy as np
-    from runner.cache_files import write_shard
+    from runner.features.cache_gfile import write_shard
     cache = tmp_path / "cache"
     half_way = e2e.ours_half_way(cache, images=5)
     (cache / "identity-x").mkdir(parents=True)

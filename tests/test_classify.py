@@ -49,7 +49,7 @@ def test_mixed_folder_classifies_the_good_images_and_reports_each_bad_file(expor
 
 def test_only_bad_files_exit_with_nothing_to_do_not_a_crash(exported_run, mixed_folder, capsys):
     from common.errors import EXIT_NO_INPUT
-    from runner.classify import main
+    from runner.export.classify import main
     bad = [str(mixed_folder / name) for name in ("truncated.jpg", "notes.txt", "missing.jpg")]
     assert main([str(exported_run[2]), *bad]) == EXIT_NO_INPUT != 1  # 1 would make --supervise retry
     err = capsys.readouterr().err
@@ -58,7 +58,7 @@ def test_only_bad_files_exit_with_nothing_to_do_not_a_crash(exported_run, mixed_
 
 
 def test_snapshot_archive_and_json_output(exported_run, tmp_path, capsys):
-    from runner.classify import main
+    from runner.export.classify import main
     archive = tmp_path / "snapshot-step-4000.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(exported_run[2], arcname="run/export")
@@ -72,13 +72,13 @@ def test_snapshot_archive_and_json_output(exported_run, tmp_path, capsys):
 
 
 def test_a_run_folder_is_accepted_as_model(exported_run, capsys):
-    from runner.classify import main
+    from runner.export.classify import main
     assert main([str(exported_run[0]), str(first_image("shoes")), "--top-k", "1"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[0] == "shoes"
 
 
 def test_archive_with_a_path_escaping_the_folder_is_refused(tmp_path):
-    from runner.classify import extract_archive
+    from runner.export.classify import extract_archive
     from runner.errors import RunnerError
     evil = tmp_path / "evil.tar.gz"
     (tmp_path / "payload").write_text("x")
@@ -94,12 +94,12 @@ def test_archive_with_a_path_escaping_the_folder_is_refused(tmp_path):
     ("no/such/folder", "neither an export folder nor a .tar.gz snapshot"),
 ])
 def test_unusable_model_argument_gets_a_clear_error(model, message, capsys):
-    from runner.classify import main
+    from runner.export.classify import main
     assert main([model, str(first_image("hat"))]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_a_folder_without_an_export_points_to_runner_export(tmp_path, capsys):
-    from runner.classify import main
+    from runner.export.classify import main
     assert main([str(tmp_path), str(first_image("hat"))]) == 2
     assert "python -m runner.export --run RUN_DIR" in capsys.readouterr().err

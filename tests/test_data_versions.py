@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runner.results import Finished, Unchanged
-from runner.rundir import RunDir
+from runner.run.results import Finished, Unchanged
+from runner.run.rundir import RunDir
 from tests.helpers import write_synthetic_dataset
 from tests.test_job import RecordingSync, tiny_config
 
@@ -121,7 +121,7 @@ def test_unchanged_data_is_no_new_version(first_version):
 
 
 def test_a_start_killed_while_archiving_is_finished_by_the_next_one(first_version):
-    from runner.dataversion import RunVersion
+    from runner.run.dataversion import RunVersion
     data, config = first_version
     _noise_images(data / "class_new", 4, seed=3)
     run = RunDir(config.run_dir)

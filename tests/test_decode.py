@@ -29,8 +29,8 @@ def encoded(width: int, height: int, fmt: str = "JPEG", source: Path | None = No
 
 @pytest.fixture(scope="module")
 def backbone(shared_assets):
-    from runner.backbones import build_backbone
-    from runner.config import BackboneConfig
+    from runner.features.backbones import build_backbone
+    from runner.run.config import BackboneConfig
     return build_backbone(BackboneConfig(name="mobilenet", weights=str(MOBILENET_WEIGHTS), alpha=0.25))
 
 
@@ -56,7 +56,7 @@ def large_photos(tmp_path_factory, shared_assets):
 ])
 def test_the_largest_dct_ratio_that_keeps_both_sides_at_least_the_input_size_is_chosen(height, width, ratio):
     import tensorflow as tf
-    from runner.backbones import JPEG_RATIOS, jpeg_ratio_index
+    from runner.features.backbones import JPEG_RATIOS, jpeg_ratio_index
     chosen = JPEG_RATIOS[int(jpeg_ratio_index(tf.constant(height), tf.constant(width), 224))]
     assert chosen == ratio
     decoded = tf.io.decode_jpeg(encoded(width, height), ratio=chosen).shape
@@ -67,7 +67,7 @@ def test_the_largest_dct_ratio_that_keeps_both_sides_at_least_the_input_size_is_
 
 def test_a_large_jpeg_is_decoded_at_its_dct_ratio_and_other_formats_by_the_general_decoder(large_photos):
     import tensorflow as tf
-    from runner.backbones import decode_and_resize
+    from runner.features.backbones import decode_and_resize
     jpeg = large_photos[0].read_bytes()
     expected = tf.image.resize(tf.io.decode_jpeg(jpeg, channels=3, ratio=8), (224, 224))
     np.testing.assert_array_equal(decode_and_resize(tf.constant(jpeg), 224).numpy(), expected.numpy())
@@ -78,7 +78,7 @@ def test_a_large_jpeg_is_decoded_at_its_dct_ratio_and_other_formats_by_the_gener
 
 def test_photos_smaller_than_twice_the_input_size_decode_exactly_as_before(shared_assets):
     import tensorflow as tf
-    from runner.backbones import decode_and_resize
+    from runner.features.backbones import decode_and_resize
     for path in sorted(CLOTHING.glob("*/*.jpg"))[:5]:
         data = path.read_bytes()
         before = tf.image.resize(tf.io.decode_image(data, channels=3, expand_animations=False), (224, 224))
@@ -88,9 +88,9 @@ def test_photos_smaller_than_twice_the_input_size_decode_exactly_as_before(share
 def extract_into_cache(paths: list[Path], backbone, cache_dir: Path):
     """The runner's extraction of `paths` into a fresh cache: (cache, content hashes)."""
     import tensorflow as tf
-    from runner.cache import BottleneckCache
-    from runner.data import ImageRecord
-    from runner.extract import extract_missing
+    from runner.features.cache import BottleneckCache
+    from runner.data.scan import ImageRecord
+    from runner.features.extract import extract_missing
     keys = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
     records = [ImageRecord(str(p), p.name, 0, "train", k) for p, k in zip(paths, keys)]
     cache = BottleneckCache(cache_dir, backbone.cache_identity, backbone.feature_dim)
@@ -102,9 +102,9 @@ def test_export_and_cached_vectors_agree_on_large_jpegs(backbone, large_photos, 
     """Training reads the cached vectors, serving decodes inside the exported graph: same pixels, same
     outputs (up to the cache's float16 storage)."""
     import tensorflow as tf
-    from runner.config import Config
-    from runner.export import Classifier, RunModel, write_tf1_graphs
-    from runner.head import build_head
+    from runner.run.config import Config
+    from runner.export.exporter import Classifier, RunModel, write_tf1_graphs
+    from runner.training.head import build_head
     cache, keys = extract_into_cache(large_photos, backbone, tmp_path / "cache")
     cached = cache.table(keys).all()
     head = build_head(5, backbone.feature_dim, Config().head, 0)
@@ -134,8 +134,8 @@ def test_export_and_cached_vectors_agree_on_large_jpegs(backbone, large_photos, 
 def test_mixed_precision_extraction_stores_float32_sized_vectors_close_to_float32(backbone, large_photos, tmp_path):
     import keras
     import tensorflow as tf
-    from runner.backbones import extraction_model
-    from runner.extract import make_forward
+    from runner.features.backbones import extraction_model
+    from runner.features.extract import make_forward
     images = tf.stack([tf.image.resize(tf.io.decode_jpeg(p.read_bytes(), channels=3, ratio=8), (224, 224))
                        for p in large_photos[:3]])
     reference = backbone.model(images).numpy()
@@ -151,7 +151,7 @@ def test_mixed_precision_extraction_stores_float32_sized_vectors_close_to_float3
 
 def test_xla_forward_and_device_prefetch_give_the_same_vectors(backbone, large_photos):
     import tensorflow as tf
-    from runner.extract import image_pipeline, make_forward, to_devices
+    from runner.features.extract import image_pipeline, make_forward, to_devices
     strategy = tf.distribute.get_strategy()
     paths = [str(p) for p in large_photos[:4]]
     plain = [(v.numpy(), p.numpy()) for v, p in (make_forward(backbone, strategy)(*batch)
@@ -166,7 +166,7 @@ def test_xla_forward_and_device_prefetch_give_the_same_vectors(backbone, large_p
 
 
 def test_a_slow_end_of_extraction_is_reported_with_its_phase(caplog):
-    from runner.extract import report_slow_end
+    from runner.features.extract import report_slow_end
     report_slow_end(0.1, 0.2)
     assert not caplog.records
     report_slow_end(14.0, 0.1)

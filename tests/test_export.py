@@ -22,8 +22,8 @@ def copy_run(run_dir: Path, into: Path) -> Path:
 def test_split(exported_run):
     """The test split: image bytes, labels, cached vectors, and the restored head's probabilities."""
     import tensorflow as tf
-    from runner.config import load_config
-    from runner.head import build_head
+    from runner.run.config import load_config
+    from runner.training.head import build_head
     run_dir, cache_dir, _ = exported_run
     config = load_config(run_dir / "config.toml")
     vectors, labels, records = cached_split(run_dir, cache_dir, "test")
@@ -90,8 +90,8 @@ def test_export_folder_has_every_promised_file(exported_run):
 
 def test_default_export_formats_are_a_saved_model_with_its_meta_graph_one_float_tflite_and_labels(exported_run,
                                                                                                  tmp_path):
-    from runner.config import ExportConfig
-    from runner.export import export_run
+    from runner.run.config import ExportConfig
+    from runner.export.exporter import export_run
     run_dir = copy_run(exported_run[0], tmp_path)
     export_dir = export_run(run_dir, formats=ExportConfig().formats)
     info = json.loads((export_dir / "model.json").read_text())
@@ -113,7 +113,7 @@ def test_default_export_formats_are_a_saved_model_with_its_meta_graph_one_float_
 
 
 def test_formats_asked_for_later_go_to_their_own_folder_and_leave_the_export_alone(exported_run, tmp_path):
-    from runner.export import main
+    from runner.export.exporter import main
     run_dir = copy_run(exported_run[0], tmp_path)
     shutil.copytree(exported_run[2], run_dir / "export")
     before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "export").iterdir()}
@@ -124,14 +124,14 @@ def test_formats_asked_for_later_go_to_their_own_folder_and_leave_the_export_alo
 
 
 def test_an_unknown_export_format_is_refused_when_the_config_is_loaded():
-    from runner.config import load_config
+    from runner.run.config import load_config
     from runner.errors import RunnerError
     with pytest.raises(RunnerError, match=r"export.formats = 'saved_model,onnx': unknown 'onnx'; use .*tf1"):
         load_config(None, ["data.dir=x", "export.formats=saved_model,onnx"])
 
 
 def test_meta_graph_without_the_saved_model_it_restores_from_is_refused():
-    from runner.config import load_config
+    from runner.run.config import load_config
     from runner.errors import RunnerError
     with pytest.raises(RunnerError, match=r"meta_graph restores its variables from the SavedModel.*add saved_model"):
         load_config(None, ["data.dir=x", "export.formats=meta_graph,tflite"])
@@ -149,8 +149,8 @@ def test_saved_model_signature_matches_the_training_head_on_the_test_split(test_
 
 def test_the_saved_models_object_graph_holds_the_weights_flat_not_the_keras_objects(exported_run):
     import tensorflow as tf
-    from runner.export import restore_run_model
-    from runner.meta_graph import tf_variable
+    from runner.export.exporter import restore_run_model
+    from runner.export.meta_graph import tf_variable
     run_dir, _, export_dir = exported_run
     loaded = tf.saved_model.load(str(export_dir))
     model = restore_run_model(run_dir)
@@ -191,8 +191,8 @@ def seed_session_run(export_dir: Path, images: list[bytes]) -> tuple[np.ndarray,
 
 def unpacked_final_snapshot(run_dir: Path, into: Path) -> Path:
     """The export inside the run's final snapshot, packed as sync packs it and unpacked as classify unpacks it."""
-    from runner.classify import extract_archive
-    from runner.rundir import RunDir
+    from runner.export.classify import extract_archive
+    from runner.run.rundir import RunDir
     from sync.snapshot import pack
     run = RunDir(run_dir)
     files = run.hand_over(run.latest(), final=True)
@@ -219,8 +219,8 @@ def test_the_seed_lines_on_the_default_meta_graph_give_the_saved_model_top1(expo
 def tflite_probabilities(model_path: Path, images: list[bytes], size: int) -> np.ndarray:
     """Run a TFLite model on decoded, resized images, one at a time as a mobile app would."""
     import tensorflow as tf
-    from runner.backbones import decode_and_resize
-    from runner.tflite import tflite_interpreter
+    from runner.features.backbones import decode_and_resize
+    from runner.export.litert import tflite_interpreter
     interpreter = tflite_interpreter(model_path)
     (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
     assert list(source["shape"]) == [1, size, size, 3] and source["dtype"] == np.float32
@@ -234,7 +234,7 @@ def tflite_probabilities(model_path: Path, images: list[bytes], size: int) -> np
 
 def test_tflite_loads_through_litert_where_it_imports_and_tf_lite_otherwise(exported_run, monkeypatch):
     import sys
-    from runner.tflite import tflite_interpreter
+    from runner.export.litert import tflite_interpreter
     model = exported_run[2] / "model.tflite"
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -265,7 +265,7 @@ def test_tflite_top1_agrees_with_the_saved_model_on_real_test_images(exported_ru
 
 def test_export_refuses_below_min_accuracy_and_writes_nothing(exported_run, tmp_path, capsys):
     from runner.errors import RunnerError
-    from runner.export import export_run, main
+    from runner.export.exporter import export_run, main
     run_dir = copy_run(exported_run[0], tmp_path)
     config = (run_dir / "config.toml").read_text()
     assert "min_accuracy = 0.0" in config
@@ -279,8 +279,8 @@ def test_export_refuses_below_min_accuracy_and_writes_nothing(exported_run, tmp_
 
 def test_export_of_a_missing_step_names_the_available_ones(exported_run):
     from runner.errors import RunnerError
-    from runner.export import export_run
-    from runner.rundir import RunDir
+    from runner.export.exporter import export_run
+    from runner.run.rundir import RunDir
     steps = ", ".join(str(c.step) for c in reversed(RunDir(exported_run[0]).checkpoints()))
     assert steps.count(",") == 2, "three checkpoints are kept"
     with pytest.raises(RunnerError, match=rf"--step 1234: .* available steps: {steps}\."):
@@ -288,16 +288,16 @@ def test_export_of_a_missing_step_names_the_available_ones(exported_run):
 
 
 def test_an_older_step_reports_its_validation_accuracy(exported_run):
-    from runner.export import load_run_state, run_accuracy
+    from runner.export.exporter import load_run_state, run_accuracy
     run_dir = exported_run[0]
-    from runner.rundir import RunDir
+    from runner.run.rundir import RunDir
     _, checkpoint = load_run_state(run_dir, RunDir(run_dir).checkpoints()[1].step)
     assert run_accuracy(run_dir, checkpoint) == ("val_accuracy", checkpoint.marker["metrics"]["val_accuracy"])
 
 
 def test_a_failed_export_keeps_the_previous_export_and_leaves_no_staging_folder(exported_run, tmp_path,
                                                                                  monkeypatch):
-    from runner import export
+    from runner.export import exporter as export
     run_dir = copy_run(exported_run[0], tmp_path)
     shutil.copytree(exported_run[2], run_dir / "export")
     before = (run_dir / "export" / "model.json").read_text()
@@ -312,7 +312,7 @@ def test_a_failed_export_keeps_the_previous_export_and_leaves_no_staging_folder(
 
 
 def test_a_fine_tuned_run_exports_its_fine_tuned_backbone(exported_run, tmp_path):
-    from runner.export import export_run
+    from runner.export.exporter import export_run
     from tests.helpers import checkpoint_values, local_mobilenet_args, run_resume
     run_dir = tmp_path / "finetuned"
     result = run_resume(*local_mobilenet_args(run_dir, exported_run[1], "train.steps=200", "fine_tune.enabled=true",

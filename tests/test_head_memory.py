@@ -6,10 +6,10 @@ import tracemalloc
 
 import numpy as np
 
-from runner.cache import BottleneckCache
-from runner.config import Config
-from runner.head import build_head
-from runner.search import build_search, candidate_grid, head_budget
+from runner.features.cache import BottleneckCache
+from runner.run.config import Config
+from runner.training.head import build_head
+from runner.training.search import build_search, candidate_grid, head_budget
 
 ROWS, DIM = 6000, 256
 

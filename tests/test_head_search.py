@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from runner.config import Config
-from runner.head import build_head, build_optimizer
-from runner.search import (PRUNED, STOPPED, TRAINING, Candidate, HeadBudget, SearchPolicy, build_search,
+from runner.run.config import Config
+from runner.training.head import build_head, build_optimizer
+from runner.training.search import (PRUNED, STOPPED, TRAINING, Candidate, HeadBudget, SearchPolicy, build_search,
                            candidate_grid, head_budget)
-from runner.train import BatchOrder
+from runner.training.loop import BatchOrder
 
 
 def blobs(num_classes=6, dim=16, per_class=40, noise=2.0, seed=0, separation=1.0):
@@ -195,7 +195,7 @@ def test_a_diverging_configured_head_stops_with_exit_2_and_nothing_non_finite_is
 
 
 def test_xla_compiles_the_step_of_large_heads_without_dropout_only():
-    from runner.search import xla_pays_off
+    from runner.training.search import xla_pays_off
     assert xla_pays_off(1280, 1000, 0, 0.0) and xla_pays_off(2048, 100, 0, 0.0)
     assert xla_pays_off(1280, 1000, 128, 0.0)
     assert not xla_pays_off(256, 10, 0, 0.0) and not xla_pays_off(256, 10, 128, 0.0)

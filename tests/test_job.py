@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.config import load_config
-from runner.results import Finished, Stopped, Summary, Unchanged
-from runner.train import StopFlag
+from runner.run.config import load_config
+from runner.run.results import Finished, Stopped, Summary, Unchanged
+from runner.training.loop import StopFlag
 from tests.helpers import assert_same_checkpoint, latest_checkpoint_prefix, write_synthetic_dataset
 
 
@@ -127,7 +127,7 @@ class Killed(BaseException):
 def test_tensorflow_finds_the_newest_complete_checkpoint_after_a_kill_between_its_files_and_its_marker(
         tiny_data, tmp_path, monkeypatch):
     import tensorflow as tf
-    from runner.rundir import StageCheckpoints
+    from runner.run.rundir import StageCheckpoints
     write_marker = StageCheckpoints.write_marker
 
     def killed_at_step_30(self, local_step, marker):
@@ -192,14 +192,14 @@ def test_a_setting_the_default_head_search_ignores_is_warned_naming_the_mode(tin
 def test_a_fixed_head_follows_eval_every_steps(tiny_data, tmp_path):
     config = tiny_config(tmp_path / "run", tiny_data, "head.search=off", "eval.every_steps=8")
     assert isinstance(_job(config, RecordingSync()).run(), Finished)
-    from runner.rundir import RunDir
+    from runner.run.rundir import RunDir
     assert [r["step"] for r in RunDir(tmp_path / "run").metrics.read()] == [8, 16, 24, 32, 40]
 
 
 @pytest.mark.parametrize("background", [True, False])
 def test_the_tflite_backbone_is_converted_once_in_a_child_only_when_big_enough(tiny_data, tmp_path, monkeypatch,
                                                                               caplog, background):
-    import runner.tflite_export as tflite_export
+    import runner.export.tflite as tflite_export
     if background:  # the tiny MobileNet stands in for a big backbone
         monkeypatch.setattr(tflite_export, "BACKGROUND_MIN_PARAMS", 0)
     config = tiny_config(tmp_path / "run", tiny_data, f"cache.dir={tmp_path / 'cache'}", "export.enabled=true",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runner.data import HashIndex, scan_dataset
+from runner.data.scan import HashIndex, scan_dataset
 from tests.helpers import write_synthetic_dataset
 from tests.test_job import RecordingSync, _job, tiny_config
 
@@ -108,7 +108,7 @@ def test_a_run_on_a_messy_tree_decodes_webp_and_records_the_skipped_files(messy_
 @pytest.mark.parametrize("mode, options", [("RGB", {}), ("RGB", {"lossless": True}), ("RGBA", {})])
 def test_webp_decodes_to_the_same_pixels_as_pillow(mode, options):
     import tensorflow as tf
-    from runner.backbones import decode_and_resize
+    from runner.features.backbones import decode_and_resize
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (50, 40, len(mode)), dtype=np.uint8), mode)
     data = webp_bytes(image, **options)
@@ -118,7 +118,7 @@ def test_webp_decodes_to_the_same_pixels_as_pillow(mode, options):
 
 def test_an_animated_webp_is_refused_by_the_decoder_not_a_crash():
     import tensorflow as tf
-    from runner.backbones import decode_and_resize
+    from runner.features.backbones import decode_and_resize
     frames = [Image.new("RGB", (20, 20), c) for c in ("red", "blue")]
     data = webp_bytes(frames[0], save_all=True, append_images=frames[1:])
     with pytest.raises(tf.errors.InvalidArgumentError, match="animated WebP"):

@@ -185,7 +185,7 @@ def test_run_all_twice_in_a_kernel_streams_progress_and_the_second_pass_redoes_n
 
 def test_an_interrupted_or_broken_dataset_download_is_never_taken_for_the_dataset(photos_archive, tmp_path):
     from runner.errors import DataError
-    from runner.notebook import fetch_dataset
+    from runner.ui.notebook import fetch_dataset
     target = tmp_path / "photos"
     stale = tmp_path / ".photos-download-left-by-a-disconnect"
     (stale / "unpacked" / "hat").mkdir(parents=True)
@@ -201,7 +201,7 @@ def test_an_interrupted_or_broken_dataset_download_is_never_taken_for_the_datase
 
 
 def test_per_class_table_lists_test_counts_worst_class_first():
-    from runner.notebook import per_class_table
+    from runner.ui.notebook import per_class_table
     report = {"confusion_matrix": [[3, 1, 0], [0, 2, 0], [2, 0, 2]]}
     lines = per_class_table(report, ["hat", "pants", "shoes"])
     assert [line.split()[:3] for line in lines[1:]] == [["shoes", "4", "2"], ["hat", "4", "3"], ["pants", "2", "2"]]
@@ -230,7 +230,7 @@ def test_the_colab_clone_cell_clones_once_then_pulls(tmp_path, monkeypatch):
 
 
 def test_the_sample_images_cell_ignores_what_the_scan_ignores(tmp_path):
-    from runner.notebook import class_images
+    from runner.ui.notebook import class_images
     for name in ("cats/a.jpg", "cats/._a.jpg", "cats/b.webp", "__MACOSX/cats/._a.jpg", ".hidden/c.jpg"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")

@@ -10,7 +10,7 @@ from tests.helpers import REPO, child_env
 BAR_WITH_LOGS = """
 import logging
 from common.cli import configure_logging
-from runner.progress import progress
+from runner.ui.progress import progress
 configure_logging()
 bar = progress(10, "training head", "step", "bar")
 for step in range(10):
@@ -35,7 +35,7 @@ def test_a_log_line_written_while_a_bar_is_open_gets_a_line_of_its_own():
 
 
 def test_line_mode_prints_rate_elapsed_and_eta():
-    from runner.progress import LineProgress
+    from runner.ui.progress import LineProgress
     line = LineProgress(total=4000, desc="training head", unit="step", initial=1000)
     line.n, line.postfix = 1500, "loss 0.512"
     assert line.line(line.start + 50.0) == ("training head: 1500/4000 (10.0 step/s, elapsed 0:50, ETA 4:10) "
@@ -45,7 +45,7 @@ def test_line_mode_prints_rate_elapsed_and_eta():
 
 
 def test_line_mode_before_any_progress_has_no_eta():
-    from runner.progress import LineProgress
+    from runner.ui.progress import LineProgress
     line = LineProgress(total=10, desc="extracting bottlenecks", unit="img")
     assert line.line(line.start + 3.0) == "extracting bottlenecks: 0/10 (0.0 img/s, elapsed 0:03, ETA ?)"
 

@@ -63,7 +63,7 @@ def test_readme_colab_cells_parse_into_known_lines():
     assert not any(line.startswith("!cd ") or " && cd " in line for line in lines), "cd in a ! shell does not last"
     assert any(line.startswith("!python resume.py --config configs/flowers.toml") for line in lines)
     assert "not measured here" in README.read_text()
-    from runner.config import load_config
+    from runner.run.config import load_config
     assert load_config(REPO / "configs" / "flowers.toml").data.dir == FLOWERS_URL  # the config downloads it
 
 

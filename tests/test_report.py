@@ -38,7 +38,7 @@ def metric_line(step: int, stage: str | None = None) -> dict:
 
 
 def test_report_of_the_real_run_has_curves_confusion_and_misclassified(clothing_run, tmp_path):
-    from runner.report import main
+    from runner.ui.report import main
     run_dir = Path(shutil.copytree(clothing_run[0], tmp_path / "run", ignore=shutil.ignore_patterns("tensorboard")))
     assert main(["--run", str(run_dir)]) == 0
     report = run_dir / "report"
@@ -54,7 +54,7 @@ def test_report_of_the_real_run_has_curves_confusion_and_misclassified(clothing_
 
 
 def test_finetune_lines_that_continue_the_step_count_keep_their_steps():
-    from runner.report import curve_steps
+    from runner.ui.report import curve_steps
     metrics = [metric_line(s, "head") for s in (100, 200)] + [metric_line(s, "finetune") for s in (300, 400)]
     steps, finetune_at = curve_steps(metrics)
     assert steps.tolist() == [100, 200, 300, 400] and finetune_at == 200
@@ -63,7 +63,7 @@ def test_finetune_lines_that_continue_the_step_count_keep_their_steps():
 
 
 def test_report_with_a_finetune_stage_draws_its_start(tmp_path):
-    from runner.report import write_report
+    from runner.ui.report import write_report
     metrics = [metric_line(s, "head") for s in range(100, 1001, 100)] + \
               [metric_line(s, "finetune") for s in range(1100, 1501, 100)]
     out = write_report(write_fake_run(tmp_path / "run", 5, metrics))
@@ -71,7 +71,7 @@ def test_report_with_a_finetune_stage_draws_its_start(tmp_path):
 
 
 def test_more_than_50_classes_lists_top_confusions_instead_of_a_picture(tmp_path):
-    from runner.report import write_report
+    from runner.ui.report import write_report
     out = write_report(write_fake_run(tmp_path / "run", 60, [metric_line(100, "head"), metric_line(200, "head")]))
     assert not (out / "confusion.png").exists()
     lines = (out / "top_confusions.txt").read_text().splitlines()
@@ -80,7 +80,7 @@ def test_more_than_50_classes_lists_top_confusions_instead_of_a_picture(tmp_path
 
 
 def test_report_of_an_unfinished_run_has_only_curves(tmp_path):
-    from runner.report import write_report
+    from runner.ui.report import write_report
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text(json.dumps(metric_line(100, "head")) + "\n")
@@ -93,7 +93,7 @@ def test_report_of_an_unfinished_run_has_only_curves(tmp_path):
     (lambda d: d.mkdir(), "metrics.jsonl does not exist"),
 ])
 def test_report_errors_name_the_missing_file(tmp_path, capsys, setup, message):
-    from runner.report import main
+    from runner.ui.report import main
     run_dir = tmp_path / "run"
     setup(run_dir)
     assert main(["--run", str(run_dir)]) == 2

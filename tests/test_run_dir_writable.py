@@ -11,7 +11,7 @@ import pytest
 
 import resume
 from common.errors import EXIT_USER_ERROR
-from runner import lock
+from runner.run import lock
 
 
 def _main(run_dir, capsys) -> tuple[int, str]:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from runner.errors import RunnerError
-from runner.rundir import RunDir
+from runner.run.rundir import RunDir
 
 
 def fake_checkpoint(run: RunDir, stage: str, local_step: int, step_offset: int = 0) -> None:

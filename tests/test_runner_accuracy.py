@@ -56,7 +56,7 @@ def test_summary_has_the_promised_fields(clothing_run):
     assert result["global_step"] == result["head_steps"] <= 1600 and result["resumed_from"] == []
     assert result["backbone"]["name"] == "mobilenet" and result["backbone"]["feature_dim"] == 256
     report = json.loads((run_dir / "test_report.json").read_text())
-    from runner.report import confusion_entries
+    from runner.ui.report import confusion_entries
     assert report["confusion_matrix"]["num_classes"] == 10
     assert confusion_entries(report, 10)[:, 2].sum() == result["num_test"]
     assert len(report["misclassified"]) == round(result["num_test"] * (1 - result["test_accuracy"]))

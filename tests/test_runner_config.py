@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import ProjectError
-from runner.config import load_config, to_toml
+from runner.run.config import load_config, to_toml
 from tests.helpers import REPO, run_resume
 
 LOCAL = REPO / "configs" / "clothing_local.toml"
@@ -80,9 +80,9 @@ def test_split_percentages_must_leave_images_to_train_on():
 def test_the_settings_page_is_generated_from_the_settings_declarations():
     import dataclasses
 
-    from runner.config import Config, settings_page
+    from runner.run.config import Config, settings_page
     page = (REPO / "docs" / "settings.md").read_text()
-    assert page == settings_page(), "docs/settings.md is stale: run `python -m runner.config > docs/settings.md`"
+    assert page == settings_page(), "docs/settings.md is stale: run `python -m runner.run.config > docs/settings.md`"
     config = Config()
     keys = [f"`{s.name}.{f.name}`" for s in dataclasses.fields(config) for f in dataclasses.fields(getattr(config, s.name))]
     assert len(keys) > 60 and all(key in page for key in keys)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.data import HashIndex, problem_with, scan_dataset, split_of
+from runner.data.scan import HashIndex, problem_with, scan_dataset, split_of
 from runner.errors import DataError
 from tests.helpers import CLOTHING, local_mobilenet_args, run_resume, summary
 

@@ -32,7 +32,7 @@ def test_an_explicit_memory_growth_setting_is_kept():
 
 def test_the_log_names_the_device_extraction_and_training_run_on(caplog):
     import tensorflow as tf
-    from runner.distribute import log_devices
+    from runner.features.distribute import log_devices
     with caplog.at_level(logging.INFO, logger="runner"):
         log_devices("default")
     gpus = tf.config.list_physical_devices("GPU")

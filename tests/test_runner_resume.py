@@ -57,7 +57,7 @@ def test_kill_during_extraction_resumes_without_recomputing(shared_assets, tmp_p
     todo = int(line.split("for ")[1].split(" images")[0])
     cached = int(line.split("(")[1].split(" already")[0])
     assert cached == 64 * shards_before and todo + cached == 1885
-    from runner.cache import BottleneckCache
+    from runner.features.cache import BottleneckCache
     import json
     identity = json.loads(next(cache_dir.glob("*/identity.json")).read_text())
     cache = BottleneckCache(cache_dir, {k: v for k, v in identity.items() if k != "dim"}, identity["dim"])

@@ -39,7 +39,7 @@ def test_mirrored_strategy_on_two_logical_cpus_matches_the_default_strategy(shar
                                                   data_dir=data))
         assert result.returncode == 0, result.stdout
         runs[name] = checkpoint_values(latest_checkpoint_prefix(run_dir))
-    from runner.cache import BottleneckCache
+    from runner.features.cache import BottleneckCache
     vectors = {}
     for name in runs:
         identity = json.loads(next((tmp_path / f"cache-{name}").glob("*/identity.json")).read_text())

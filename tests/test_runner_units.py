@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 
 from common.errors import ProjectError
-from runner.config import load_config, to_toml
-from runner.events import Listener
+from runner.run.config import load_config, to_toml
+from runner.training.events import Listener
 from runner.errors import IncompatibleRunError, RunnerError
-from runner.rundir import RunDir
+from runner.run.rundir import RunDir
 from tests.helpers import REPO
 
 LOCAL = REPO / "configs" / "clothing_local.toml"
 
 
 def test_a_batch_across_an_epoch_boundary_ends_one_permutation_and_starts_the_next():
-    from runner.train import BatchOrder
+    from runner.training.loop import BatchOrder
     order = BatchOrder(num_rows=10, batch_size=4, seed=3)
     epoch0 = np.random.default_rng([3, 0]).permutation(10)
     epoch1 = np.random.default_rng([3, 1]).permutation(10)
@@ -32,7 +32,7 @@ def test_a_batch_across_an_epoch_boundary_ends_one_permutation_and_starts_the_ne
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     import tensorflow as tf
-    from runner.checkpoints import CheckpointStore
+    from runner.training.checkpoints import CheckpointStore
     variable = tf.Variable([0.0, 0.0])
     store = CheckpointStore(RunDir(tmp_path).stage("head"), tf.train.Checkpoint(v=variable), keep=3)
     for step in (1, 2, 3):
@@ -49,7 +49,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
 
 
 def test_a_cache_shard_that_cannot_be_read_is_set_aside_and_the_rest_is_used(tmp_path, caplog):
-    from runner.cache import BottleneckCache
+    from runner.features.cache import BottleneckCache
     identity = {"backbone": "x"}
     cache = BottleneckCache(tmp_path, identity, dim=4)
     good = cache.add_shard(["a" * 64, "b" * 64], np.ones((2, 4)))
@@ -145,7 +145,7 @@ class _FakeStage:
 
     def __init__(self, start=0, loss=0.5):
         import tensorflow as tf
-        from runner.train import TrainState
+        from runner.training.loop import TrainState
         self.state = TrainState(tf.Variable(start, dtype=tf.int64), tf.Variable(0, dtype=tf.int64))
         self.loss, self.saved, self.restored_eval = loss, [], {"val_accuracy": 0.25}
 
@@ -167,7 +167,7 @@ class _FakeStage:
         return 0.1, 0.9
 
     def save(self, step, metrics):
-        from runner.rundir import CheckpointRef
+        from runner.run.rundir import CheckpointRef
         self.saved.append((step, metrics.get("stage_step")))
         return CheckpointRef("head", step, step, {}, Path("x"))
 
@@ -196,14 +196,14 @@ class _Recorder(Listener):
 
 def _loop(stage, *listeners):
     import tensorflow as tf
-    from runner.events import CheckpointPolicy, Listeners
-    from runner.train import StageLoop, StopFlag
+    from runner.training.events import CheckpointPolicy, Listeners
+    from runner.training.loop import StageLoop, StopFlag
     return StageLoop(stage, Listeners(list(listeners)), tf.distribute.get_strategy(), np.ones(1, np.float32),
                      StopFlag(), CheckpointPolicy(4, 0))
 
 
 def test_the_loop_tells_its_listeners_and_the_cadence_checkpoints_after_the_evaluation_of_a_step(tmp_path):
-    from runner.events import MetricsLogger
+    from runner.training.events import MetricsLogger
     recorder, stage, metrics = _Recorder(), _FakeStage(), RunDir(tmp_path).metrics
     result = _loop(stage, recorder, MetricsLogger(metrics)).run()
     assert recorder.events == ["start", "step 1", "step 2", "step 3", "step 4", "checkpoint 4", "evaluation 5",
@@ -221,7 +221,7 @@ def test_a_stage_with_nothing_left_to_train_sends_no_event_and_writes_nothing():
 
 
 def test_a_non_finite_loss_stops_the_loop_before_anything_of_that_step_is_kept():
-    from runner.train import TrainingDiverged
+    from runner.training.loop import TrainingDiverged
     recorder, stage = _Recorder(), _FakeStage(loss=float("nan"))
     with pytest.raises(TrainingDiverged, match="diverged at step 1"):
         _loop(stage, recorder).run()
@@ -236,7 +236,7 @@ def test_a_listener_hook_that_no_event_calls_is_refused_when_the_class_is_define
 
 
 def test_the_checkpoint_policy_is_due_by_steps_or_by_time_counted_from_the_last_save():
-    from runner.events import CheckpointPolicy
+    from runner.training.events import CheckpointPolicy
     now = [0.0]
     policy = CheckpointPolicy(every_steps=10, every_seconds=60, clock=lambda: now[0])
     policy.start()

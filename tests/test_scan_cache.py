@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from runner.data import HashIndex, scan_dataset
+from runner.data.scan import HashIndex, scan_dataset
 
 OPENED: list[str] = []
 

@@ -16,12 +16,12 @@ import pytest
 
 from common.errors import EXIT_TRANSIENT, EXIT_USER_ERROR, status_of
 from common.files import file_digest
-from runner import sources
-from runner.config import DataConfig, load_config
+from runner.data import sources
+from runner.run.config import DataConfig, load_config
 from runner.errors import DataError
 from runner.prepare import scan
-from runner.sources import RECORD, SourceUnavailable, local_data_dir
-from runner.train import StopFlag
+from runner.data.sources import RECORD, SourceUnavailable, local_data_dir
+from runner.training.loop import StopFlag
 from tests.helpers import write_photo_archive, write_synthetic_dataset
 
 PER_CLASS = 6

@@ -18,8 +18,8 @@ def fake_predictions(num_classes: int, per_class: int, error_rate: float, seed: 
 
 
 def test_the_report_of_4000_classes_is_small_sparse_and_exact(tmp_path):
-    from runner.evaluate import report_json, test_report
-    from runner.report import confusion_entries, dense_confusion
+    from runner.training.evaluate import report_json, test_report
+    from runner.ui.report import confusion_entries, dense_confusion
     num_classes = 4000
     logits, labels = fake_predictions(num_classes, 2, 0.3)
     classes = [f"class_{i}" for i in range(num_classes)]
@@ -37,7 +37,7 @@ def test_the_report_of_4000_classes_is_small_sparse_and_exact(tmp_path):
 
 
 def test_the_report_file_stays_readable_one_cell_and_one_mistake_per_line():
-    from runner.evaluate import report_json, test_report
+    from runner.training.evaluate import report_json, test_report
     logits, labels = fake_predictions(5, 10, 0.4)
     report = test_report(logits, labels, list("abcde"), [f"x/{i}.jpg" for i in range(50)])
     lines = report_json(report).splitlines()
@@ -48,7 +48,7 @@ def test_the_report_file_stays_readable_one_cell_and_one_mistake_per_line():
 
 
 def test_a_dense_matrix_of_an_older_run_is_still_read_and_top_confusions_match(tmp_path):
-    from runner.report import confusion_entries, top_confusions
+    from runner.ui.report import confusion_entries, top_confusions
     dense = np.array([[5, 2, 0], [0, 4, 3], [1, 0, 6]])
     sparse = {"confusion_matrix": {"format": "sparse", "num_classes": 3,
                                    "entries": [[i, j, int(dense[i, j])] for i, j in zip(*np.nonzero(dense))]}}
@@ -60,7 +60,7 @@ def test_a_dense_matrix_of_an_older_run_is_still_read_and_top_confusions_match(t
 
 
 def test_the_notebook_per_class_table_reads_the_sparse_matrix():
-    from runner.notebook import per_class_table
+    from runner.ui.notebook import per_class_table
     report = {"confusion_matrix": {"format": "sparse", "num_classes": 3,
                                    "entries": [[0, 0, 3], [0, 1, 1], [1, 1, 2], [2, 0, 2], [2, 2, 2]]}}
     lines = per_class_table(report, ["hat", "pants", "shoes"])

@@ -16,10 +16,10 @@ from tests.helpers import MOBILENET_WEIGHTS
 def parts(shared_assets):
     """The real MobileNet 0.25 backbone, a head with a hidden layer and non-trivial standardization, and the
     classifier that the export builds from them."""
-    from runner.backbones import build_backbone
-    from runner.config import Config
-    from runner.export import Classifier, RunModel
-    from runner.head import build_head
+    from runner.features.backbones import build_backbone
+    from runner.run.config import Config
+    from runner.export.exporter import Classifier, RunModel
+    from runner.training.head import build_head
     config = Config()
     config.backbone.name, config.backbone.alpha, config.backbone.weights = "mobilenet", 0.25, str(MOBILENET_WEIGHTS)
     config.head.hidden_units = 16
@@ -42,7 +42,7 @@ def shared_cache(tmp_path_factory):
 
 def tflite_outputs(path, pixels: np.ndarray) -> tuple[np.ndarray, dict]:
     """Probabilities of each image through the TFLite file, one at a time, and its signatures."""
-    from runner.tflite import tflite_interpreter
+    from runner.export.litert import tflite_interpreter
     interpreter = tflite_interpreter(path)
     (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
     out = []
@@ -55,7 +55,7 @@ def tflite_outputs(path, pixels: np.ndarray) -> tuple[np.ndarray, dict]:
 
 def test_the_head_appended_to_the_converted_backbone_classifies_like_the_saved_model(parts, shared_cache, tmp_path,
                                                                                       caplog):
-    from runner.export import write_tflite
+    from runner.export.exporter import write_tflite
     model, classifier, pixels = parts
     shutil.rmtree(shared_cache / "tflite", ignore_errors=True)  # the backbone is converted now
     model.config.cache.dir = str(shared_cache)
@@ -72,15 +72,15 @@ def test_the_head_appended_to_the_converted_backbone_classifies_like_the_saved_m
 
 def test_a_second_export_reuses_the_converted_backbone_and_a_fine_tuned_one_converts_its_own(
         parts, shared_cache, tmp_path, caplog, monkeypatch):
-    import runner.tflite_export as tflite_export
-    from runner.export import write_tflite
+    import runner.export.tflite as tflite_export
+    from runner.export.exporter import write_tflite
     model, classifier, pixels = parts
     model.config.cache.dir = str(shared_cache)
     (tmp_path / "first").mkdir()
     write_tflite(classifier, model, tmp_path / "first", ("tflite",))
     conversions = []
     real_convert = tflite_export.convert
-    monkeypatch.setattr("runner.export.convert", lambda *a: conversions.append("whole") or real_convert(*a))
+    monkeypatch.setattr("runner.export.exporter.convert", lambda *a: conversions.append("whole") or real_convert(*a))
     monkeypatch.setattr(tflite_export, "convert", lambda *a: conversions.append("backbone") or real_convert(*a))
     (tmp_path / "second").mkdir()
     with caplog.at_level(logging.INFO, logger="runner"):
@@ -97,7 +97,7 @@ def test_a_second_export_reuses_the_converted_backbone_and_a_fine_tuned_one_conv
 
 
 def test_a_damaged_cached_backbone_is_converted_again(parts, shared_cache, tmp_path, caplog):
-    from runner.export import write_tflite
+    from runner.export.exporter import write_tflite
     model, classifier, pixels = parts
     model.config.cache.dir = str(shared_cache)
     (tmp_path / "a").mkdir()
@@ -114,7 +114,7 @@ def test_a_damaged_cached_backbone_is_converted_again(parts, shared_cache, tmp_p
 
 
 def test_the_cache_key_changes_with_the_weights_and_the_variant():
-    from runner.tflite_export import backbone_key
+    from runner.export.tflite import backbone_key
     identity = {"backbone": "mobilenet", "weights": "sha256:ab", "image_size": 224, "alpha": 0.25}
     assert backbone_key(identity, "float") == backbone_key(dict(identity), "float")
     assert backbone_key(identity, "float") != backbone_key(identity, "quantized")
@@ -130,7 +130,7 @@ def test_the_shared_runs_small_backbone_was_converted_at_its_export_into_the_cac
 
 
 def test_only_a_big_backbone_is_converted_in_the_background(parts):
-    from runner.tflite_export import BACKGROUND_MIN_PARAMS, converts_in_background
+    from runner.export.tflite import BACKGROUND_MIN_PARAMS, converts_in_background
     model, _, _ = parts
     assert not converts_in_background(model.backbone)
     big = SimpleNamespace(model=SimpleNamespace(count_params=lambda: BACKGROUND_MIN_PARAMS))
@@ -146,7 +146,7 @@ def converter_processes(run_dir: Path) -> list[int]:
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if b"runner.tflite_export" in command and str(run_dir).encode() in command and state != "Z":
+        if b"runner.export.tflite" in command and str(run_dir).encode() in command and state != "Z":
             pids.append(int(proc.name))
     return pids
 
@@ -161,9 +161,9 @@ def test_a_killed_run_leaves_no_converter_behind_and_a_stopped_one_stops_it(shar
     script = f"""
 import sys, time
 sys.path.insert(0, {str(REPO)!r})
-from runner.config import load_config, to_toml
-from runner.rundir import RunDir
-from runner.tflite_export import start_background_conversion
+from runner.run.config import load_config, to_toml
+from runner.run.rundir import RunDir
+from runner.export.tflite import start_background_conversion
 config = load_config(None, ["data.dir=x", "run.dir={run_dir}", "backbone.name=inception_v3", "backbone.weights=none",
                             "backbone.allow_random_weights=true"])
 RunDir(config.run_dir).path.mkdir(parents=True, exist_ok=True)

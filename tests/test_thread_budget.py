@@ -9,15 +9,15 @@ from tests.helpers import REPO, child_env
 
 
 def test_the_budget_follows_the_core_count():
-    from runner.distribute import thread_budget
+    from runner.features.distribute import thread_budget
     for cores in (1, 2, 16):
         budget = thread_budget(cores)
         assert (budget.intra_op, budget.inter_op) == (cores, 2)
 
 
 def test_configure_tensorflow_applies_the_budget_before_the_runtime_starts():
-    script = ("from runner.config import TrainConfig\n"
-              "from runner.distribute import configure_tensorflow, available_cores\n"
+    script = ("from runner.run.config import TrainConfig\n"
+              "from runner.features.distribute import configure_tensorflow, available_cores\n"
               "configure_tensorflow(TrainConfig())\n"
               "import tensorflow as tf\n"
               "print(available_cores(), tf.config.threading.get_intra_op_parallelism_threads(),\n"
@@ -34,7 +34,7 @@ def test_the_extraction_pipeline_decodes_on_every_core_with_tf_data_autotuning_o
     import numpy as np
     from PIL import Image
 
-    from runner.extract import image_pipeline
+    from runner.features.extract import image_pipeline
     paths = []
     for i in range(5):
         paths.append(str(tmp_path / f"{i}.jpg"))

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from common.files import write_text_atomic
-from runner.cache import BottleneckCache
-from runner.data import HashIndex, problem_with, scan_dataset, split_of
+from runner.features.cache import BottleneckCache
+from runner.data.scan import HashIndex, problem_with, scan_dataset, split_of
 from runner.errors import DataError, RunnerError
-from runner.progress import LineProgress
+from runner.ui.progress import LineProgress
 from tests.helpers import CLOTHING, MOBILENET_WEIGHTS, REPO
 
 IDENTITY = {"backbone": "test", "weights": "none", "image_size": 8, "alpha": None}
@@ -114,8 +114,8 @@ def test_a_disk_full_while_renaming_a_download_into_place_names_it_and_keeps_the
 
 
 def test_a_damaged_weights_file_is_refused_naming_backbone_weights(tmp_path):
-    from runner.backbones import build_backbone
-    from runner.config import BackboneConfig
+    from runner.features.backbones import build_backbone
+    from runner.run.config import BackboneConfig
     raw = bytearray(MOBILENET_WEIGHTS.read_bytes())
     start = len(raw) // 100  # HDF5 metadata: h5py raises RuntimeError ("wrong B-tree signature") here
     raw[start:start + 512] = bytes(b ^ 0xFF for b in raw[start:start + 512])
@@ -126,8 +126,8 @@ def test_a_damaged_weights_file_is_refused_naming_backbone_weights(tmp_path):
 
 
 def test_weights_of_another_width_say_so_in_one_sentence():
-    from runner.backbones import build_backbone
-    from runner.config import BackboneConfig
+    from runner.features.backbones import build_backbone
+    from runner.run.config import BackboneConfig
     with pytest.raises(RunnerError) as caught:
         build_backbone(BackboneConfig(name="mobilenet", weights=str(MOBILENET_WEIGHTS), image_size=224, alpha=0.5))
     assert ".." not in str(caught.value) and "backbone.weights" in str(caught.value)
@@ -156,7 +156,7 @@ def test_resume_py_parses_on_old_pythons_and_refuses_them_by_name():
 
 
 def test_labels_that_do_not_match_the_model_are_refused(finished_run, tmp_path, capsys):
-    from runner.classify import main
+    from runner.export.classify import main
     from common.errors import EXIT_USER_ERROR
     run_dir = finished_run[0]
     export = shutil.copytree(run_dir / "export", tmp_path / "export")

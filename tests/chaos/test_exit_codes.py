@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from runner.supervise import supervise
+from runner.run.supervise import supervise
 from tests.chaos.conftest import small_args
 from tests.helpers import REPO, run_resume
 

@@ -27,7 +27,7 @@ def test_the_terminal_shows_no_tensorflow_start_up_lines(finished_run):
 def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_holder(small_data, tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from runner.lock import hold_run_dir\n"
+        "import sys, time; from runner.run.lock import hold_run_dir\n"
         f"with hold_run_dir({str(run_dir)!r}):\n    print('holding', flush=True); time.sleep(120)")],
         cwd=REPO, env=child_env(), stdout=subprocess.PIPE, text=True)
     try:
@@ -39,7 +39,7 @@ def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_holder(small
     finally:
         holder.kill()
         holder.wait()
-    from runner.lock import LOCK_FILE
+    from runner.run.lock import LOCK_FILE
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR)  # the OS released the killed holder's lock
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,7 +74,7 @@ def test_a_snapshot_of_an_incompatible_run_in_sync_folder_names_sync_folder_in_t
 
 
 def _data_of(finished_run):
-    from runner.config import load_config
+    from runner.run.config import load_config
     return Path(load_config(finished_run[0] / "config.toml").data.dir)
 
 

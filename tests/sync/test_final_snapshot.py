@@ -9,8 +9,8 @@ import pytest
 
 import resume
 from common.errors import EXIT_OK, EXIT_TRANSIENT
-from runner.config import load_config
-from runner.notebook import run_status
+from runner.run.config import load_config
+from runner.ui.notebook import run_status
 from sync import Sync
 from sync.__main__ import main as sync_cli
 from sync.outcome import OUTCOME_RECORD, SyncOutcome
@@ -50,7 +50,7 @@ def test_a_drive_full_at_the_final_snapshot_exits_75_naming_the_model_and_the_pu
     monkeypatch.setattr(Sync, "on_checkpoint", drive_fills_up_at_the_final_snapshot)
     config = _config(tmp_path / "run", tiny_data, drive_config)
     monkeypatch.setattr("signal.signal", lambda *args: None)  # the trainer's SIGTERM handler stays out of pytest
-    monkeypatch.setattr("runner.distribute.configure_tensorflow", lambda train: None)  # TF is set up already
+    monkeypatch.setattr("runner.features.distribute.configure_tensorflow", lambda train: None)  # TF is set up already
 
     assert resume.train(config, debug=False) == EXIT_TRANSIENT
     out, err = capsys.readouterr()

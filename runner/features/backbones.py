@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from common.files import file_digest
-from runner.config import BackboneConfig
+from runner.run.config import BackboneConfig
 from runner.errors import RunnerError
 
 log = logging.getLogger("runner")

@@ -18,12 +18,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from common.files import replace_atomic
-from runner import sources
-from runner.data import IMAGE_EXTENSIONS, is_ignored
+from runner.data import sources
+from runner.data.scan import IMAGE_EXTENSIONS, is_ignored
 from runner.errors import RunnerError
-from runner.progress import clock
-from runner.results import Summary
-from runner.rundir import RunDir, read_json
+from runner.ui.progress import clock
+from runner.run.results import Summary
+from runner.run.rundir import RunDir, read_json
 
 
 
@@ -53,7 +53,7 @@ def describe_environment() -> list[str]:
 
 def fetch_dataset(url: str, target: Path) -> Path:
     """Make sure `target` holds the dataset: download `url` (an archive; a cut download resumes) and unpack it
-    with runner.sources' checks into a temporary folder beside `target`, then rename it into place, so an
+    with runner.data.sources' checks into a temporary folder beside `target`, then rename it into place, so an
     interrupted download or unpack never looks complete."""
     target = Path(target)
     if target.is_dir():
@@ -160,7 +160,7 @@ def sync_status(run: RunDir) -> list[str]:
 
 def per_class_table(report: dict, classes: list[str], limit: int = 50) -> list[str]:
     """Per-class test accuracy with the number of test images, worst classes first."""
-    from runner.report import confusion_entries  # the sparse cells (or an older run's dense matrix)
+    from runner.ui.report import confusion_entries  # the sparse cells (or an older run's dense matrix)
     entries = confusion_entries(report, len(classes))
     diagonal = entries[entries[:, 0] == entries[:, 1]]
     totals = np.bincount(entries[:, 0], weights=entries[:, 2], minlength=len(classes)).astype(np.int64)
@@ -201,7 +201,7 @@ def show_results(run_dir: Path, data_dir: Path, max_misclassified: int = 12) -> 
 
 def show_predictions(export_dir: Path, files: list[Path], top_k: int = 3) -> list:
     """Classify image files with an export and show each image with its top-k labels."""
-    from runner.classify import ExportedModel, classify_files
+    from runner.export.classify import ExportedModel, classify_files
     model = ExportedModel(Path(export_dir))
     results = classify_files(model, [Path(f) for f in files], min(top_k, len(model.classes)))
     items = []

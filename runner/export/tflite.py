@@ -3,10 +3,10 @@
 Converting a backbone is most of an export's time (Inception V3: about 11 s on a CPU), yet it
 only depends on the backbone and its weights, never on the head. So the converted backbone (features out) is
 kept in CACHE_DIR/tflite/, named by the backbone's cache identity, and each export appends its head to it:
-runner/tflite_head.py appends the head's ops. A fine-tuned checkpoint carries its own backbone weights, so its whole model is converted as before.
+runner/export/tflite_head.py appends the head's ops. A fine-tuned checkpoint carries its own backbone weights, so its whole model is converted as before.
 
 The first conversion of a backbone happens off the export's path: once the run has built its backbone, a child
-process (`python -m runner.tflite_export --run RUN_DIR`) converts it into the cache while extraction and the
+process (`python -m runner.export.tflite --run RUN_DIR`) converts it into the cache while extraction and the
 head run, holding CACHE_DIR/tflite/.lock; an export that needs it waits on that lock and reuses the file.
 The converter is mostly single-threaded, so beside extraction it costs less wall time than at the export.
 A child pays a TensorFlow start-up and a backbone build of its own (about 3.5 CPU-seconds), so only backbones
@@ -32,9 +32,9 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 
 from common.cli import exit_with
 from common.files import write_bytes_atomic, write_text_atomic
-from runner.backbones import Backbone, build_backbone, cache_identity
-from runner.config import Config, load_config
-from runner.rundir import RunDir
+from runner.features.backbones import Backbone, build_backbone, cache_identity
+from runner.run.config import Config, load_config
+from runner.run.rundir import RunDir
 
 log = logging.getLogger("runner")
 
@@ -183,7 +183,7 @@ def start_background_conversion(config: Config) -> BackgroundConversion | None:
             [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
         with open(folder / CHILD_LOG, "w") as out:  # the child holds the lock until it exits
             process = subprocess.Popen(
-                [sys.executable, "-m", "runner.tflite_export", "--run", str(config.run_dir), "--parent",
+                [sys.executable, "-m", "runner.export.tflite", "--run", str(config.run_dir), "--parent",
                  str(os.getpid())], pass_fds=(lock,), stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, env=env)
     finally:
@@ -205,7 +205,7 @@ def _die_with_parent(parent: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The background conversion: convert RUN_DIR's backbone for its export into its cache folder."""
-    parser = argparse.ArgumentParser(prog="python -m runner.tflite_export", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m runner.export.tflite", description=main.__doc__)
     parser.add_argument("--run", required=True, type=Path, help="the run directory (its config.toml)")
     parser.add_argument("--parent", type=int, help="exit when this process is gone")
     args = parser.parse_args(argv)

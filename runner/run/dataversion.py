@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass
 
 from common.files import write_text_atomic
-from runner.data import Dataset
-from runner.rundir import RunDir, read_json
+from runner.data.scan import Dataset
+from runner.run.rundir import RunDir, read_json
 
 log = logging.getLogger("runner")
 

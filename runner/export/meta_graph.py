@@ -16,7 +16,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 from tensorflow.python.trackable.base import SaveType
 
-from runner.checkpoint_state import write_checkpoint_state
+from runner.run.checkpoint_state import write_checkpoint_state
 
 VARIABLES_DIR = "variables"                 # the SavedModel's checkpoint folder
 VARIABLES_PREFIX = "variables"              # its checkpoint prefix inside that folder

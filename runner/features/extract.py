@@ -8,12 +8,12 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from runner.backbones import Backbone, decode_and_resize, extraction_model
-from runner.cache import BottleneckCache
-from runner.distribute import available_cores
-from runner.data import ImageRecord
+from runner.features.backbones import Backbone, decode_and_resize, extraction_model
+from runner.features.cache import BottleneckCache
+from runner.features.distribute import available_cores
+from runner.data.scan import ImageRecord
 from runner.errors import StopRequested
-from runner.progress import progress
+from runner.ui.progress import progress
 
 log = logging.getLogger("runner")
 

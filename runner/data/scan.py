@@ -13,7 +13,7 @@ from pathlib import Path
 
 from common.files import write_text_atomic
 from runner.errors import DataError, StopRequested
-from runner.progress import progress
+from runner.ui.progress import progress
 
 log = logging.getLogger("runner")
 

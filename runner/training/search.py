@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tensorflow as tf
 
-from runner.results import CandidateRecord, SearchSummary
+from runner.run.results import CandidateRecord, SearchSummary
 
 if TYPE_CHECKING:
-    from runner.config import Config, TrainConfig
+    from runner.run.config import Config, TrainConfig
 
 log = logging.getLogger("runner")
 

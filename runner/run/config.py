@@ -137,7 +137,7 @@ class FineTuneConfig:
 
 
 EXPORT_FORMATS = {  # name → what it writes into RUN_DIR/export (model.json is always written)
-    "saved_model": "saved_model.pb + variables/ (TF2; what runner.classify loads)",
+    "saved_model": "saved_model.pb + variables/ (TF2; what runner.export.classify loads)",
     "meta_graph": "variables/variables.meta (TF1 MetaGraph restored from the SavedModel's variables/; needs "
                   "saved_model)",
     "tflite": "model.tflite (float)",
@@ -283,8 +283,8 @@ def describe_settings() -> str:
 
 SETTINGS_PAGE_HEAD = """# Settings
 
-Generated from the settings declarations (`runner/config.py`, `sync/config.py`) by
-`python -m runner.config > docs/settings.md`; a test keeps this page equal to them. Set any key in the TOML file
+Generated from the settings declarations (`runner/run/config.py`, `sync/config.py`) by
+`python -m runner.run.config > docs/settings.md`; a test keeps this page equal to them. Set any key in the TOML file
 (`[section]` / `key = value`) or with `--set section.key=value`: paths in a TOML file are relative to that file,
 paths given with `--set` to the current directory; numbers must be finite. `python resume.py --print-config`
 shows the resolved set. A setting changed from its default that the run's mode ignores (e.g. `eval.every_steps`

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner.rundir import read_json, write_json
+from runner.run.rundir import read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Summary:
     skipped_images: list[dict]
     per_class_accuracy: dict
     runner_version: str
-    data_version: int = 1                # runner/dataversion.py: which version of data.dir this run is on
+    data_version: int = 1                # runner/run/dataversion.py: which version of data.dir this run is on
     search: SearchSummary | None = None
 
     @property

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.files import write_text_atomic
-from runner.checkpoint_state import write_checkpoint_state
+from runner.run.checkpoint_state import write_checkpoint_state
 from runner.errors import RunnerError
 
 log = logging.getLogger("runner")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from runner.config import TrainConfig
+from runner.run.config import TrainConfig
 from runner.errors import RunnerError
 
 log = logging.getLogger("runner")
@@ -33,7 +33,7 @@ def thread_budget(cores: int) -> ThreadBudget:
 
     The backbone is one chain of ops, so more inter-op threads only add runnable threads that compete with
     the decoders; one would risk an op waiting for another (tensorflow/tensorflow#29937). Decoding runs on
-    tf.data's own pool, one decoder per core (runner/extract.py image_pipeline, autotuning off). Measured on 2 shared cores: a fixed split (half the cores decoding, half
+    tf.data's own pool, one decoder per core (runner/features/extract.py image_pipeline, autotuning off). Measured on 2 shared cores: a fixed split (half the cores decoding, half
     computing) and a private decode pool were both slower, and the CPU time per image was the same in every
     arrangement, so the cores are shared, not partitioned: when one stage waits, the other has the machine."""
     return ThreadBudget(intra_op=cores, inter_op=2)

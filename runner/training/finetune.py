@@ -11,11 +11,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from runner.backbones import Backbone, decode_and_resize
-from runner.config import FineTuneConfig
+from runner.features.backbones import Backbone, decode_and_resize
+from runner.run.config import FineTuneConfig
 from runner.errors import RunnerError
-from runner.extract import image_pipeline
-from runner.train import BatchOrder
+from runner.features.extract import image_pipeline
+from runner.training.loop import BatchOrder
 
 
 def unfreeze_top(backbone: Backbone, config: FineTuneConfig) -> int:

@@ -24,9 +24,9 @@ from pathlib import Path, PurePosixPath
 
 from common.errors import TransientError, is_disk_full
 from common.files import file_digest, write_text_atomic
-from runner.data import is_ignored
+from runner.data.scan import is_ignored
 from runner.errors import DataError, RunnerError
-from runner.progress import progress
+from runner.ui.progress import progress
 from sync.errors import IntegrityError
 from sync.snapshot import check_relpath
 

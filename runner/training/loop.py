@@ -1,8 +1,8 @@
 """The step loop of a training stage: batches, steps, evaluation, signals; the rest listens to its events.
 
-The loop trains and validates a stage (runner/stages.py), checkpoints when its CheckpointPolicy says so, and
+The loop trains and validates a stage (runner/training/stages.py), checkpoints when its CheckpointPolicy says so, and
 emits the five declared events (start, step, evaluation, checkpoint, end) to its listeners: the metrics log,
-TensorBoard, the progress display and the sync hand-over (runner/events.py). Every batch and dropout mask is a pure function of
+TensorBoard, the progress display and the sync hand-over (runner/training/events.py). Every batch and dropout mask is a pure function of
 (seed, step); the seed and the step live in the checkpoint, so a run killed at any step and resumed ends
 with exactly the weights of an unbroken run.
 """
@@ -18,10 +18,10 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from runner.distribute import distribute_batch
+from runner.features.distribute import distribute_batch
 from runner.errors import RunnerError, StopRequested
-from runner.events import CheckpointPolicy, Listener
-from runner.results import StageResult
+from runner.training.events import CheckpointPolicy, Listener
+from runner.run.results import StageResult
 
 log = logging.getLogger("runner")
 

@@ -1,7 +1,7 @@
 """The training loop's declared events (start, step, evaluation, checkpoint, end), its listeners, and the
 checkpoint policy the loop consults.
 
-The loop in runner/train.py only trains and evaluates; the metrics log, TensorBoard, the progress display and
+The loop in runner/training/loop.py only trains and evaluates; the metrics log, TensorBoard, the progress display and
 the sync hand-over listen. Listeners never call back into the loop: when to checkpoint is a policy the loop
 asks after each step (`CheckpointPolicy`), not a listener.
 """
@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from runner.progress import progress
-from runner.rundir import CheckpointRef, MetricsLog
+from runner.ui.progress import progress
+from runner.run.rundir import CheckpointRef, MetricsLog
 
 SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 EVENTS = ("on_start", "on_step", "on_evaluation", "on_checkpoint", "on_end")
@@ -51,7 +51,7 @@ class Listeners(Listener):
     def __init__(self, listeners: list[Listener]):
         for listener in listeners:
             if not isinstance(listener, Listener):
-                raise TypeError(f"{type(listener).__name__} is not a runner.events.Listener")
+                raise TypeError(f"{type(listener).__name__} is not a runner.training.events.Listener")
         self.listeners = list(listeners)
 
     def on_start(self, loop) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
-from runner.head import Head
+from runner.training.head import Head
 
 OUTPUT_NAME = "probabilities"
 

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from runner.config import HeadConfig, TrainConfig
+from runner.run.config import HeadConfig, TrainConfig
 
 
 class Head(keras.Model):

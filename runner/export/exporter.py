@@ -18,22 +18,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-import tensorflow as tf  # noqa: E402
-from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2  # noqa: E402
-
-from runner import __version__  # noqa: E402
-from runner.backbones import DECODED_FORMATS, Backbone, build_backbone, cache_identity, decode_and_resize  # noqa: E402
-from common.cli import configure_logging, exit_with, run_command  # noqa: E402
-from common.files import replace_atomic  # noqa: E402
-from runner.config import EXPORT_FORMATS, Config, load_config  # noqa: E402
-from runner.errors import RunnerError  # noqa: E402
-from runner.head import Head, build_head  # noqa: E402
-from runner.meta_graph import serving_tensor_names, tf_variable, write_meta_graph  # noqa: E402
-from runner.tflite_export import TFLITE_VARIANTS, convert, converted_backbone, pixels_spec  # noqa: E402
-from runner.tflite_head import append_head  # noqa: E402
-from runner.rundir import EXPORT_MODEL_INFO, CheckpointRef, RunDir, read_json  # noqa: E402
+from runner import __version__
+from runner.features.backbones import DECODED_FORMATS, Backbone, build_backbone, cache_identity, decode_and_resize
+from common.cli import configure_logging, run_command
+from common.files import replace_atomic
+from runner.run.config import EXPORT_FORMATS, Config, load_config
+from runner.errors import RunnerError
+from runner.training.head import Head, build_head
+from runner.export.meta_graph import serving_tensor_names, tf_variable, write_meta_graph
+from runner.export.tflite import TFLITE_VARIANTS, convert, converted_backbone, pixels_spec
+from runner.export.tflite_head import append_head
+from runner.run.rundir import EXPORT_MODEL_INFO, CheckpointRef, RunDir, read_json
 
 log = logging.getLogger("runner")
 
@@ -260,7 +258,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported to {export_run(args.run, args.step, args.formats, args.out)}", flush=True)
         return 0
     return run_command(command)
-
-
-if __name__ == "__main__":
-    exit_with(main())

@@ -1,7 +1,7 @@
 """The training stages, one class per personality behind one interface: the configured head (FixedHeadStage)
 or the head search (HeadSearchStage) on cached vectors, then optionally fine-tuning on images
 (FineTuneStage). Each declares what it checkpoints, its budget and its evaluation cadence, and holds its model
-parts, step and seed; the loop (runner/train.py) asks it for batches, steps, validations and checkpoints."""
+parts, step and seed; the loop (runner/training/loop.py) asks it for batches, steps, validations and checkpoints."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,19 +12,19 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from runner.backbones import Backbone
-from runner.cache import BottleneckCache
-from runner.checkpoints import CheckpointStore
-from runner.config import Config
-from runner.data import Dataset, ImageRecord
+from runner.features.backbones import Backbone
+from runner.features.cache import BottleneckCache
+from runner.training.checkpoints import CheckpointStore
+from runner.run.config import Config
+from runner.data.scan import Dataset, ImageRecord
 from runner.errors import IncompatibleRunError
-from runner.evaluate import loss_and_accuracy, predict_logits
-from runner.finetune import ImageBatches, ImageFeatures, unfreeze_top
-from runner.head import build_optimizer, feature_statistics
-from runner.results import StageResult
-from runner.rundir import CheckpointRef, MetricsLog, StageCheckpoints
-from runner.search import build_search, candidate_grid, head_budget
-from runner.train import BatchOrder, TrainState, make_train_step
+from runner.training.evaluate import loss_and_accuracy, predict_logits
+from runner.training.finetune import ImageBatches, ImageFeatures, unfreeze_top
+from runner.training.head import build_optimizer, feature_statistics
+from runner.run.results import StageResult
+from runner.run.rundir import CheckpointRef, MetricsLog, StageCheckpoints
+from runner.training.search import build_search, candidate_grid, head_budget
+from runner.training.loop import BatchOrder, TrainState, make_train_step
 
 log = logging.getLogger("runner")
 
@@ -199,7 +199,7 @@ class FixedHeadStage(VectorHeadStage):
 
 
 class HeadSearchStage(VectorHeadStage):
-    """head.search = auto: the stacked candidate heads (runner/search.py) on one device, validated once per epoch;
+    """head.search = auto: the stacked candidate heads (runner/training/search.py) on one device, validated once per epoch;
     every checkpoint holds the best head so far, the last one the final soup."""
 
     def __init__(self, config: Config, head, train: Split, val: Split, class_weights: np.ndarray, marker: dict,

@@ -4,7 +4,7 @@ A checkpoint counts only once its marker exists: the marker is written (atomical
 has finished writing, and records the sha256 of every file, the compatibility fingerprint, the label
 map and the resume history. Restore takes the newest checkpoint whose files verify and load, falling
 back to older ones and saying so. TensorFlow's `checkpoint` state file is kept beside them for
-tf.train.latest_checkpoint, never read here. File names come from RunDir (runner/rundir.py).
+tf.train.latest_checkpoint, never read here. File names come from RunDir (runner/run/rundir.py).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 import tensorflow as tf
 
 from common.files import file_digest
-from runner.rundir import CheckpointRef, StageCheckpoints
+from runner.run.rundir import CheckpointRef, StageCheckpoints
 
 log = logging.getLogger("runner")
 

@@ -1,5 +1,5 @@
 """The bottleneck cache's files written and read through tf.io.gfile, so a cache may live on a local disk or
-in a bucket (gs://): the same shard format and names as runner/cache.py, each file renamed into place whole."""
+in a bucket (gs://): the same shard format and names as runner/features/cache.py, each file renamed into place whole."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from common.files import write_atomic
-from runner.cache import KEY_BYTES, encode_shard, identity_hash
+from runner.features.cache import KEY_BYTES, encode_shard, identity_hash
 
 UNDECODABLE_FILE = "undecodable.json"
 

@@ -1,0 +1,1 @@
+"""What a person sees: progress, the reports and plots, the Colab notebook helpers."""
