@@ -237,7 +237,7 @@ def timed(step, batches: list) -> float:
     return (time.perf_counter() - start) / (len(batches) - 2)
 
 
-# -- the head search at a million vectors (issue 20) -------------------------------------------------------
+# -- the head search at a million vectors ----------------------------------------------------------------
 def search_at_scale(args) -> dict:
     """The default head search (HeadSearchStage, default settings) on args.rows generated float16 vectors read
     memory-mapped through the real cache (90 % train, 10 % validation): what each part costs in time and RSS,
@@ -319,7 +319,7 @@ def print_at_scale(r: dict, args) -> None:
           f"{r['projected_s'] / 3600:,.1f} h (successive halving from the per-step times above)")
 
 
-# -- cost of safety: checkpoint cadence overhead and resume latency (issue 12) --------------------------
+# -- cost of safety: checkpoint cadence overhead and resume latency -----------------------------------
 def train_through_the_loop(table, labels: np.ndarray, args, run_dir: Path, checkpoints: bool) -> tuple[float, float]:
     """(seconds in all, seconds inside checkpoint saves) to train args.safety_steps steps of the configured head
     (head.search = off) through the runner's own stage and step loop (validation every eval.every_steps on a

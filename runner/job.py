@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 
-from common.files import write_text_atomic
 from runner import __version__
 from runner.features.backbones import build_backbone
 from runner.run.config import Config, ignored_settings
 from runner.features.distribute import make_strategy
 from runner.errors import IncompatibleRunError, RunnerError, StopRequested
-from runner.training.evaluate import loss_and_accuracy, predict_logits, report_json, test_report
+from runner.training.evaluate import loss_and_accuracy, predict_logits, test_report
 from runner.training.events import (CheckpointPolicy, Listeners, MetricsLogger, ProgressDisplay, SyncHandOver,
                            TensorBoardScalars)
 from runner.export.exporter import export_run
@@ -22,8 +21,9 @@ from runner.training.finetune import ImageFeatures
 from runner.training.head import build_head
 from runner.prepare import Prepared, prepare
 from runner.ui.report import write_report
+from runner.run.records import RunSteps, TestReport
 from runner.run.results import Finished, HeadRecord, Outcome, StageResult, Stopped, Summary, Unchanged
-from runner.run.rundir import CheckpointRef, RunDir, read_json
+from runner.run.rundir import CheckpointRef, RunDir
 from runner.training.stages import FineTuneStage, TrainingStage, build_head_stage
 from runner.export.tflite import BackgroundConversion, converts_in_background, start_background_conversion
 from runner.training.loop import StageLoop, StopFlag, class_weight_vector
@@ -56,16 +56,16 @@ class Job:
             with strategy.scope():
                 head = build_head(len(data.dataset.classes), data.cache.dim, self.config.head, self.config.train.seed)
             head_result, head_record, history = self._build_head_stage(data, strategy, head, class_weights)
-            offset = data.version.step_offset
+            head_steps = data.version.steps
             if head_result is not None and head_result.stopped_by:
-                return Stopped(head_result.stopped_by, "head training", offset + head_result.step)
+                return Stopped(head_result.stopped_by, "head training", head_steps.run_wide(head_result.step))
             features_of, last = None, head_result
             if self.config.fine_tune.enabled:
                 features_of = ImageFeatures(data.backbone, self.config.cache.batch_size)
                 last, history = self._build_fine_tune_stage(data, strategy, head, class_weights, features_of,
                                                             head_record, history)
                 if last.stopped_by:
-                    return Stopped(last.stopped_by, "fine-tuning", offset + head_record.steps + last.step)
+                    return Stopped(last.stopped_by, "fine-tuning", finetune_steps(data, head_record).run_wide(last.step))
             elif self.rundir.stage("finetune").latest() is not None:
                 raise IncompatibleRunError(f"{self.rundir.path} was fine-tuned already; keep fine_tune.enabled = "
                                            f"true to continue it, or use another run.dir for a head-only run.")
@@ -84,16 +84,16 @@ class Job:
         run = self.rundir
         finetune_latest = run.stage("finetune").latest()
         if finetune_latest is not None:  # the head stage finished before fine-tuning began
-            return None, self._head_record(finetune_latest, data.version.step_offset), []
-        marker = dict(data.marker(), fingerprint=self.config.compatibility_fingerprint())
+            return None, self._head_record(finetune_latest, data.version.steps), []
+        marker = data.marker(self.config.compatibility_fingerprint())
         stage = build_head_stage(self.config, strategy, head, data.train, data.val, class_weights, marker,
-                                 run.stage("head"), data.version.step_offset)
+                                 run.stage("head"), data.version.steps.offset)
         result, history = self._train(stage, strategy, class_weights)
-        record = HeadRecord.read(run.head_record)
+        record = run.read_head_record()
         if not result.stopped_by and (result.trained or record is None):
             head_only = loss_and_accuracy(predict_logits(head, data.test.table.all()), data.test.labels)[1]
             record = HeadRecord(head_only, result.step, result.search)
-            record.write(run.head_record)
+            run.write_head_record(record)
         return result, record, history
 
     def _build_fine_tune_stage(self, data: Prepared, strategy, head, class_weights, features_of: ImageFeatures,
@@ -101,9 +101,9 @@ class Job:
         """Fine-tune from the head stage's head, at fine_tune.learning_rate (or a tenth of the head's)."""
         search = head_record.search
         head_rate = search.selected_candidate.learning_rate if search else self.config.train.learning_rate
-        marker = dict(data.marker(), fingerprint=self.config.fine_tune_fingerprint())
+        marker = data.marker(self.config.fine_tune_fingerprint())
         stage = FineTuneStage(self.config, strategy, data.backbone, head, data.train, data.val, class_weights,
-                              features_of, data.version.step_offset + head_record.steps, head_rate, marker,
+                              features_of, finetune_steps(data, head_record).offset, head_rate, marker,
                               self.rundir.stage("finetune"))
         return self._train(stage, strategy, class_weights, history)
 
@@ -119,35 +119,37 @@ class Job:
         return stage.conclude(loop.run()), stage.history
 
     def _evaluate(self, data: Prepared, head, head_record: HeadRecord, last: StageResult | None,
-                  history: list[int], features_of: ImageFeatures | None) -> tuple[Summary, dict]:
+                  history: list[int], features_of: ImageFeatures | None) -> tuple[Summary, TestReport]:
         """The test report and the run's summary (the model as the last stage left it)."""
         test = data.test
         report = test_report(predict_logits(head, features_of(test.paths) if features_of else test.table.all()),
                              test.labels, data.dataset.classes, [r.relpath for r in test.records])
-        last_eval = last.last_eval if last else {}
+        last_eval = last.last_eval if last else None
         fine_tuned = last.step if last is not None and last.stage == "finetune" else 0
         summary = Summary(
-            test_accuracy=report["test_accuracy"], test_loss=report["test_loss"],
-            val_accuracy=last_eval.get("val_accuracy"), val_loss=last_eval.get("val_loss"),
-            global_step=data.version.step_offset + head_record.steps + fine_tuned, stage="finetune" if self.config.fine_tune.enabled else "head",
+            test_accuracy=report.accuracy, test_loss=report.loss,
+            val_accuracy=last_eval.val_accuracy if last_eval else None,
+            val_loss=last_eval.val_loss if last_eval else None,
+            global_step=finetune_steps(data, head_record).run_wide(fine_tuned),
+            stage="finetune" if self.config.fine_tune.enabled else "head",
             head_steps=head_record.steps, finetune_steps=fine_tuned, classes=data.dataset.classes,
             num_train=len(data.train.records), num_val=len(data.val.records), num_test=len(test.records),
-            head_only_test_accuracy=head_record.test_accuracy, backbone=data.backbone_info(),
+            head_only_test_accuracy=head_record.test_accuracy, backbone=data.backbone_info().to_json(),
             resumed_from=history, skipped_images=data.dataset.skipped,
-            per_class_accuracy=report["per_class_accuracy"], runner_version=__version__,
+            per_class_accuracy=dict(report.per_class_accuracy), runner_version=__version__,
             data_version=data.version.number, search=head_record.search)
         return summary, report
 
-    def _finish(self, summary: Summary, report: dict) -> bool:
+    def _finish(self, summary: Summary, report: TestReport) -> bool:
         """Write results, export and plots, then hand sync the final snapshot; False when a finished run
         is started again and nothing changed (then nothing is written, exported or uploaded)."""
         config, run = self.config, self.rundir
         export_info = run.export_info() if config.export.enabled else None
         export_current = not config.export.enabled or (export_info or {}).get("step") == summary.global_step
-        if read_json(run.summary) == summary.to_json() and read_json(run.test_report) == report and export_current:
+        if run.read_summary() == summary and run.read_test_report() == report and export_current:
             return False
-        write_text_atomic(run.test_report, report_json(report))
-        summary.write(run.summary)
+        run.write_test_report(report)
+        run.write_summary(summary)
         if config.export.enabled:
             try:
                 export_run(run.path)
@@ -168,14 +170,20 @@ class Job:
     def _hand_to_sync(self, checkpoint: CheckpointRef, final: bool = False) -> None:
         """Give sync a finished checkpoint: the complete file list RunDir names for it."""
         files = self.rundir.hand_over(checkpoint, final)
-        metrics = {k: v for k, v in checkpoint.marker.get("metrics", {}).items() if k.startswith("val_")}
+        evaluation = checkpoint.marker.evaluation
+        metrics = evaluation.validation() if evaluation else {}
         cache_files = self.prepared.cache_files() if self.prepared else []
         self.sync.on_checkpoint(HandOver(
             step=checkpoint.step, files=tuple(files), immutable=frozenset(f for f, fixed in files.items() if fixed),
             runner_version=__version__, metrics=metrics, cache_files=tuple(cache_files), final=final,
             published=tuple(self.rundir.published(files)) if final else ()))
 
-    def _head_record(self, finetune_latest: CheckpointRef, version_offset: int) -> HeadRecord:
+    def _head_record(self, finetune_latest: CheckpointRef, version_steps: RunSteps) -> HeadRecord:
         """head_stage.json; without it, what the fine-tuning checkpoint says (the head stage's steps)."""
-        return HeadRecord.read(self.rundir.head_record) or HeadRecord(
-            None, int(finetune_latest.marker["step_offset"]) - version_offset, None)
+        return self.rundir.read_head_record() or HeadRecord(
+            None, version_steps.stage_local(finetune_latest.marker.steps.offset), None)
+
+
+def finetune_steps(data: Prepared, head_record: HeadRecord) -> RunSteps:
+    """Where fine-tuning's steps sit in the run: after the data version's start and the head stage's steps."""
+    return RunSteps(data.version.steps.run_wide(head_record.steps))

@@ -16,7 +16,8 @@ from runner.features.backbones import Backbone, build_backbone
 from runner.features.cache import BottleneckCache
 from runner.run.config import Config, to_toml
 from runner.data.scan import Dataset, HashIndex, check_class_sizes, scan_dataset
-from runner.run.dataversion import DataFingerprint, RunVersion, finish_interrupted_archive, follow_data
+from runner.run.dataversion import DataFingerprint, finish_interrupted_archive, follow_data
+from runner.run.records import BackboneInfo, CheckpointMarker, RunVersion
 from runner.errors import IncompatibleRunError
 from runner.features.extract import extract_missing
 from runner.run.rundir import STAGES, RunDir
@@ -45,16 +46,17 @@ class Prepared:
         """What sync ships of the cache: its immutable shards and the file-hash index's content-named copy."""
         return self.cache.files() + [n for n in [self.hash_index.shipped_name] if n]
 
-    def backbone_info(self) -> dict:
+    def backbone_info(self) -> BackboneInfo:
         """The backbone as summary.json, checkpoint markers and the export describe it."""
         b, config = self.backbone, self.backbone.config
-        return {"name": b.name, "weights": config.weights, "image_size": b.image_size, "alpha": config.alpha,
-                "feature_dim": b.feature_dim}
+        return BackboneInfo(b.name, config.weights, b.image_size, config.alpha, b.feature_dim)
 
-    def marker(self) -> dict:
-        """What every checkpoint marker of this run records besides its stage's own fields."""
-        return {"classes": self.dataset.classes, "backbone": self.backbone_info(), "runner_version": __version__,
-                "data": self.fingerprint.to_json(), "data_version": self.version.number}
+    def marker(self, settings_fingerprint: dict) -> CheckpointMarker:
+        """What every checkpoint marker of this run records besides its stage's own fields; `settings_fingerprint`
+        names the settings a resume of the stage must keep."""
+        return CheckpointMarker(classes=tuple(self.dataset.classes), backbone=self.backbone_info(),
+                                runner_version=__version__, data=self.fingerprint.digest_record(),
+                                data_version=self.version.number, fingerprint=settings_fingerprint)
 
 
 def restore_from_sync(config: Config, run: RunDir, sync, stop: StopFlag) -> None:
@@ -69,7 +71,7 @@ def restore_from_sync(config: Config, run: RunDir, sync, stop: StopFlag) -> None
             run.stage(stage).write_state(config.checkpoint.max_to_keep)
 
 
-def check_compatible(marker: dict | None, fingerprint: dict, classes: list[str], run: RunDir,
+def check_compatible(marker: CheckpointMarker | None, fingerprint: dict, classes: list[str], run: RunDir,
                      sync_folder: str = "") -> None:
     """Refuse to continue a run whose checkpoint was made with other classes or another backbone
     (`sync_folder`: where sync restores snapshots from, '' when sync is off)."""
@@ -82,13 +84,13 @@ def check_compatible(marker: dict | None, fingerprint: dict, classes: list[str],
         fix = (f"Sync restores a new run directory from sync.folder {sync_folder!r}, which holds that run: to "
                f"start a new run, use another sync.folder (--set sync.folder=...) and another run.dir "
                f"(--set run.dir=...); to continue that run, go back to its settings (see {run.config}).")
-    if marker.get("classes") != classes:
-        old, new = marker.get("classes", []), classes
+    if list(marker.classes) != list(classes):
+        old, new = marker.classes, classes
         added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
         raise IncompatibleRunError(
             f"{run_dir} was trained on {len(old)} classes, data.dir now has {len(new)} "
             f"(added: {added[:5] or 'none'}, removed: {removed[:5] or 'none'}). {fix}")
-    old_fp = marker.get("fingerprint", {})
+    old_fp = marker.fingerprint
     if old_fp != fingerprint:
         changed = [f"{k}: {old_fp.get(k)!r} → {fingerprint.get(k)!r}" for k in fingerprint
                    if old_fp.get(k) != fingerprint.get(k)]

@@ -171,8 +171,10 @@ def permanent_error(exc: BaseException, what: str) -> RemoteError | None:
     return kind(f"sync: {what} failed ({describe(exc)}): {advice}", status, reasons)
 
 
-class Recover(SyncError):
-    """A failure of one attempt that a fresh attempt can mend; only call_with_recovery catches it."""
+class Recover(Exception):
+    """A failure of one attempt that a fresh attempt can mend; only call_with_recovery catches it. Control flow,
+    not a user's problem: outside the ProjectError hierarchy, so one that escaped would be reported as the bug
+    it is (exit 1), never as something the user must fix (2)."""
     label = "a recoverable failure"  # what kept failing, in messages
     gives_up_as: type[SyncError] = SyncError  # raised when the recoveries are spent
 

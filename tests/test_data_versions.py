@@ -129,7 +129,7 @@ def test_a_start_killed_while_archiving_is_finished_by_the_next_one(first_versio
     (run.path / "summary.json").replace(partial / "summary.json")
     job, outcome = _run(config)
     _assert_new_version(config, outcome, job, 4, 4)
-    assert RunVersion.read(run) == RunVersion(2, 20) and run.unfinished_archive() is None
+    assert run.read_version() == RunVersion(2, 20) and run.unfinished_archive() is None
 
 
 def test_a_fresh_machine_restores_the_newest_data_version_from_sync(tiny_source, tmp_path):

@@ -292,7 +292,7 @@ def test_an_older_step_reports_its_validation_accuracy(exported_run):
     run_dir = exported_run[0]
     from runner.run.rundir import RunDir
     _, checkpoint = load_run_state(run_dir, RunDir(run_dir).checkpoints()[1].step)
-    assert run_accuracy(run_dir, checkpoint) == ("val_accuracy", checkpoint.marker["metrics"]["val_accuracy"])
+    assert run_accuracy(run_dir, checkpoint) == ("val_accuracy", checkpoint.marker.evaluation.val_accuracy)
 
 
 def test_a_failed_export_keeps_the_previous_export_and_leaves_no_staging_folder(exported_run, tmp_path,
@@ -316,7 +316,7 @@ def test_a_fine_tuned_run_exports_its_fine_tuned_backbone(exported_run, tmp_path
     from tests.helpers import checkpoint_values, local_mobilenet_args, run_resume
     run_dir = tmp_path / "finetuned"
     result = run_resume(*local_mobilenet_args(run_dir, exported_run[1], "train.steps=200", "fine_tune.enabled=true",
-                                              "fine_tune.steps=6", "fine_tune.batch_size=8", "eval.every_steps=100",
+                                              "fine_tune.steps=6", "fine_tune.batch_size=8",
                                               "checkpoint.every_steps=100"))
     assert result.returncode == 0, result.stdout
     info = json.loads((export_run(run_dir) / "model.json").read_text())

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from runner.run.config import load_config
-from runner.run.results import Finished, Stopped, Summary, Unchanged
+from runner.run.results import Finished, Stopped, Unchanged
+from runner.run.rundir import RunDir
 from runner.training.loop import StopFlag
 from tests.helpers import assert_same_checkpoint, latest_checkpoint_prefix, write_synthetic_dataset
 
@@ -57,7 +58,7 @@ def test_a_job_hands_over_every_checkpoint_then_the_final_snapshot_and_a_rerun_c
     summary = outcome.summary
     assert summary.global_step == 40 and summary.stage == "head" and summary.num_classes == 3
     assert summary.search is not None and summary.search.selected_candidate.best_step > 0
-    assert Summary.read(config.run_dir / "summary.json") == summary
+    assert RunDir(config.run_dir).read_summary() == summary
     assert [h.step for h in sync.hand_overs] == [10, 20, 30, 40, 40]
     final = sync.hand_overs[-1]
     assert final.final and not any(h.final for h in sync.hand_overs[:-1])
@@ -130,10 +131,10 @@ def test_tensorflow_finds_the_newest_complete_checkpoint_after_a_kill_between_it
     from runner.run.rundir import StageCheckpoints
     write_marker = StageCheckpoints.write_marker
 
-    def killed_at_step_30(self, local_step, marker):
-        if local_step == 30:
+    def killed_at_step_30(self, marker):
+        if marker.step == 30:
             raise Killed()
-        write_marker(self, local_step, marker)
+        write_marker(self, marker)
     monkeypatch.setattr(StageCheckpoints, "write_marker", killed_at_step_30)
     config = tiny_config(tmp_path / "run", tiny_data, "checkpoint.max_to_keep=2")
     with pytest.raises(Killed):

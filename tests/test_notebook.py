@@ -201,8 +201,9 @@ def test_an_interrupted_or_broken_dataset_download_is_never_taken_for_the_datase
 
 
 def test_per_class_table_lists_test_counts_worst_class_first():
+    from runner.run.records import TestReport
     from runner.ui.notebook import per_class_table
-    report = {"confusion_matrix": [[3, 1, 0], [0, 2, 0], [2, 0, 2]]}
+    report = TestReport(confusion_matrix=[[3, 1, 0], [0, 2, 0], [2, 0, 2]])
     lines = per_class_table(report, ["hat", "pants", "shoes"])
     assert [line.split()[:3] for line in lines[1:]] == [["shoes", "4", "2"], ["hat", "4", "3"], ["pants", "2", "2"]]
     assert lines[1].endswith("50.0%") and lines[3].endswith("100.0%")

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from runner.errors import RunnerError
+from runner.run.records import CheckpointMarker, RunSteps
 from runner.run.rundir import RunDir
 
 
@@ -16,7 +17,7 @@ def fake_checkpoint(run: RunDir, stage: str, local_step: int, step_offset: int =
     checkpoints.prefix(local_step).with_suffix(".index").write_bytes(b"i")
     checkpoints.prefix(local_step).with_name(f"{checkpoints.prefix(local_step).name}.data-00000-of-00001") \
         .write_bytes(b"d")
-    checkpoints.write_marker(local_step, {"step": local_step, "step_offset": step_offset, "stage": stage})
+    checkpoints.write_marker(CheckpointMarker(stage=stage, step=local_step, steps=RunSteps(step_offset)))
 
 
 def test_checkpoints_of_both_stages_are_listed_by_run_wide_step(tmp_path):

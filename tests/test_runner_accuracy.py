@@ -58,7 +58,8 @@ def test_summary_has_the_promised_fields(clothing_run):
     report = json.loads((run_dir / "test_report.json").read_text())
     from runner.ui.report import confusion_entries
     assert report["confusion_matrix"]["num_classes"] == 10
-    assert confusion_entries(report, 10)[:, 2].sum() == result["num_test"]
+    from runner.run.records import TestReport
+    assert confusion_entries(TestReport.from_json(report), 10)[:, 2].sum() == result["num_test"]
     assert len(report["misclassified"]) == round(result["num_test"] * (1 - result["test_accuracy"]))
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps_per_epoch = -(-result["num_train"] // 100)

@@ -92,3 +92,16 @@ def test_a_url_path_setting_is_kept_as_given_while_a_relative_path_becomes_absol
     config = load_config(None, ["data.dir=photos", "cache.dir=gs://bucket/cache"])
     assert config.cache.dir == "gs://bucket/cache"
     assert Path(config.data.dir).is_absolute()
+
+
+def test_fine_tuning_takes_its_optimizer_and_cadence_from_its_own_section_not_the_heads():
+    import tensorflow as tf
+    from runner.run.config import ignored_settings
+    from runner.training.head import build_optimizer
+    config = load_config(None, ["data.dir=photos", "fine_tune.enabled=true", "train.rho=0.99", "fine_tune.rho=0.5",
+                                "train.decay_rate=0.5", "eval.every_steps=7"])
+    optimizer = build_optimizer(config.fine_tune, [tf.Variable([1.0])], learning_rate=1e-4)
+    assert optimizer.rho == 0.5 and float(optimizer.learning_rate) == pytest.approx(1e-4)
+    warned = " ".join(ignored_settings(config))
+    assert "train.decay_rate = 0.5" in warned and "fine_tune.decay_rate" in warned
+    assert "eval.every_steps = 7" in warned and "fine_tune.eval_every_steps" in warned

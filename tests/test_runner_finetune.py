@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 FINETUNE = ("train.steps=300", "train.deterministic=true", "fine_tune.enabled=true", "fine_tune.steps=24",
             "fine_tune.batch_size=16", "fine_tune.fraction=0.15", "checkpoint.every_steps=6",
-            "eval.every_steps=12", "head.dropout=0.2")
+            "fine_tune.eval_every_steps=12", "head.dropout=0.2")
 
 
 def finetune_prefix(run_dir) -> str:

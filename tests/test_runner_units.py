@@ -12,6 +12,7 @@ from common.errors import ProjectError
 from runner.run.config import load_config, to_toml
 from runner.training.events import Listener
 from runner.errors import IncompatibleRunError, RunnerError
+from runner.run.records import CheckpointMarker, Evaluation
 from runner.run.rundir import RunDir
 from tests.helpers import REPO
 
@@ -37,7 +38,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     store = CheckpointStore(RunDir(tmp_path).stage("head"), tf.train.Checkpoint(v=variable), keep=3)
     for step in (1, 2, 3):
         variable.assign([step, step])
-        store.save(step, {"step_offset": 0})
+        store.save(step, CheckpointMarker())
     data = next(p for p in store.stage.data_files(3) if ".data-" in p.name)
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
@@ -65,11 +66,11 @@ def test_a_cache_shard_that_cannot_be_read_is_set_aside_and_the_rest_is_used(tmp
 def test_continuing_with_other_classes_or_another_backbone_is_refused_naming_the_change(tmp_path):
     from runner.prepare import check_compatible
     run = RunDir(tmp_path)
-    marker = {"classes": ["a", "b"], "fingerprint": {"backbone": "mobilenet", "image_size": 224}}
+    marker = CheckpointMarker(classes=("a", "b"), fingerprint={"backbone": "mobilenet", "image_size": 224})
     check_compatible(marker, {"backbone": "mobilenet", "image_size": 224}, ["a", "b"], run)
     check_compatible(None, {"backbone": "other"}, ["z"], run)  # nothing to continue: anything goes
     with pytest.raises(IncompatibleRunError, match=r"trained on 2 classes, data.dir now has 3 \(added: \['c'\]"):
-        check_compatible(marker, marker["fingerprint"], ["a", "b", "c"], run)
+        check_compatible(marker, marker.fingerprint, ["a", "b", "c"], run)
     with pytest.raises(IncompatibleRunError, match="image_size: 224 → 192.*--set run.dir="):
         check_compatible(marker, {"backbone": "mobilenet", "image_size": 192}, ["a", "b"], run)
 
@@ -147,7 +148,7 @@ class _FakeStage:
         import tensorflow as tf
         from runner.training.loop import TrainState
         self.state = TrainState(tf.Variable(start, dtype=tf.int64), tf.Variable(0, dtype=tf.int64))
-        self.loss, self.saved, self.restored_eval = loss, [], {"val_accuracy": 0.25}
+        self.loss, self.saved, self.restored_eval = loss, [], Evaluation(val_accuracy=0.25)
 
     step = property(lambda self: int(self.state.step.numpy()))
 
@@ -166,10 +167,10 @@ class _FakeStage:
     def validate(self, step):
         return 0.1, 0.9
 
-    def save(self, step, metrics):
+    def save(self, step, evaluation):
         from runner.run.rundir import CheckpointRef
-        self.saved.append((step, metrics.get("stage_step")))
-        return CheckpointRef("head", step, step, {}, Path("x"))
+        self.saved.append((step, evaluation.stage_step if evaluation else None))
+        return CheckpointRef("head", step, step, CheckpointMarker(step=step), Path("x"))
 
 
 class _Recorder(Listener):
@@ -185,7 +186,7 @@ class _Recorder(Listener):
         self.events.append(f"step {step}")
 
     def on_evaluation(self, loop, record):
-        self.events.append(f"evaluation {record['stage_step']}")
+        self.events.append(f"evaluation {record.stage_step}")
 
     def on_checkpoint(self, loop, checkpoint):
         self.events.append(f"checkpoint {checkpoint.local_step}")
@@ -210,14 +211,14 @@ def test_the_loop_tells_its_listeners_and_the_cadence_checkpoints_after_the_eval
                                "step 5", "step 6", "step 7", "step 8", "checkpoint 8", "step 9", "evaluation 10",
                                "step 10", "checkpoint 10", "end 10"]
     assert stage.saved == [(4, None), (8, 5), (10, 10)]  # each checkpoint carries the latest evaluation
-    assert [r["step"] for r in metrics.read()] == [5, 10] and result.trained and result.last_eval["val_accuracy"] == 0.9
+    assert [r["step"] for r in metrics.read()] == [5, 10] and result.trained and result.last_eval.val_accuracy == 0.9
 
 
 def test_a_stage_with_nothing_left_to_train_sends_no_event_and_writes_nothing():
     recorder, stage = _Recorder(), _FakeStage(start=10)
     result = _loop(stage, recorder).run()
     assert recorder.events == [] and stage.saved == []
-    assert not result.trained and result.step == 10 and result.last_eval == {"val_accuracy": 0.25}
+    assert not result.trained and result.step == 10 and result.last_eval == Evaluation(val_accuracy=0.25)
 
 
 def test_a_non_finite_loss_stops_the_loop_before_anything_of_that_step_is_kept():

@@ -31,12 +31,12 @@ from runner.training.head import Head, build_head
 from runner.export.meta_graph import serving_tensor_names, tf_variable, write_meta_graph
 from runner.export.tflite import TFLITE_VARIANTS, convert, converted_backbone, pixels_spec
 from runner.export.tflite_head import append_head
-from runner.run.rundir import EXPORT_MODEL_INFO, CheckpointRef, RunDir, read_json
+from runner.run.rundir import EXPORT_MODEL_INFO, CheckpointRef, RunDir
 
 log = logging.getLogger("runner")
 
-# the export serves (nothing trains from it): tracing the gradient of every tf.custom_gradient inside the backbone
-# was more than half of tf.saved_model.save's time (EfficientNetV2-B0 at 32 px: 24 s without this option, 11 s with it)
+# the export serves (nothing trains from it), so the gradients of the backbone's tf.custom_gradient functions are
+# not traced into it (most of tf.saved_model.save's time otherwise; docs/benchmarks.md)
 SERVING_ONLY = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
 FROZEN_GRAPH = "frozen_graph.pb"
 META_GRAPH = "model.meta"
@@ -63,7 +63,7 @@ def load_run_state(run_dir: Path, step: int | None = None) -> tuple[Config, Chec
 def restore_run_model(run_dir: Path, step: int | None = None) -> RunModel:
     """Rebuild the backbone and head of a run and load one checkpoint (the newest by default)."""
     config, checkpoint = load_run_state(run_dir, step)
-    classes = checkpoint.marker["classes"]
+    classes = list(checkpoint.marker.classes)
     backbone = build_backbone(config.backbone)
     head = build_head(len(classes), backbone.feature_dim, config.head, config.train.seed)
     prefix = str(checkpoint.prefix)
@@ -83,10 +83,11 @@ def run_accuracy(run_dir: Path, checkpoint: CheckpointRef) -> tuple[str, float |
     """The accuracy to report for a checkpoint: test accuracy if the test report is of this step, else
     the checkpoint's validation accuracy."""
     run = RunDir(run_dir)
-    summary, report = read_json(run.summary) or {}, read_json(run.test_report) or {}
-    if summary.get("global_step") == checkpoint.step and report.get("test_accuracy") is not None:
-        return "test_accuracy", float(report["test_accuracy"])
-    return "val_accuracy", checkpoint.marker.get("metrics", {}).get("val_accuracy")
+    summary, report = run.read_summary(), run.read_test_report()
+    if summary and report and summary.global_step == checkpoint.step and report.accuracy is not None:
+        return "test_accuracy", float(report.accuracy)
+    evaluation = checkpoint.marker.evaluation
+    return "val_accuracy", evaluation.val_accuracy if evaluation else None
 
 
 def check_accuracy_gate(run_dir: Path, step: int, kind: str, accuracy: float | None, minimum: float) -> None:
@@ -213,7 +214,7 @@ def export_run(run_dir: Path, step: int | None = None, formats: str | None = Non
         classifier = Classifier(model)
         info = {
             "format": 1, "runner_version": __version__, "exported_at": time.time(),
-            "backbone": marker["backbone"],
+            "backbone": marker.backbone.to_json(),
             "input_size": model.backbone.image_size, "classes": model.classes,
             "accuracy": {kind: accuracy}, "step": checkpoint.step, "stage": checkpoint.stage,
             "top_k": classifier.top_k, "formats": list(names),

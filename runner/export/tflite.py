@@ -41,10 +41,8 @@ log = logging.getLogger("runner")
 TFLITE_DIR = "tflite"  # inside the bottleneck cache folder
 LOCK_FILE = ".lock"  # held while a backbone is converted into TFLITE_DIR
 CHILD_LOG = "conversion.log"
-# A child costs about 3.5 CPU-seconds (start-up, backbone build) beside the conversion. Converting takes (measured
-# in process, random weights, idle 2-core machine): MobileNet 0.25 0.3 s, MobileNetV2 1.0 s, EfficientNetV2-B0
-# (5.9M parameters) 2.7 s, ResNet50V2 (23.6M) 11.3 s, Inception V3 (21.8M) 11.4 s. Below 10M parameters the
-# child's cost exceeds the conversion's, so those backbones convert at the export.
+# A background child pays its own start-up and backbone build; below this size that costs more than converting
+# at the export does (the measurements: docs/benchmarks.md, "TFLite conversion").
 BACKGROUND_MIN_PARAMS = 10_000_000
 TFLITE_FLOAT = "model.tflite"
 TFLITE_QUANTIZED = "model_quantized.tflite"

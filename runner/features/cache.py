@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.files import write_atomic, write_text_atomic
+from common.files import replace_atomic, write_atomic, write_text_atomic
 
 log = logging.getLogger("runner")
 
@@ -89,7 +89,7 @@ class BottleneckCache:
                 raise ValueError(f"{len(keys)} keys but vectors of shape {vectors.shape}")
         except (ValueError, OSError) as e:
             log.warning("cache shard %s is unreadable (%s); its images will be extracted again", path, e)
-            path.rename(path.with_suffix(".corrupt"))
+            replace_atomic(path, path.with_suffix(".corrupt"))
             return
         number = len(self.shards)
         self.shards.append(vectors)

@@ -88,14 +88,15 @@ class TrainConfig:
     patience: int = _opt(10, "head search: a candidate stops after this many evaluations (one per epoch) "
                              "without a lower validation loss", min=1)
     batch_size: int = _opt(100, "vectors per training step", min=1)
-    learning_rate: float = _opt(0.001, "RMSProp learning rate with head.search = off (the search uses its own "
-                                       "grid); fine-tuning has its own, fine_tune.learning_rate", min=0.0)
-    rho: float = _opt(0.9, "RMSProp discounting factor", min=0.0, max=1.0)
-    momentum: float = _opt(0.0, "RMSProp momentum", min=0.0, max=1.0)
-    epsilon: float = _opt(1e-7, "RMSProp epsilon", min=0.0)
-    decay_rate: float = _opt(1.0, "exponential learning-rate decay per decay_steps; 1.0 = none", min=0.0, max=1.0)
-    decay_steps: int = _opt(1000, "steps per learning-rate decay", min=1)
-    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy", min=0.0, max=0.5)
+    learning_rate: float = _opt(0.001, "the head's RMSProp learning rate with head.search = off (the search uses "
+                                       "its own grid; fine-tuning has the fine_tune section)", min=0.0)
+    rho: float = _opt(0.9, "the head's RMSProp discounting factor", min=0.0, max=1.0)
+    momentum: float = _opt(0.0, "the head's RMSProp momentum", min=0.0, max=1.0)
+    epsilon: float = _opt(1e-7, "the head's RMSProp epsilon", min=0.0)
+    decay_rate: float = _opt(1.0, "the head's exponential learning-rate decay per decay_steps (head.search = off); "
+                                  "1.0 = none", min=0.0, max=1.0)
+    decay_steps: int = _opt(1000, "head steps per learning-rate decay", min=1)
+    label_smoothing: float = _opt(0.0, "label smoothing of the head's cross-entropy", min=0.0, max=0.5)
     class_weights: str = _opt("none", "'balanced' weighs classes by inverse frequency", choices=("none", "balanced"))
     seed: int = _opt(0, "seed of data order, dropout and initialisation", min=0)
     strategy: str = _opt("default", "tf.distribute strategy", choices=("default", "mirrored"))
@@ -109,7 +110,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = _opt(100, "validate every N training steps", min=1)
+    every_steps: int = _opt(100, "validate the head every N steps with head.search = off (the search validates "
+                                 "once per epoch; fine-tuning: fine_tune.eval_every_steps)", min=1)
 
 
 @dataclass
@@ -127,6 +129,14 @@ class FineTuneConfig:
     fraction: float = _opt(0.2, "share of the backbone's layers (from the top) to unfreeze", min=0.0, max=1.0)
     learning_rate: float = _opt(3e-5, "RMSProp learning rate of backbone and head; 0 = a tenth of the head "
                                       "stage's (the search's choice)", min=0.0)
+    rho: float = _opt(0.9, "RMSProp discounting factor of fine-tuning", min=0.0, max=1.0)
+    momentum: float = _opt(0.0, "RMSProp momentum of fine-tuning", min=0.0, max=1.0)
+    epsilon: float = _opt(1e-7, "RMSProp epsilon of fine-tuning", min=0.0)
+    decay_rate: float = _opt(1.0, "fine-tuning's exponential learning-rate decay per decay_steps; 1.0 = none",
+                             min=0.0, max=1.0)
+    decay_steps: int = _opt(1000, "fine-tuning steps per learning-rate decay", min=1)
+    label_smoothing: float = _opt(0.0, "label smoothing of fine-tuning's cross-entropy", min=0.0, max=0.5)
+    eval_every_steps: int = _opt(100, "validate fine-tuning every N of its steps", min=1)
     batch_size: int = _opt(32, "images per fine-tuning step", min=1)
     flip: bool = _opt(True, "augment: random horizontal flip")
     crop_scale: float = _opt(0.8, "augment: random crop keeping at least this share of the side; 1 = off",
@@ -239,17 +249,16 @@ def ignored_settings(config: Config) -> list[str]:
     """One warning for each setting changed from its default that this run's mode ignores, naming the mode
     (so no setting silently does nothing)."""
     search, fine_tune = config.head.search == "auto", config.fine_tune.enabled
-    own_rate = "fine_tune.learning_rate" if config.fine_tune.learning_rate else ""
+    derived_rate = fine_tune and not config.fine_tune.learning_rate  # a tenth of the head stage's rate
     why_search = "head.search = auto chooses the head by validation over its own grid"
     rules = [  # (keys, ignored in this run?, why)
-        (("train.learning_rate",), search and (not fine_tune or bool(own_rate)),
-         f"{why_search}" + (f", and fine-tuning uses {own_rate}" if fine_tune and own_rate else "")),
+        (("train.learning_rate",), search and not derived_rate,
+         f"{why_search}; fine-tuning has its own fine_tune.learning_rate"),
         (("head.weight_decay",), search, f"{why_search} (weight decays 0 to 100 / N)"),
-        (("train.decay_rate", "train.decay_steps"), search and not fine_tune,
-         f"{why_search}; the learning-rate decay applies to head.search = off and to fine-tuning"),
-        (("eval.every_steps",), search and not fine_tune,
-         "head.search = auto validates once per epoch; eval.every_steps applies to head.search = off and to "
-         "fine-tuning"),
+        (("train.decay_rate", "train.decay_steps"), search,
+         f"{why_search} without a learning-rate decay; fine-tuning has its own, fine_tune.decay_rate"),
+        (("eval.every_steps",), search,
+         "head.search = auto validates once per epoch; fine-tuning validates every fine_tune.eval_every_steps"),
         (("train.patience",), not search, "train.patience stops candidates of head.search = auto; head.search = "
                                           "off trains the configured head for the whole budget"),
         (("train.strategy",), search and not fine_tune,

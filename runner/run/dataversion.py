@@ -10,13 +10,12 @@ sync's "newest snapshot" is the newest version's. Unchanged data resumes exactly
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 
-from common.files import write_text_atomic
 from runner.data.scan import Dataset
-from runner.run.rundir import RunDir, read_json
+from runner.run.records import CheckpointMarker, DataDigest, RunVersion
+from runner.run.rundir import RunDir
 
 log = logging.getLogger("runner")
 
@@ -34,34 +33,18 @@ class DataFingerprint:
         return cls(tuple(dataset.classes), len(dataset.images), hashlib.sha256(lines.encode()).hexdigest())
 
     @classmethod
-    def from_marker(cls, marker: dict) -> "DataFingerprint":
-        data = marker.get("data") or {}
-        return cls(tuple(marker.get("classes", [])), data.get("images"), data.get("digest"))
+    def from_marker(cls, marker: CheckpointMarker) -> "DataFingerprint":
+        return cls(tuple(marker.classes), marker.data.images, marker.data.digest)
 
-    def to_json(self) -> dict:
-        return {"images": self.images, "digest": self.digest}
+    def digest_record(self) -> DataDigest:
+        """What a checkpoint marker records of it besides the classes."""
+        return DataDigest(self.images, self.digest)
 
     def same_data(self, other: "DataFingerprint") -> bool:
         """Whether a run on `other` continues this one (an old marker without a digest compares classes only)."""
         if self.classes != other.classes:
             return False
         return self.digest is None or other.digest is None or self.digest == other.digest
-
-
-@dataclass(frozen=True)
-class RunVersion:
-    """The data version a run directory is on, and the run-wide step its training starts after."""
-    number: int = 1
-    step_offset: int = 0
-
-    @classmethod
-    def read(cls, run: RunDir) -> "RunVersion":
-        data = read_json(run.version_record)
-        return cls(int(data["number"]), int(data["step_offset"])) if data else cls()
-
-    def write(self, run: RunDir, change: str) -> None:
-        write_text_atomic(run.version_record, json.dumps({"number": self.number, "step_offset": self.step_offset,
-                                                          "change": change}, indent=1))
 
 
 def describe_change(old: DataFingerprint, dataset: Dataset, previous_scan: dict[str, list]) -> str:
@@ -100,7 +83,7 @@ def describe_change(old: DataFingerprint, dataset: Dataset, previous_scan: dict[
 def follow_data(run: RunDir, dataset: Dataset, previous_scan: dict[str, list]) -> RunVersion:
     """The version this run trains: the current one when the newest checkpoint was trained on this data (or there
     is none); otherwise the current version is archived and a new one starts after its last step."""
-    version = RunVersion.read(run)
+    version = run.read_version()
     latest = run.latest()
     if latest is None:
         return version
@@ -108,9 +91,9 @@ def follow_data(run: RunDir, dataset: Dataset, previous_scan: dict[str, list]) -
     if old.same_data(DataFingerprint.of(dataset)):
         return version
     change = describe_change(old, dataset, previous_scan)
-    following = RunVersion(version.number + 1, latest.step)
+    following = RunVersion(version.number + 1, latest.step, change)
     run.begin_archive(version.number)  # first: a kill from here on is finished at the next start
-    following.write(run, change)
+    run.write_version(following)
     archived = run.archive_version(version.number)
     log.warning("data.dir changed since the checkpoint of step %d: %s. Starting data version %d after step %d; "
                 "version %d's results and checkpoints are kept in %s. Only images not cached yet go through the "
@@ -124,10 +107,10 @@ def finish_interrupted_archive(run: RunDir) -> None:
     if number is None:
         return
     log.warning("finishing the archive of data version %d, which an interrupted start began", number)
-    if RunVersion.read(run).number <= number:  # the kill came before the new version was recorded
+    if run.read_version().number <= number:  # the kill came before the new version was recorded
         partial = run.begin_archive(number)
         steps = [c.step for c in run.checkpoints() + RunDir(partial).checkpoints()]
-        RunVersion(number + 1, max(steps, default=0)).write(run, "a start was interrupted while archiving")
+        run.write_version(RunVersion(number + 1, max(steps, default=0), "a start was interrupted while archiving"))
     run.archive_version(number)
 
 

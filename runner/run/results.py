@@ -1,6 +1,6 @@
 """The typed results of a run: what each stage returns, the head search's summary, the head-stage record
-(head_stage.json), the run's summary (summary.json) and the job's outcome. Written once by the job, read by
-the report, the notebook and resume.py. No TensorFlow here.
+(head_stage.json), the run's summary (summary.json) and the job's outcome. The job writes them, the report, the
+notebook and resume.py read them, both through the run directory (runner/run/rundir.py). No TensorFlow here.
 
 The JSON files keep the keys they always had (summary.json's search figures at its top level), so runs
 written by earlier versions still read.
@@ -8,10 +8,9 @@ written by earlier versions still read.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-from runner.run.rundir import read_json, write_json
+from runner.run.records import Evaluation
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class StageResult:
     stage: str
     step: int
     stopped_by: str | None
-    last_eval: dict = field(default_factory=dict)
+    last_eval: Evaluation | None = None
     trained: bool = False
     search: SearchSummary | None = None
 
@@ -77,15 +76,12 @@ class HeadRecord:
     steps: int
     search: SearchSummary | None
 
-    def write(self, path: Path) -> None:
-        write_json(path, {"test_accuracy": self.test_accuracy, "steps": self.steps,
-                          "search": self.search.to_json() if self.search else None})
+    def to_json(self) -> dict:
+        return {"test_accuracy": self.test_accuracy, "steps": self.steps,
+                "search": self.search.to_json() if self.search else None}
 
     @classmethod
-    def read(cls, path: Path) -> "HeadRecord | None":
-        data = read_json(path)
-        if data is None:
-            return None
+    def from_json(cls, data: dict) -> "HeadRecord":
         return cls(data.get("test_accuracy"), int(data["steps"]), SearchSummary.from_json(data.get("search")))
 
 
@@ -122,18 +118,10 @@ class Summary:
         data["num_classes"] = self.num_classes
         return dict(data, **(self.search.to_json() if self.search else {}))
 
-    def write(self, path: Path) -> None:
-        write_json(path, self.to_json())
-
     @classmethod
     def from_json(cls, data: dict) -> "Summary":
         names = {f.name for f in dataclasses.fields(cls)} - {"search"}
         return cls(**{k: data[k] for k in names if k in data}, search=SearchSummary.from_json(data))
-
-    @classmethod
-    def read(cls, path: Path) -> "Summary | None":
-        data = read_json(path)
-        return None if data is None else cls.from_json(data)
 
 
 @dataclass(frozen=True)

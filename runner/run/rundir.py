@@ -13,9 +13,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.files import write_text_atomic
-from runner.run.checkpoint_state import write_checkpoint_state
+from common.files import replace_atomic, write_text_atomic
 from runner.errors import RunnerError
+from runner.run.checkpoint_state import write_checkpoint_state
+from runner.run.records import CheckpointMarker, RunVersion, TestReport
+from runner.run.results import HeadRecord, Summary
 
 log = logging.getLogger("runner")
 
@@ -36,7 +38,7 @@ class CheckpointRef:
     stage: str
     local_step: int
     step: int       # run-wide, as in metrics.jsonl and summary.json
-    marker: dict
+    marker: CheckpointMarker
     prefix: Path    # the path TensorFlow reads (prefix.index, prefix.data-*)
 
 
@@ -66,26 +68,25 @@ class StageCheckpoints:
         return sorted((int(m.group(1)) for p in self.dir.iterdir() if (m := _MARKER.match(p.name))),
                       reverse=True)
 
-    def read_marker(self, local_step: int) -> dict:
+    def read_marker(self, local_step: int) -> CheckpointMarker:
         """A checkpoint's marker; OSError or ValueError when it is missing or unreadable."""
-        return json.loads(self.marker_path(local_step).read_text())
+        return CheckpointMarker.from_json(json.loads(self.marker_path(local_step).read_text(encoding="utf-8")))
 
-    def write_marker(self, local_step: int, marker: dict) -> None:
+    def write_marker(self, marker: CheckpointMarker) -> None:
         """Write the marker last, atomically: from now on the checkpoint counts."""
-        write_text_atomic(self.marker_path(local_step), json.dumps(marker, indent=1, sort_keys=True))
+        write_text_atomic(self.marker_path(marker.step), json.dumps(marker.to_json(), indent=1, sort_keys=True))
 
-    def ref(self, local_step: int, marker: dict) -> CheckpointRef:
-        """The CheckpointRef of a stage-local step with its marker."""
-        return CheckpointRef(self.stage, local_step, local_step + int(marker["step_offset"]), marker,
-                             self.prefix(local_step))
+    def ref(self, marker: CheckpointMarker) -> CheckpointRef:
+        """The CheckpointRef of a marker."""
+        return CheckpointRef(self.stage, marker.step, marker.run_step, marker, self.prefix(marker.step))
 
     def checkpoints(self) -> list[CheckpointRef]:
         """The checkpoints whose marker reads, newest first."""
         found = []
         for local_step in self.steps():
             try:
-                found.append(self.ref(local_step, self.read_marker(local_step)))
-            except (OSError, ValueError, KeyError):
+                found.append(self.ref(self.read_marker(local_step)))
+            except (OSError, ValueError, TypeError):
                 log.warning("checkpoint marker %s is unreadable; ignored", self.marker_path(local_step))
         return found
 
@@ -122,7 +123,7 @@ class MetricsLog:
     def _lines(self) -> tuple[list[dict], bool]:
         """(records, whether a torn last line was found); RunnerError for a bad line before the last."""
         try:
-            text = self.path.read_text()
+            text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return [], False
         lines = text.split("\n")
@@ -148,7 +149,7 @@ class MetricsLog:
         """Add one record (dropping a torn last line first, so lines never run together)."""
         if self.path.exists() and self._lines()[1]:
             self.trim(None)
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def trim(self, step: int | None) -> None:
@@ -210,8 +211,8 @@ class RunDir:
         for name in (CONFIG, LABELS, METRICS, SUMMARY, TEST_REPORT, HEAD_RECORD, EXPORT, REPORT,
                      *dict.fromkeys(folder.split("/")[0] for folder in _STAGE_FOLDERS.values())):
             if (self.path / name).exists():
-                (self.path / name).replace(partial / name)
-        partial.replace(target)
+                replace_atomic(self.path / name, partial / name)
+        replace_atomic(partial, target)
         return target
 
     def unfinished_archive(self) -> int | None:
@@ -223,6 +224,44 @@ class RunDir:
     def export_info(self) -> dict | None:
         """The export's model.json, or None when there is no export."""
         return read_json(self.export / EXPORT_MODEL_INFO)
+
+    # -- records ----------------------------------------------------------------------------------------
+    def read_summary(self) -> Summary | None:
+        """summary.json, None before the run has finished once."""
+        data = read_json(self.summary)
+        return None if data is None else Summary.from_json(data)
+
+    def write_summary(self, summary: Summary) -> None:
+        write_json(self.summary, summary.to_json())
+
+    def read_test_report(self) -> TestReport | None:
+        """test_report.json, None before the run has finished once."""
+        data = read_json(self.test_report)
+        return None if data is None else TestReport.from_json(data)
+
+    def write_test_report(self, report: TestReport) -> None:
+        """test_report.json, laid out to stay readable and small at thousands of classes."""
+        write_text_atomic(self.test_report, readable_json(report.to_json()))
+
+    def read_head_record(self) -> HeadRecord | None:
+        """head_stage.json, None until the head stage has finished."""
+        data = read_json(self.head_record)
+        return None if data is None else HeadRecord.from_json(data)
+
+    def write_head_record(self, record: HeadRecord) -> None:
+        write_json(self.head_record, record.to_json())
+
+    def read_labels(self) -> list[str] | None:
+        """The label map (class index → name), None before the first scan."""
+        return read_json(self.labels)
+
+    def read_version(self) -> RunVersion:
+        """The data version the run is on (version 1 from step 0 when none was recorded)."""
+        data = read_json(self.version_record)
+        return RunVersion.from_json(data) if data else RunVersion()
+
+    def write_version(self, version: RunVersion) -> None:
+        write_json(self.version_record, version.to_json())
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def stage(self, name: str) -> StageCheckpoints:
@@ -286,11 +325,23 @@ class RunDir:
 def read_json(path: Path) -> dict | list | None:
     """A JSON file's content, None when it does not exist; RunnerError naming it when it is invalid."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except ValueError as e:
         raise RunnerError(f"{path} is not valid JSON ({e}); delete it and run again to rewrite it.") from None
+
+
+def readable_json(data) -> str:
+    """JSON with one line per key, and one line per item of a list (a confusion cell, a misclassified image)."""
+    def block(value, indent: str) -> str:
+        if isinstance(value, dict) and any(isinstance(v, list) for v in value.values()):
+            inner = ",\n".join(f"{indent} {json.dumps(k)}: {block(v, indent + ' ')}" for k, v in value.items())
+            return "{\n" + inner + "\n" + indent + "}"
+        if isinstance(value, list) and value:
+            return "[\n" + ",\n".join(f"{indent} {json.dumps(v)}" for v in value) + "\n" + indent + "]"
+        return json.dumps(value)
+    return block(data, "") + "\n"
 
 
 def write_json(path: Path, data) -> None:

@@ -8,12 +8,14 @@ tf.train.latest_checkpoint, never read here. File names come from RunDir (runner
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 import tensorflow as tf
 
 from common.files import file_digest
+from runner.run.records import CheckpointMarker
 from runner.run.rundir import CheckpointRef, StageCheckpoints
 
 log = logging.getLogger("runner")
@@ -28,22 +30,22 @@ class CheckpointStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.seconds_saving = 0.0  # time spent in save(), all saves together (what checkpointing costs)
 
-    def save(self, local_step: int, marker: dict) -> CheckpointRef:
+    def save(self, local_step: int, marker: CheckpointMarker) -> CheckpointRef:
         """Write a checkpoint and, last, its marker; prune older ones; return the new checkpoint."""
         began = time.perf_counter()
         self.checkpoint.write(str(self.stage.prefix(local_step)))
         files = {p.name: file_digest(p) for p in self.stage.data_files(local_step)}
-        marker = dict(marker, step=local_step, saved_at=time.time(), files=files)
-        self.stage.write_marker(local_step, marker)
+        marker = dataclasses.replace(marker, step=local_step, saved_at=time.time(), files=files)
+        self.stage.write_marker(marker)
         self.stage.write_state(self.keep)  # TensorFlow's state file: after the marker, naming only survivors
         self.stage.prune(self.keep)
         self.seconds_saving += time.perf_counter() - began
-        return self.stage.ref(local_step, marker)
+        return self.stage.ref(marker)
 
-    def _verify(self, marker: dict) -> str | None:
-        if not marker.get("files"):
+    def _verify(self, marker: CheckpointMarker) -> str | None:
+        if not marker.files:
             return "its marker lists no files"
-        for name, digest in marker["files"].items():
+        for name, digest in marker.files.items():
             path = self.dir / name
             if not path.exists():
                 return f"{name} is missing"
@@ -56,8 +58,8 @@ class CheckpointStore:
         skipped = []
         for local_step in self.stage.steps():
             try:
-                ref = self.stage.ref(local_step, self.stage.read_marker(local_step))
-            except (OSError, ValueError, KeyError) as e:
+                ref = self.stage.ref(self.stage.read_marker(local_step))
+            except (OSError, ValueError, TypeError) as e:
                 skipped.append(f"step {local_step}: marker unreadable ({e})")
                 continue
             problem = self._verify(ref.marker)

@@ -1,10 +1,11 @@
 """Metrics of the head on a split: loss, accuracy, per-class accuracy, confusion, misclassified."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import tensorflow as tf
+
+from runner.run.records import TestReport
 
 
 def predict_logits(head, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
@@ -33,7 +34,7 @@ def sparse_confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     return {"format": "sparse", "num_classes": num_classes, "entries": entries}
 
 
-def test_report(logits: np.ndarray, labels: np.ndarray, classes: list[str], paths: list[str]) -> dict:
+def test_report(logits: np.ndarray, labels: np.ndarray, classes: list[str], paths: list[str]) -> TestReport:
     """Accuracy, per-class accuracy, sparse confusion matrix and misclassified images of the test split."""
     loss, accuracy = loss_and_accuracy(logits, labels)
     predictions = np.argmax(logits, axis=1) if len(labels) else np.zeros(0, np.int64)
@@ -45,18 +46,5 @@ def test_report(logits: np.ndarray, labels: np.ndarray, classes: list[str], path
     misclassified = [{"path": paths[i], "true": classes[labels[i]], "predicted": classes[predictions[i]],
                       "probability": round(float(probabilities[i, predictions[i]]), 4)}
                      for i in np.flatnonzero(predictions != labels)]
-    return {"test_loss": loss, "test_accuracy": accuracy, "per_class_accuracy": per_class,
-            "confusion_matrix": sparse_confusion(labels, predictions, len(classes)), "misclassified": misclassified}
-
-
-def report_json(report: dict) -> str:
-    """test_report.json's text: one line per key, and one line per item of a list (a confusion cell, a
-    misclassified image), so it stays readable and small at thousands of classes."""
-    def block(value, indent: str) -> str:
-        if isinstance(value, dict) and any(isinstance(v, list) for v in value.values()):
-            inner = ",\n".join(f"{indent} {json.dumps(k)}: {block(v, indent + ' ')}" for k, v in value.items())
-            return "{\n" + inner + "\n" + indent + "}"
-        if isinstance(value, list) and value:
-            return "[\n" + ",\n".join(f"{indent} {json.dumps(v)}" for v in value) + "\n" + indent + "]"
-        return json.dumps(value)
-    return block(report, "") + "\n"
+    return TestReport(loss, accuracy, per_class, sparse_confusion(labels, predictions, len(classes)),
+                      tuple(misclassified))

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Callable
 
 from runner.ui.progress import progress
+from runner.run.records import Evaluation
 from runner.run.rundir import CheckpointRef, MetricsLog
 
-SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+SCALARS = Evaluation.SCALARS
 EVENTS = ("on_start", "on_step", "on_evaluation", "on_checkpoint", "on_end")
 
 
@@ -35,7 +36,7 @@ class Listener:
     def on_step(self, loop, step: int, loss: float, accuracy: float) -> None:
         """A training step finished (`step` is the stage's step after it)."""
 
-    def on_evaluation(self, loop, record: dict) -> None:
+    def on_evaluation(self, loop, record: Evaluation) -> None:
         """A validation finished; `record` is the metrics line."""
 
     def on_checkpoint(self, loop, checkpoint: CheckpointRef) -> None:
@@ -62,7 +63,7 @@ class Listeners(Listener):
         for listener in self.listeners:
             listener.on_step(loop, step, loss, accuracy)
 
-    def on_evaluation(self, loop, record: dict) -> None:
+    def on_evaluation(self, loop, record: Evaluation) -> None:
         for listener in self.listeners:
             listener.on_evaluation(loop, record)
 
@@ -103,8 +104,8 @@ class MetricsLogger(Listener):
     def __init__(self, metrics: MetricsLog):
         self.metrics = metrics
 
-    def on_evaluation(self, loop, record: dict) -> None:
-        self.metrics.append(record)
+    def on_evaluation(self, loop, record: Evaluation) -> None:
+        self.metrics.append(record.to_json())
 
 
 class TensorBoardScalars(Listener):
@@ -113,14 +114,14 @@ class TensorBoardScalars(Listener):
     def __init__(self, folder: Path):
         self.folder, self.writer = folder, None
 
-    def on_evaluation(self, loop, record: dict) -> None:
+    def on_evaluation(self, loop, record: Evaluation) -> None:
         import tensorflow as tf
         if self.writer is None:
             self.writer = tf.summary.create_file_writer(str(self.folder))
-        with self.writer.as_default(step=record["step"]):
+        with self.writer.as_default(step=record.step):
             for key in SCALARS:
-                if record[key] is not None:
-                    tf.summary.scalar(key, record[key])
+                if getattr(record, key) is not None:
+                    tf.summary.scalar(key, getattr(record, key))
 
     def on_end(self, loop, result) -> None:
         if self.writer is not None:
@@ -140,10 +141,9 @@ class ProgressDisplay(Listener):
     def on_step(self, loop, step: int, loss: float, accuracy: float) -> None:
         self.bar.update()
 
-    def on_evaluation(self, loop, record: dict) -> None:
-        train_loss, train_accuracy = record["train_loss"], record["train_accuracy"]
-        self.bar.set_postfix_str(f"loss {_fmt(train_loss)} acc {_fmt(train_accuracy)} "
-                                 f"val_acc {_fmt(record['val_accuracy'])}")
+    def on_evaluation(self, loop, record: Evaluation) -> None:
+        self.bar.set_postfix_str(f"loss {_fmt(record.train_loss)} acc {_fmt(record.train_accuracy)} "
+                                 f"val_acc {_fmt(record.val_accuracy)}")
 
     def on_end(self, loop, result) -> None:
         self.bar.close()

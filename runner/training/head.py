@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from runner.run.config import HeadConfig, TrainConfig
+from runner.run.config import FineTuneConfig, HeadConfig, TrainConfig
 
 
 class Head(keras.Model):
@@ -65,13 +65,16 @@ def feature_statistics(table, batch: int = 8192) -> tuple[np.ndarray, np.ndarray
     return mean, np.sqrt(np.maximum(squares / max(n, 1) - np.square(mean), 0.0))
 
 
-def build_optimizer(config: TrainConfig, variables: list) -> keras.optimizers.RMSprop:
-    """RMSProp with the configured schedule, its slot variables for `variables` created up front (needed
-    for resume and for tf.distribute)."""
-    learning_rate = config.learning_rate
+def build_optimizer(config: TrainConfig | FineTuneConfig, variables: list, learning_rate: float | None = None
+                    ) -> keras.optimizers.RMSprop:
+    """RMSProp with the schedule of a stage's section (train for the head, fine_tune for fine-tuning; at
+    `learning_rate` instead of the section's when given), its slot variables for `variables` created up front
+    (needed for resume and for tf.distribute)."""
+    base = config.learning_rate if learning_rate is None else learning_rate
+    learning_rate = base
     if config.decay_rate < 1.0:
         learning_rate = keras.optimizers.schedules.ExponentialDecay(
-            config.learning_rate, config.decay_steps, config.decay_rate, staircase=False)
+            base, config.decay_steps, config.decay_rate, staircase=False)
     optimizer = keras.optimizers.RMSprop(learning_rate=learning_rate, rho=config.rho,
                                          momentum=config.momentum, epsilon=config.epsilon)
     optimizer.build(variables)

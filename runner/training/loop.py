@@ -21,6 +21,7 @@ import tensorflow as tf
 from runner.features.distribute import distribute_batch
 from runner.errors import RunnerError, StopRequested
 from runner.training.events import CheckpointPolicy, Listener
+from runner.run.records import Evaluation
 from runner.run.results import StageResult
 
 log = logging.getLogger("runner")
@@ -145,7 +146,7 @@ class StageLoop:
         self.stage, self.listeners, self.strategy, self.policy = stage, listeners, strategy, policy
         self.class_weights, self.stop = class_weights, stop
         self.start = self.step = stage.step
-        self.last_eval: dict = {}
+        self.last_eval: Evaluation | None = None
         self._window: list[tuple[float, float]] = []
 
     def checkpoint(self) -> None:
@@ -159,9 +160,9 @@ class StageLoop:
         stage = self.stage
         val_loss, val_accuracy = stage.validate(self.step)
         recent = np.mean(self._window, axis=0) if self._window else (None, None)
-        self.last_eval = {"step": self.step + stage.step_offset, "stage": stage.name, "stage_step": self.step,
-                          "train_loss": _round(recent[0]), "train_accuracy": _round(recent[1]),
-                          "val_loss": _round(val_loss), "val_accuracy": _round(val_accuracy), "time": time.time()}
+        self.last_eval = Evaluation(step=self.step + stage.step_offset, stage=stage.name, stage_step=self.step,
+                                    train_loss=_round(recent[0]), train_accuracy=_round(recent[1]),
+                                    val_loss=_round(val_loss), val_accuracy=_round(val_accuracy), time=time.time())
         self._window.clear()
         self.listeners.on_evaluation(self, self.last_eval)
 
@@ -169,7 +170,7 @@ class StageLoop:
         """Train until the stage's total, its early stop or a signal; checkpoint at the end."""
         stage = self.stage
         if stage.finished():
-            return StageResult(stage.name, self.step, None, dict(stage.restored_eval), trained=False)
+            return StageResult(stage.name, self.step, None, stage.restored_eval, trained=False)
         seed = int(stage.state.seed.numpy())
         self.policy.start()
         self.listeners.on_start(self)
@@ -187,12 +188,12 @@ class StageLoop:
             self.listeners.on_step(self, self.step, loss, accuracy)
             if self.policy.due(self.step) and not stage.finished():  # the last one is saved below
                 self.checkpoint()
-        if stage.finished() and self.last_eval.get("stage_step") != self.step:
+        if stage.finished() and (self.last_eval is None or self.last_eval.stage_step != self.step):
             self._evaluate()
         if self.step > self.start:
             self.checkpoint()
         result = StageResult(stage.name, self.step, self.stop.signal_name,
-                             self.last_eval or dict(stage.restored_eval), trained=self.step > self.start)
+                             self.last_eval or stage.restored_eval, trained=self.step > self.start)
         self.listeners.on_end(self, result)
         return result
 

@@ -113,7 +113,7 @@ class StackedHeads(tf.Module):
                                           name="learning_rates")          # per candidate, halved on plateaus
         self.weight_decays = tf.constant([c.weight_decay for c in candidates], tf.float32)
         # autograph off: every branch and loop in these functions is on Python values, so the graph is the same
-        # and each process saves converting them (about 0.5 s at every start)
+        # without it and no process pays for converting them
         self._plain_step = tf.function(self._train_step, autograph=False)
         self.uses_xla = xla_pays_off(dim, num_classes, hidden_units, dropout)
         self._step_fn = tf.function(self._train_step, jit_compile=True, autograph=False) if self.uses_xla \

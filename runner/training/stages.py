@@ -21,6 +21,7 @@ from runner.errors import IncompatibleRunError
 from runner.training.evaluate import loss_and_accuracy, predict_logits
 from runner.training.finetune import ImageBatches, ImageFeatures, unfreeze_top
 from runner.training.head import build_optimizer, feature_statistics
+from runner.run.records import CheckpointMarker, Evaluation, RunSteps
 from runner.run.results import StageResult
 from runner.run.rundir import CheckpointRef, MetricsLog, StageCheckpoints
 from runner.training.search import build_search, candidate_grid, head_budget
@@ -65,13 +66,13 @@ class TrainingStage:
     starts_the_run = False   # the first stage: started without a checkpoint, the metrics log starts over
     steps_setting = ""       # the setting that sets the budget, named when it is below the step reached
 
-    def __init__(self, checkpoints: StageCheckpoints, keep: int, state: TrainState, marker: dict,
+    def __init__(self, checkpoints: StageCheckpoints, keep: int, state: TrainState, marker: CheckpointMarker,
                  total_steps: int, eval_every: int, step_offset: int = 0):
         self.state, self.total_steps, self.eval_every, self.step_offset = state, total_steps, eval_every, step_offset
-        self.marker = dict(marker, stage=self.name, step_offset=step_offset)
+        self.marker = dataclasses.replace(marker, stage=self.name, steps=RunSteps(step_offset))
         checkpoint = tf.train.Checkpoint(global_step=state.step, data_seed=state.seed, **self.checkpoint_items())
         self.store = CheckpointStore(checkpoints, checkpoint, keep)
-        self.restored_eval: dict = {}
+        self.restored_eval: Evaluation | None = None
         self.history: list[int] = []   # run-wide steps the run resumed from
 
     # -- what a stage declares and does -----------------------------------------------------------------
@@ -95,9 +96,10 @@ class TrainingStage:
         """(validation loss, accuracy) at a stage step; (None, None) without a validation split."""
         raise NotImplementedError
 
-    def save(self, step: int, metrics: dict) -> CheckpointRef:
-        """Checkpoint the stage at `step` with the evaluation `metrics`."""
-        return self.store.save(step, dict(self.marker, resumed_from=self.history, metrics=metrics))
+    def save(self, step: int, evaluation: Evaluation | None) -> CheckpointRef:
+        """Checkpoint the stage at `step` with its latest `evaluation`."""
+        return self.store.save(step, dataclasses.replace(self.marker, resumed_from=tuple(self.history),
+                                                         evaluation=evaluation))
 
     def done(self) -> bool:
         """True when the stage stopped early (before its total)."""
@@ -128,19 +130,19 @@ class TrainingStage:
                 metrics.reset()
             self.history = list(earlier_history)
             return
-        history = list(ref.marker.get("resumed_from", []))
+        history = list(ref.marker.resumed_from)
         if ref.local_step > self.total_steps:
             log.warning("%s = %d is below the step this stage already reached (%d); nothing to train, and the "
                         "run keeps step %d (use another run.dir to train fewer steps)", self.steps_setting,
                         self.total_steps, ref.local_step, ref.local_step)
         if not self.finished():  # training continues: this is a resume
-            age = time.time() - ref.marker.get("saved_at", time.time())
+            age = time.time() - (ref.marker.saved_at or time.time())
             where = "" if ref.stage == "head" else "fine-tuning "
             print(f"resumed from {where}step {ref.local_step}, checkpoint {_age(age)} old", flush=True)
             history.append(ref.step)
         metrics.trim(ref.step)
         self.history = history or list(earlier_history)
-        self.restored_eval = ref.marker.get("metrics", {})
+        self.restored_eval = ref.marker.evaluation
         used = int(self.state.seed.numpy())
         if used != configured_seed:
             log.warning("train.seed is %d but this run started with seed %d; keeping %d so the data order "
@@ -154,7 +156,7 @@ class VectorHeadStage(TrainingStage):
     starts_the_run = True
     steps_setting = "the head's step budget (train.steps / train.epochs)"
 
-    def __init__(self, config: Config, head, train: Split, val: Split, state: TrainState, marker: dict,
+    def __init__(self, config: Config, head, train: Split, val: Split, state: TrainState, marker: CheckpointMarker,
                  checkpoints: StageCheckpoints, eval_every: int, step_offset: int):
         self.config, self.head, self.train, self.val = config, head, train, val
         budget = head_budget(config.train, len(train))
@@ -179,7 +181,7 @@ class FixedHeadStage(VectorHeadStage):
     (decayed by train.decay_rate), L2 head.weight_decay, validated every eval.every_steps, the last step kept."""
 
     def __init__(self, config: Config, strategy, head, train: Split, val: Split, class_weights: np.ndarray,
-                 marker: dict, checkpoints: StageCheckpoints, step_offset: int = 0):
+                 marker: CheckpointMarker, checkpoints: StageCheckpoints, step_offset: int = 0):
         head.set_standardization(*feature_statistics(train.table))
         with strategy.scope():
             self.optimizer = build_optimizer(config.train, head.trainable_variables)
@@ -202,7 +204,7 @@ class HeadSearchStage(VectorHeadStage):
     """head.search = auto: the stacked candidate heads (runner/training/search.py) on one device, validated once per epoch;
     every checkpoint holds the best head so far, the last one the final soup."""
 
-    def __init__(self, config: Config, head, train: Split, val: Split, class_weights: np.ndarray, marker: dict,
+    def __init__(self, config: Config, head, train: Split, val: Split, class_weights: np.ndarray, marker: CheckpointMarker,
                  checkpoints: StageCheckpoints, step_offset: int = 0):
         head.set_standardization(*feature_statistics(train.table))
         budget = head_budget(config.train, len(train))
@@ -231,24 +233,29 @@ class HeadSearchStage(VectorHeadStage):
     def done(self) -> bool:
         return self.search.done()
 
-    def save(self, step: int, metrics: dict) -> CheckpointRef:
+    def save(self, step: int, evaluation: Evaluation | None) -> CheckpointRef:
         if step >= self.total_steps or self.search.done():  # the last checkpoint: the final soup
             self.search.write_selected(self.head, self._val_features, self.val.labels)
-            metrics = dict(metrics, **val_metrics(self.head, self.val))
+            evaluation = self._with_head_validation(evaluation, step)
         else:
             self.search.write_selected(self.head)
-        return super().save(step, metrics)
+        return super().save(step, evaluation)
+
+    def _with_head_validation(self, evaluation: Evaluation | None, step: int) -> Evaluation:
+        """`evaluation` with the validation figures of the selected head as it is now."""
+        base = evaluation or Evaluation(step=self.step_offset + step, stage=self.name, stage_step=step)
+        return base.with_validation(*val_loss_and_accuracy(self.head, self.val))
 
     def conclude(self, result: StageResult) -> StageResult:
         if result.stopped_by:
             return result
         self.search.log_selection()
         return dataclasses.replace(result, search=self.search.summary(),
-                                   last_eval=dict(result.last_eval, **val_metrics(self.head, self.val)))
+                                   last_eval=self._with_head_validation(result.last_eval, result.step))
 
 
 def build_head_stage(config: Config, strategy, head, train: Split, val: Split, class_weights: np.ndarray,
-                     marker: dict, checkpoints: StageCheckpoints, step_offset: int = 0) -> VectorHeadStage:
+                     marker: CheckpointMarker, checkpoints: StageCheckpoints, step_offset: int = 0) -> VectorHeadStage:
     """The head stage of head.search: the search, or the configured head (also, with a warning, when there is no
     validation split to choose with); its run-wide steps start after `step_offset`."""
     if config.head.search == "auto" and len(val) == 0:
@@ -268,7 +275,7 @@ class FineTuneStage(TrainingStage):
 
     def __init__(self, config: Config, strategy, backbone: Backbone, head, train: Split, val: Split,
                  class_weights: np.ndarray, features_of: ImageFeatures, step_offset: int, head_learning_rate: float,
-                 marker: dict, checkpoints: StageCheckpoints):
+                 marker: CheckpointMarker, checkpoints: StageCheckpoints):
         ft = config.fine_tune
         self.config, self.backbone, self.head, self.train, self.val = config, backbone, head, train, val
         self.features_of = features_of
@@ -276,10 +283,10 @@ class FineTuneStage(TrainingStage):
         variables = backbone.model.trainable_variables + head.trainable_variables
         learning_rate = ft.learning_rate or head_learning_rate / 10
         with strategy.scope():
-            self.optimizer = build_optimizer(dataclasses.replace(config.train, learning_rate=learning_rate), variables)
+            self.optimizer = build_optimizer(ft, variables, learning_rate)
         super().__init__(checkpoints, config.checkpoint.max_to_keep,
                          _stage_state(strategy, config.train.seed, "finetune_step"), marker, ft.steps,
-                         config.eval.every_steps, step_offset)
+                         ft.eval_every_steps, step_offset)
         log.info("fine-tuning %d backbone layers (BatchNormalization frozen) at learning rate %g",
                  unfrozen, learning_rate)
 
@@ -287,7 +294,7 @@ class FineTuneStage(TrainingStage):
             return head(backbone.model(images, training=False), training=True, dropout_seed=seed)
 
         self._step = make_train_step(forward, variables, self.optimizer, strategy, ft.batch_size, len(class_weights),
-                                     config.train.label_smoothing)
+                                     ft.label_smoothing)
         self._batches: ImageBatches | None = None  # made at the first batch, from the restored step and seed
 
     def checkpoint_items(self) -> dict:
@@ -320,10 +327,9 @@ def make_head_step(head, optimizer, strategy, config: Config, num_classes: int):
                            config.train.label_smoothing, l2 if decay > 0 else None)
 
 
-def val_metrics(head, val: Split) -> dict:
+def val_loss_and_accuracy(head, val: Split) -> tuple[float | None, float | None]:
     """The validation loss and accuracy of `head` as it is now."""
-    loss, accuracy = loss_and_accuracy(predict_logits(head, val.table.all()), val.labels)
-    return {"val_loss": loss, "val_accuracy": accuracy}
+    return loss_and_accuracy(predict_logits(head, val.table.all()), val.labels)
 
 
 def _age(seconds: float) -> str:

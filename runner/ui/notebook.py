@@ -22,8 +22,8 @@ from runner.data import sources
 from runner.data.scan import IMAGE_EXTENSIONS, is_ignored
 from runner.errors import RunnerError
 from runner.ui.progress import clock
-from runner.run.results import Summary
-from runner.run.rundir import RunDir, read_json
+from runner.run.records import TestReport
+from runner.run.rundir import RunDir
 
 
 
@@ -129,11 +129,11 @@ def run_status(run_dir: Path) -> list[str]:
     if newest is None:
         return [f"{run_dir}: no checkpoint yet (a new run, or one the trainer restores from sync first)"]
     marker = newest.marker
-    val = marker.get("metrics", {}).get("val_accuracy")
+    val = marker.evaluation.val_accuracy if marker.evaluation else None
     lines = [f"newest checkpoint: step {newest.step} ({newest.stage} stage), saved "
-             f"{clock(time.time() - marker.get('saved_at', time.time()))} ago"
+             f"{clock(time.time() - (marker.saved_at or time.time()))} ago"
              + (f", validation accuracy {val:.3f}" if val is not None else "")]
-    summary = Summary.read(run.summary)
+    summary = run.read_summary()
     if summary is not None:
         accuracy = summary.test_accuracy
         lines.append(f"finished: step {summary.global_step}, test accuracy "
@@ -158,7 +158,7 @@ def sync_status(run: RunDir) -> list[str]:
     return [outcome.message]
 
 
-def per_class_table(report: dict, classes: list[str], limit: int = 50) -> list[str]:
+def per_class_table(report: TestReport, classes: list[str], limit: int = 50) -> list[str]:
     """Per-class test accuracy with the number of test images, worst classes first."""
     from runner.ui.report import confusion_entries  # the sparse cells (or an older run's dense matrix)
     entries = confusion_entries(report, len(classes))
@@ -180,7 +180,7 @@ def show_results(run_dir: Path, data_dir: Path, max_misclassified: int = 12) -> 
     """Summary, learning curves, confusion matrix (or top confusions), per-class table, misclassified images."""
     from IPython.display import Image, display
     run = RunDir(run_dir)
-    summary, report, classes = Summary.read(run.summary), read_json(run.test_report), read_json(run.labels)
+    summary, report, classes = run.read_summary(), run.read_test_report(), run.read_labels()
     accuracy = summary.test_accuracy
     print(f"test accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'} on {summary.num_test} images "
           f"at step {summary.global_step} ({summary.stage} stage); {len(summary.skipped_images)} "
@@ -192,11 +192,11 @@ def show_results(run_dir: Path, data_dir: Path, max_misclassified: int = 12) -> 
     else:
         print((report_dir / "top_confusions.txt").read_text())
     print("\n".join(per_class_table(report, classes)))
-    wrong = sorted(report.get("misclassified", []), key=lambda m: -m["probability"])[:max_misclassified]
+    wrong = sorted(report.misclassified, key=lambda m: -m["probability"])[:max_misclassified]
     if wrong:
         items = [(Path(data_dir) / m["path"], f"{m['true']} → {m['predicted']}\n({m['probability']:.0%})")
                  for m in wrong]
-        display_figure(_image_grid(items, 4, f"most confident mistakes ({len(report['misclassified'])} in all)"))
+        display_figure(_image_grid(items, 4, f"most confident mistakes ({len(report.misclassified)} in all)"))
 
 
 def show_predictions(export_dir: Path, files: list[Path], top_k: int = 3) -> list:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,9 @@ from matplotlib.figure import Figure
 from common.files import write_bytes_atomic, write_text_atomic
 from common.cli import run_command
 from runner.errors import RunnerError
-from runner.run.results import SearchSummary, Summary
-from runner.run.rundir import RunDir, read_json
+from runner.run.records import TestReport
+from runner.run.results import SearchSummary
+from runner.run.rundir import RunDir
 
 MAX_CONFUSION_CLASSES = 50
 TOP_CONFUSIONS = 30
@@ -104,10 +104,10 @@ def plot_candidates(search: SearchSummary, path: Path) -> None:
     _save(figure, path)
 
 
-def confusion_entries(report: dict, num_classes: int) -> np.ndarray:
+def confusion_entries(report: TestReport, num_classes: int) -> np.ndarray:
     """The non-zero confusion cells of a test report as rows (true, predicted, count); reads the sparse form
     written since the runner stores it so, and the dense n x n list of older runs."""
-    matrix = report["confusion_matrix"]
+    matrix = report.confusion_matrix
     if isinstance(matrix, dict):
         entries = np.array(matrix["entries"], dtype=np.int64).reshape(-1, 3)
     else:
@@ -159,13 +159,13 @@ def write_report(run_dir: Path) -> Path:
     out = run.report
     out.mkdir(exist_ok=True)
     plot_curves(metrics, out / "curves.png")
-    summary = Summary.read(run.summary)
+    summary = run.read_summary()
     if summary is not None and summary.search is not None:
         plot_candidates(summary.search, out / "candidates.png")
-    report = read_json(run.test_report)
+    report = run.read_test_report()
     if report is None:
         return out  # training has not finished: curves only
-    classes = read_json(run.labels)
+    classes = run.read_labels()
     entries = confusion_entries(report, len(classes))
     if len(classes) <= MAX_CONFUSION_CLASSES:
         plot_confusion(dense_confusion(entries, len(classes)), classes, out / "confusion.png")
@@ -173,7 +173,7 @@ def write_report(run_dir: Path) -> Path:
         (out / "confusion.png").unlink(missing_ok=True)
     lines = top_confusions(entries, classes) or ["no test image was misclassified"]
     write_text_atomic(out / "top_confusions.txt", "count  true → predicted\n" + "\n".join(lines) + "\n")
-    write_text_atomic(out / "misclassified.txt", misclassified_text(report.get("misclassified", [])))
+    write_text_atomic(out / "misclassified.txt", misclassified_text(list(report.misclassified)))
     return out
 
 

@@ -72,7 +72,7 @@ def test_sigkill_in_every_phase_of_the_head_run_then_resume_ends_bit_identical(f
 def test_sigkill_during_fine_tuning_then_resume_finishes_it(finished_run, small_data, tmp_path):
     run_dir = shutil.copytree(finished_run[0], tmp_path / "run")
     args = small_args(run_dir, finished_run[1], small_data, "fine_tune.enabled=true", "fine_tune.steps=12",
-                      "fine_tune.batch_size=4", "checkpoint.every_steps=4", "eval.every_steps=4")
+                      "fine_tune.batch_size=4", "checkpoint.every_steps=4", "fine_tune.eval_every_steps=4")
     sigkill_when(args, printed("checkpoint saved at finetune step"))
     result = run_resume(*args)
     assert result.returncode == 0, result.stdout

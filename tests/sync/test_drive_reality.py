@@ -1,4 +1,4 @@
-"""Issue 10: the Drive backend against the fake in real-Drive mode: other OAuth clients, scopes as Google issues
+"""The Drive backend against the fake in real-Drive mode: other OAuth clients, scopes as Google issues
 them, shared drives, duplicates, every error class, and ids that cannot be reused."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 18.4: a run whose final snapshot is not on the remote is not done. resume.py trains a tiny model in
+"""A run whose final snapshot is not on the remote is not done. resume.py trains a tiny model in
 process against the fake Drive; the Drive is full when the final snapshot is handed over: exit 75, the model's
 local place and the exact push command; that push, once the Drive has room, exits 0 and a rerun is done (0)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 9 items 15-17 and 5 (sync half), issue 12's catalog, issue 10's mounted Drive: the folder backend's faults."""
+"""The folder backend's faults."""
 from __future__ import annotations
 
 import errno

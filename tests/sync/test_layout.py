@@ -1,4 +1,4 @@
-"""Issue 11's Drive layout: cache shards in cache/, the final export and report also as plain files."""
+"""The Drive layout: cache shards in cache/, the final export and report also as plain files."""
 from __future__ import annotations
 
 import shutil

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 HEAD_SAVED = re.compile(r"checkpoint saved at head step (\d+)")
 UPLOADED = re.compile(r"snapshot step (\d+) uploaded and verified")
-FINETUNE = ("train.steps=60", "eval.every_steps=30", "checkpoint.every_steps=6", "fine_tune.enabled=true",
+FINETUNE = ("train.steps=60", "fine_tune.eval_every_steps=30", "checkpoint.every_steps=6", "fine_tune.enabled=true",
             "fine_tune.steps=24", "fine_tune.batch_size=8", "fine_tune.fraction=0.1")
 
 
