@@ -11,6 +11,7 @@ from sync.config import load_toml
 from common.errors import EXIT_OK
 from sync.errors import NoSnapshots, NotSent, SyncError
 from sync.remote import list_snapshots, prune, read_pointer, snapshot_on_remote
+from sync.snapshot import local_content
 
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
@@ -65,10 +66,12 @@ def cmd_push(sync, args) -> int:
         if hand_over is None:
             print(f"sync: nothing to push: no checkpoint was handed to sync in {sync.run_dir} yet")
             return 0
-        if snapshot_on_remote(sync.backend, hand_over.step, hand_over.final):
+        missing = [f for f in hand_over.files if not (sync.run_dir / f).is_file()]
+        # what the remote lacks: a snapshot of that step (final, if the hand-over was) with these very files
+        content = None if missing else local_content(sync.run_dir, hand_over.files)
+        if snapshot_on_remote(sync.backend, hand_over.step, hand_over.final, content):
             print(f"sync: step {hand_over.step} is already in {sync.backend.description}")
             return 0
-        missing = [f for f in hand_over.files if not (sync.run_dir / f).is_file()]
         if missing:
             raise SyncError(f"sync: the last checkpoint handed over (step {hand_over.step}) is gone from "
                             f"{sync.run_dir} ({missing[0]} is missing); train again to hand over a new one.")

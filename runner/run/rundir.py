@@ -28,6 +28,7 @@ SUMMARY, TEST_REPORT, HEAD_RECORD = "summary.json", "test_report.json", "head_st
 EXPORT, REPORT, TENSORBOARD = "export", "report", "tensorboard"
 VERSION_RECORD, VERSIONS = "version.json", "versions"   # the data version this run is on; earlier ones' results
 EXPORT_MODEL_INFO = "model.json"                  # the export's description, inside EXPORT
+REPORT_INFO = "report.json"                       # which step the report was drawn for, inside REPORT (last)
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,13 @@ class RunDir:
     def export_info(self) -> dict | None:
         """The export's model.json, or None when there is no export."""
         return read_json(self.export / EXPORT_MODEL_INFO)
+
+    report_info_path = property(lambda self: self.report / REPORT_INFO,
+                                doc="which results the report shows (written after its plots)")
+
+    def report_info(self) -> dict | None:
+        """The report's report.json, or None when no complete report was drawn."""
+        return read_json(self.report_info_path)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def stage(self, name: str) -> StageCheckpoints:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -158,13 +159,14 @@ def write_report(run_dir: Path) -> Path:
                           f"training has validated at least once (every eval.every_steps steps).")
     out = run.report
     out.mkdir(exist_ok=True)
+    run.report_info_path.unlink(missing_ok=True)  # a kill while drawing leaves no claim of a complete report
     plot_curves(metrics, out / "curves.png")
     summary = Summary.read(run.summary)
     if summary is not None and summary.search is not None:
         plot_candidates(summary.search, out / "candidates.png")
     report = read_json(run.test_report)
     if report is None:
-        return out  # training has not finished: curves only
+        return _drawn(run, None, metrics)  # training has not finished: curves only
     classes = read_json(run.labels)
     entries = confusion_entries(report, len(classes))
     if len(classes) <= MAX_CONFUSION_CLASSES:
@@ -174,7 +176,15 @@ def write_report(run_dir: Path) -> Path:
     lines = top_confusions(entries, classes) or ["no test image was misclassified"]
     write_text_atomic(out / "top_confusions.txt", "count  true → predicted\n" + "\n".join(lines) + "\n")
     write_text_atomic(out / "misclassified.txt", misclassified_text(report.get("misclassified", [])))
-    return out
+    return _drawn(run, summary, metrics)
+
+
+def _drawn(run: RunDir, summary: Summary | None, metrics: list[dict]) -> Path:
+    """Record, last, which results the report shows: the finished run's step (None for curves only) and the
+    last metrics step, so a finished run whose report is missing or older is drawn again."""
+    info = {"step": summary.global_step if summary is not None else None, "metrics_step": metrics[-1].get("step")}
+    write_text_atomic(run.report_info_path, json.dumps(info, indent=1) + "\n")
+    return run.report
 
 
 def main(argv: list[str] | None = None) -> int:
