@@ -215,6 +215,12 @@ class RunDir:
         partial.replace(target)
         return target
 
+    def archived_versions(self) -> list[int]:
+        """The numbers of the data versions archived completely under versions/, in order."""
+        folder = self.path / VERSIONS
+        found = (p.name[1:] for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else ()
+        return sorted(int(n) for n in found if n.isdigit())
+
     def unfinished_archive(self) -> int | None:
         """The number of a version whose archive a kill interrupted, or None."""
         folder = self.path / VERSIONS
