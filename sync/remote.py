@@ -136,15 +136,21 @@ def check_owner(backend: Backend, run_id: str, pointer: SnapshotInfo | None) -> 
 
 
 def restore_candidates(backend: Backend, run_id: str | None = None) -> list[SnapshotInfo]:
-    """Snapshots to try restoring, best first: the pointer's target, then the listing by newest step.
+    """Snapshots to try restoring, best first: by newest step, and within a step the pointer's target, then
+    copies with a recorded sha256 (verifiable), then the newest. Every stored copy is a candidate, also copies
+    that share a name (Drive allows that): a junk copy is skipped for the next one, never for the next name.
     With run_id, a remote whose pointer belongs to another run is refused."""
     pointer = read_pointer(backend)
     if run_id is not None:
         check_owner(backend, run_id, pointer)
-    by_name = {s.name: s for s in list_snapshots(backend)}
-    if pointer and pointer.name not in by_name:
-        by_name[pointer.name] = pointer  # verified and pointed to, but not in the (lagging) listing yet
-    return sorted(by_name.values(), key=lambda s: (s.step, s.created), reverse=True)
+    copies = {(s.name, s.file_id): s for s in list_snapshots(backend)}
+    if pointer and not any(s.name == pointer.name and s.file_id in (pointer.file_id, "") for s in copies.values()):
+        copies[(pointer.name, pointer.file_id)] = pointer  # verified and pointed to, not in the (lagging) listing yet
+
+    def rank(s: SnapshotInfo) -> tuple:
+        pointed = pointer is not None and s.name == pointer.name and s.file_id == pointer.file_id
+        return s.step, pointed, bool(s.sha256), s.created
+    return sorted(copies.values(), key=rank, reverse=True)
 
 
 def retention_victims(snapshots: list[SnapshotInfo], keep: int, verified_step: int) -> list[SnapshotInfo]:
