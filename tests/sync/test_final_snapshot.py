@@ -162,3 +162,29 @@ def test_a_kill_before_the_final_hand_over_is_mended_by_the_next_start_and_never
     out, err = capsys.readouterr()
     assert "already finished, nothing changed: step 20" in out and "uploaded and verified" in out and not err
     assert {"summary.json", "export/model.json", "report/report.json"} <= _final_snapshot_members(tmp_path / "remote")
+
+
+def test_push_sends_the_final_snapshot_whose_content_the_remote_lacks_though_one_of_that_step_is_there(
+        tmp_path, capsys):
+    from sync import SyncConfig, open_sync
+    from sync.handover import save_record
+    from tests.sync.helpers import hand_over, tree, write_checkpoint
+    run_dir, remote = tmp_path / "run", tmp_path / "remote"
+    files = write_checkpoint(run_dir, 20) + ["summary.json"]
+    (run_dir / "summary.json").write_text('{"global_step": 20}', encoding="utf-8")
+    sync = open_sync(SyncConfig(folder=str(remote)), run_dir, tmp_path / "cache", "run")
+    sync.on_checkpoint(hand_over(20, files, final=True))
+    assert sync.close(30).final_on_remote
+    # finished again at the same step, now with an export; a kill came after sync's record, before its staging
+    (run_dir / "export").mkdir()
+    (run_dir / "export" / "model.json").write_text('{"step": 20}', encoding="utf-8")
+    save_record(run_dir / ".sync" / "hand_over.json", hand_over(20, files + ["export/model.json"], final=True))
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(f'[run]\ndir = "{run_dir}"\n[sync]\nfolder = "{remote}"\n', encoding="utf-8")
+
+    assert sync_cli(["--config", str(config_file), "push"]) == EXIT_OK
+    assert "snapshot step 20 uploaded and verified" in capsys.readouterr().out
+    vm2 = open_sync(SyncConfig(folder=str(remote)), tmp_path / "vm2", tmp_path / "c2", "run")
+    assert vm2.restore_latest() == 20 and "export/model.json" in tree(tmp_path / "vm2")
+    assert sync_cli(["--config", str(config_file), "push"]) == EXIT_OK
+    assert "is already in" in capsys.readouterr().out
