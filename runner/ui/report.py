@@ -166,7 +166,7 @@ def write_report(run_dir: Path) -> Path:
         plot_candidates(summary.search, out / "candidates.png")
     report = read_json(run.test_report)
     if report is None:
-        return _drawn(run, None, metrics)  # training has not finished: curves only
+        return out  # training has not finished: curves only (no report.json: it describes finished results)
     classes = read_json(run.labels)
     entries = confusion_entries(report, len(classes))
     if len(classes) <= MAX_CONFUSION_CLASSES:
@@ -180,8 +180,8 @@ def write_report(run_dir: Path) -> Path:
 
 
 def _drawn(run: RunDir, summary: Summary | None, metrics: list[dict]) -> Path:
-    """Record, last, which results the report shows: the finished run's step (None for curves only) and the
-    last metrics step, so a finished run whose report is missing or older is drawn again."""
+    """Record, last, which results the complete report shows: the summary's step and the last metrics step,
+    so a finished run whose report is missing, half-drawn or of an older step is drawn again."""
     info = {"step": summary.global_step if summary is not None else None, "metrics_step": metrics[-1].get("step")}
     write_text_atomic(run.report_info_path, json.dumps(info, indent=1) + "\n")
     return run.report
