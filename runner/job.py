@@ -141,16 +141,24 @@ class Job:
         return summary, report
 
     def _finish(self, summary: Summary, report: TestReport) -> bool:
-        """Write results, export and plots, then hand sync the final snapshot; False when a finished run
-        is started again and nothing changed (then nothing is written, exported or uploaded)."""
-        config, run = self.config, self.rundir
-        export_info = run.export_info() if config.export.enabled else None
-        export_current = not config.export.enabled or (export_info or {}).get("step") == summary.global_step
-        if run.read_summary() == summary and run.read_test_report() == report and export_current:
+        """Write results, export and report, then hand sync the final snapshot; False when a finished run is
+        started again and nothing changed (then nothing is written or exported; a final snapshot that never
+        reached the remote is handed over again).
+
+        Each piece is checked against this step, so a start after a kill anywhere in here redoes only what is
+        missing; the run counts as finished only once the report is complete, and the final snapshot is
+        staged before this returns."""
+        config, run, step = self.config, self.rundir, summary.global_step
+        results_current = run.read_summary() == summary and run.read_test_report() == report
+        export_current = not config.export.enabled or (run.export_info() or {}).get("step") == step
+        report_current = run.report_step() == step
+        if results_current and export_current and report_current:
+            self._send_final_if_missing(step)
             return False
-        run.write_test_report(report)
-        run.write_summary(summary)
-        if config.export.enabled:
+        if not results_current:
+            run.write_test_report(report)
+            run.write_summary(summary)
+        if config.export.enabled and not (results_current and export_current):
             try:
                 export_run(run.path)
             except RunnerError as e:  # e.g. below export.min_accuracy: training itself succeeded
@@ -158,6 +166,13 @@ class Job:
         write_report(run.path)
         self._hand_to_sync(run.latest(), final=True)
         return True
+
+    def _send_final_if_missing(self, step: int) -> None:
+        """A finished run started again: when sync holds no final snapshot of `step` (neither on the remote nor
+        queued here: a kill came between the results and the hand-over, or sync was off then), hand it over."""
+        if self.sync.enabled and not self.sync.holds_final(step):
+            log.warning("the final snapshot of step %d is not on the remote; sending it now", step)
+            self._hand_to_sync(self.rundir.latest(), final=True)
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _start_tflite_conversion(self, backbone) -> None:

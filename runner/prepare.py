@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common.files import write_text_atomic
 from runner import __version__
-from runner.features.backbones import Backbone, build_backbone
+from runner.features.backbones import REGISTRY, Backbone, build_backbone
 from runner.features.cache import BottleneckCache
 from runner.run.config import Config, to_toml
 from runner.data.scan import Dataset, HashIndex, check_class_sizes, scan_dataset
@@ -90,12 +90,21 @@ def check_compatible(marker: CheckpointMarker | None, fingerprint: dict, classes
         raise IncompatibleRunError(
             f"{run_dir} was trained on {len(old)} classes, data.dir now has {len(new)} "
             f"(added: {added[:5] or 'none'}, removed: {removed[:5] or 'none'}). {fix}")
-    old_fp = marker.fingerprint
+    old_fp, fingerprint = _resolved(dict(marker.fingerprint)), _resolved(fingerprint)
     if old_fp != fingerprint:
         changed = [f"{k}: {old_fp.get(k)!r} → {fingerprint.get(k)!r}" for k in fingerprint
                    if old_fp.get(k) != fingerprint.get(k)]
         raise IncompatibleRunError(f"{run_dir} holds a checkpoint made with other settings "
                                    f"({'; '.join(changed)}). {fix}")
+
+
+def _resolved(fingerprint: dict) -> dict:
+    """A compatibility fingerprint with backbone.image_size = 0 read as the backbone's default size (the same
+    input either way), so 0 and the default it stands for compare equal."""
+    spec = REGISTRY.get(fingerprint.get("backbone"))
+    if fingerprint.get("image_size") == 0 and spec is not None:
+        return dict(fingerprint, image_size=spec.default_size)
+    return fingerprint
 
 
 def check_run_can_continue(config: Config, run: RunDir, classes: list[str], sync_enabled: bool) -> None:

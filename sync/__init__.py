@@ -73,6 +73,21 @@ class Sync:
         from sync.restore import restore_latest
         return restore_latest(self.backend, Path(dest), None, Path(dest) / STATE_DIR / "download")
 
+    def holds_final(self, step: int) -> bool:
+        """Whether the run's final snapshot of step is on the remote or staged here on its way there (a remote
+        that cannot be asked counts as not holding it: staging it again costs only local links)."""
+        if not self.enabled:
+            return True
+        if any(s.step == step and s.hand_over.final for s in self.staging.pending()):
+            return True
+        from sync.remote import snapshot_on_remote
+        try:
+            return snapshot_on_remote(self.backend, step, True)
+        except SyncError as e:
+            log.warning("could not check the remote for the final snapshot of step %d: %s", step,
+                        str(e).removeprefix("sync: "))
+            return False
+
     def on_checkpoint(self, hand_over: HandOver) -> None:
         """Record a finished checkpoint and stage a copy of it now; it is packed and uploaded in the background.
 

@@ -10,7 +10,8 @@ from sync import STATE_DIR, open_sync
 from sync.config import load_toml
 from common.errors import EXIT_OK
 from sync.errors import NoSnapshots, NotSent, SyncError
-from sync.remote import list_snapshots, prune, read_pointer, snapshot_on_remote
+from sync.remote import list_snapshots, prune, read_pointer, restore_candidates, snapshot_on_remote
+from sync.snapshot import local_content
 
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
@@ -39,7 +40,7 @@ def cmd_list(sync, args) -> int:
 
 def cmd_pull(sync, args) -> int:
     """Download, verify and extract a snapshot (newest, or --step) into the run dir, with its cache."""
-    from sync.restore import fetch_cache, fetch_snapshot, move_into_place, restore_latest
+    from sync.restore import fetch_cache, move_into_place, restore_latest
     if args.step is None:
         step = restore_latest(sync.backend, sync.run_dir, sync.cache_dir, sync.run_dir / STATE_DIR / "download",
                               on_bad_cache=sync._uploader.reupload)
@@ -47,15 +48,27 @@ def cmd_pull(sync, args) -> int:
             raise NoSnapshots(f"sync: no snapshots in {sync.backend.description}: nothing to pull (check "
                               f"sync.folder: the same value the training run used).")
     else:
-        match = [s for s in list_snapshots(sync.backend) if s.step == args.step]
+        match = [s for s in restore_candidates(sync.backend) if s.step == args.step]
         if not match:
             raise SyncError(f"no snapshot of step {args.step} in {sync.backend.description}; see `list`.")
-        folder, manifest = fetch_snapshot(sync.backend, match[0], sync.run_dir / STATE_DIR / "download")
+        folder, manifest = _fetch_first_good(sync, match)
         move_into_place(folder, manifest, sync.run_dir)
         sync._uploader.reupload(fetch_cache(sync.backend, manifest, sync.cache_dir)[1])
         step = args.step
     print(f"sync: restored snapshot step {step} into {sync.run_dir}")
     return 0
+
+
+def _fetch_first_good(sync, copies):
+    """Fetch the first of these copies of one snapshot that verifies (a junk copy under its name is skipped)."""
+    from sync.restore import fetch_snapshot, unusable
+    for i, snap in enumerate(copies):
+        try:
+            return fetch_snapshot(sync.backend, snap, sync.run_dir / STATE_DIR / "download")
+        except SyncError as e:
+            if not unusable(e) or i == len(copies) - 1:
+                raise
+            print(f"sync: a copy of {snap.name} is unusable ({str(e).removeprefix('sync: ')}); trying the next")
 
 
 def cmd_push(sync, args) -> int:
@@ -65,10 +78,12 @@ def cmd_push(sync, args) -> int:
         if hand_over is None:
             print(f"sync: nothing to push: no checkpoint was handed to sync in {sync.run_dir} yet")
             return 0
-        if snapshot_on_remote(sync.backend, hand_over.step, hand_over.final):
+        missing = [f for f in hand_over.files if not (sync.run_dir / f).is_file()]
+        # what the remote lacks: a snapshot of that step (final, if the hand-over was) with these very files
+        content = None if missing else local_content(sync.run_dir, hand_over.files)
+        if snapshot_on_remote(sync.backend, hand_over.step, hand_over.final, content):
             print(f"sync: step {hand_over.step} is already in {sync.backend.description}")
             return 0
-        missing = [f for f in hand_over.files if not (sync.run_dir / f).is_file()]
         if missing:
             raise SyncError(f"sync: the last checkpoint handed over (step {hand_over.step}) is gone from "
                             f"{sync.run_dir} ({missing[0]} is missing); train again to hand over a new one.")

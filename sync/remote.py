@@ -52,6 +52,7 @@ class SnapshotInfo:
     file_id: str = ""
     run_id: str = ""
     final: bool = False  # the run's final snapshot (its results and export inside)
+    content: str = ""    # sync.snapshot.content_digest of its members ("" for snapshots sent before it existed)
 
     @classmethod
     def from_remote(cls, f: RemoteFile) -> "SnapshotInfo | None":
@@ -70,13 +71,13 @@ class SnapshotInfo:
             log.warning("ignoring the unreadable properties of %s", f.name)
             acc, created = None, f.modified
         return cls(f.name, int(m.group(1)), acc, p.get("sha256", ""), f.size, created, f.id, p.get("run_id", ""),
-                   p.get("final") == "1")
+                   p.get("final") == "1", p.get("content", ""))
 
     def properties(self) -> dict[str, str]:
         """The remote properties (Drive's public `properties`) that describe this snapshot."""
         return {"kind": "snapshot", "step": str(self.step), "sha256": self.sha256, "created": f"{self.created:.3f}",
                 "val_accuracy": "" if self.val_accuracy is None else repr(float(self.val_accuracy)),
-                "run_id": self.run_id, "final": "1" if self.final else ""}
+                "run_id": self.run_id, "final": "1" if self.final else "", "content": self.content}
 
 
 def list_snapshots(backend: Backend) -> list[SnapshotInfo]:
@@ -85,13 +86,15 @@ def list_snapshots(backend: Backend) -> list[SnapshotInfo]:
     return sorted((s for s in found if s is not None), key=lambda s: (s.step, s.created), reverse=True)
 
 
-def snapshot_on_remote(backend: Backend, step: int, final: bool) -> bool:
-    """Whether the remote holds the snapshot of step (with final: the run's final one of that step)."""
+def snapshot_on_remote(backend: Backend, step: int, final: bool, content: str | None = None) -> bool:
+    """Whether the remote holds the snapshot of step (with final: the run's final one of that step; with
+    content: one whose members are exactly these, by their content digest)."""
     candidates = list_snapshots(backend)
     pointer = read_pointer(backend)
     if pointer is not None:
         candidates.append(pointer)  # verified and pointed to, but perhaps not in the (lagging) listing yet
-    return any(s.step == step and (s.final or not final) for s in candidates)
+    return any(s.step == step and (s.final or not final) and (content is None or s.content == content)
+               for s in candidates)
 
 
 def read_pointer(backend: Backend) -> SnapshotInfo | None:
@@ -103,7 +106,8 @@ def read_pointer(backend: Backend) -> SnapshotInfo | None:
             data = json.loads(dest.read_text())
             return SnapshotInfo(data["name"], int(data["step"]), data.get("val_accuracy"), data["sha256"],
                                 int(data["size"]), float(data["created"]), str(data.get("file_id", "")),
-                                str(data.get("run_id", "")), bool(data.get("final", False)))
+                                str(data.get("run_id", "")), bool(data.get("final", False)),
+                                str(data.get("content", "")))
         except NotFound:
             return None
         except (ValueError, KeyError, TypeError, IntegrityError):
@@ -132,15 +136,21 @@ def check_owner(backend: Backend, run_id: str, pointer: SnapshotInfo | None) -> 
 
 
 def restore_candidates(backend: Backend, run_id: str | None = None) -> list[SnapshotInfo]:
-    """Snapshots to try restoring, best first: the pointer's target, then the listing by newest step.
+    """Snapshots to try restoring, best first: by newest step, and within a step the pointer's target, then
+    copies with a recorded sha256 (verifiable), then the newest. Every stored copy is a candidate, also copies
+    that share a name (Drive allows that): a junk copy is skipped for the next one, never for the next name.
     With run_id, a remote whose pointer belongs to another run is refused."""
     pointer = read_pointer(backend)
     if run_id is not None:
         check_owner(backend, run_id, pointer)
-    by_name = {s.name: s for s in list_snapshots(backend)}
-    if pointer and pointer.name not in by_name:
-        by_name[pointer.name] = pointer  # verified and pointed to, but not in the (lagging) listing yet
-    return sorted(by_name.values(), key=lambda s: (s.step, s.created), reverse=True)
+    copies = {(s.name, s.file_id): s for s in list_snapshots(backend)}
+    if pointer and not any(s.name == pointer.name and s.file_id in (pointer.file_id, "") for s in copies.values()):
+        copies[(pointer.name, pointer.file_id)] = pointer  # verified and pointed to, not in the (lagging) listing yet
+
+    def rank(s: SnapshotInfo) -> tuple:
+        pointed = pointer is not None and s.name == pointer.name and s.file_id == pointer.file_id
+        return s.step, pointed, bool(s.sha256), s.created
+    return sorted(copies.values(), key=rank, reverse=True)
 
 
 def retention_victims(snapshots: list[SnapshotInfo], keep: int, verified_step: int) -> list[SnapshotInfo]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import shutil
@@ -24,6 +25,23 @@ def check_relpath(relpath: str) -> str:
             or str(p) in (".", "") or p.parts[0] in (".sync",)):
         raise IntegrityError(f"unsafe path {relpath!r} in snapshot: refused (absolute, '..', or .sync/).")
     return str(p)
+
+
+def content_digest(members: dict[str, str]) -> str:
+    """One sha256 over a snapshot's members ({relative path: sha256}): equal files, equal digest, whatever the
+    archive's name or packing."""
+    lines = "".join(f"{rel}\t{sha}\n" for rel, sha in sorted(members.items()))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def local_content(root: Path, files) -> str:
+    """The content digest of root/<files> as they are now on this machine."""
+    return content_digest({check_relpath(rel): file_digest(root / rel) for rel in files})
+
+
+def manifest_content(manifest: dict) -> str:
+    """The content digest of a packed snapshot, from its manifest."""
+    return content_digest({rel: meta["sha256"] for rel, meta in manifest["files"].items()})
 
 
 def pack(root: Path, files: list[str], info: dict, dest: Path) -> dict:

@@ -11,7 +11,7 @@ from sync.backends.base import Backend
 from sync.errors import SyncError
 from sync.remote import (SnapshotInfo, cache_name, check_owner, prune, read_pointer, remote_cache, snapshot_name,
                          write_pointer)
-from sync.snapshot import check_relpath, file_digest, pack
+from sync.snapshot import check_relpath, file_digest, local_content, manifest_content, pack
 from sync.staging import Staged, Staging
 from common.files import write_text_atomic
 
@@ -120,10 +120,13 @@ class Uploader:
                     "run_id": staged.run_id, "created": staged.created, "runner_version": hand_over.runner_version,
                     "final": hand_over.final, "cache": cache}
         clear_outgoing(self.work_dir, {archive.name})
-        if not archive.exists():
-            pack(staged.path / "files", list(hand_over.files), manifest, archive)
+        if archive.exists():  # packed by an earlier try
+            content = local_content(staged.path / "files", hand_over.files)
+        else:
+            content = manifest_content(pack(staged.path / "files", list(hand_over.files), manifest, archive))
         snap = SnapshotInfo(name, staged.step, hand_over.val_accuracy, file_digest(archive),
-                            archive.stat().st_size, staged.created, run_id=staged.run_id, final=hand_over.final)
+                            archive.stat().st_size, staged.created, run_id=staged.run_id, final=hand_over.final,
+                            content=content)
         snap.file_id = self.backend.put(name, archive, snap.properties()).id
         write_pointer(self.backend, snap, self.work_dir / "outgoing")
         log.info("snapshot step %d uploaded and verified (%s)", snap.step, self.backend.description)

@@ -150,3 +150,48 @@ def test_a_fresh_machine_restores_the_newest_data_version_from_sync(tiny_source,
     assert isinstance(second, Finished) and second.summary.data_version == 2
     fresh = synced_run(tmp_path / "b" / "run")  # another VM: an empty disk, the same command
     assert isinstance(fresh, Unchanged) and fresh.summary.data_version == 2 and fresh.summary.num_classes == 4
+
+
+def test_a_changed_split_is_a_new_version_never_the_old_heads_figures_on_former_training_images(first_version,
+                                                                                                caplog):
+    from runner.job import Job
+    data, _ = first_version
+    config = tiny_config(first_version[1].run_dir, data, "train.steps=20", "split.validation_percent=30")
+    job = Job(config, RecordingSync())
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        outcome = job.run()
+    assert isinstance(outcome, Finished), outcome
+    summary = outcome.summary
+    assert summary.data_version == 2 and summary.head_steps == 20 and summary.global_step == 40, \
+        "the head is trained anew on the new training split"
+    assert any("split anew" in r.getMessage() for r in caplog.records)
+
+
+def test_photos_moved_between_classes_are_named_as_moved_and_start_a_new_version(first_version, caplog):
+    data, config = first_version
+    moved = sorted((data / "class_0000").glob("*.jpg"))[:2]
+    for photo in moved:
+        photo.rename(data / "class_0001" / photo.name)
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        job, outcome = _run(config)
+    _assert_new_version(config, outcome, job, 3, 0)
+    assert any("2 image(s) moved to another class" in r.getMessage() for r in caplog.records)
+
+
+def test_a_deleted_version_record_and_changed_data_start_the_next_version_not_a_failing_archive(first_version,
+                                                                                                caplog):
+    data, config = first_version
+    _noise_images(data / "class_0000", 3, seed=5)
+    job, outcome = _run(config)
+    _assert_new_version(config, outcome, job, 3, 3)
+    run = RunDir(config.run_dir)
+    run.version_record.unlink()  # the user deletes version.json, then the data changes again
+    _noise_images(data / "class_0001", 3, seed=6)
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        job, outcome = _run(config)
+    assert isinstance(outcome, Finished), outcome
+    assert outcome.summary.data_version == 3 and outcome.summary.global_step == 60, "steps never rewind"
+    assert run.archived_versions() == [1, 2] and run.unfinished_archive() is None
+    assert json.loads((run.version_folder(2) / "summary.json").read_text())["global_step"] == 40
+    assert any("version.json is missing" in r.getMessage() for r in caplog.records)
+    assert isinstance(_run(config)[1], Unchanged), "the next start goes on from there"

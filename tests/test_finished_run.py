@@ -75,3 +75,35 @@ def test_paths_in_a_config_file_follow_the_file_and_a_failed_start_leaves_no_run
     assert result.returncode == 2, result.stdout
     assert f"data.dir {folder / 'no-such-photos'} is not a folder" in result.stdout
     assert not (folder / "runs").exists() and not (REPO / "runs" / "x").exists()
+
+
+class Killed(BaseException):
+    """A kill: nothing after it in the job runs."""
+
+
+def test_a_report_left_at_an_older_step_by_a_kill_is_drawn_again_at_the_next_start(tmp_path, monkeypatch):
+    import runner.job
+    from runner.job import Job
+    from runner.run.results import Finished
+    from runner.run.rundir import RunDir
+    from tests.helpers import write_synthetic_dataset
+    from tests.test_job import RecordingSync, tiny_config
+    data = write_synthetic_dataset(tmp_path / "data", num_classes=2, per_class=12, size=40)
+    assert isinstance(Job(tiny_config(tmp_path / "run", data, "train.steps=20"), RecordingSync()).run(), Finished)
+    run = RunDir(tmp_path / "run")
+    drawn_at_20 = (run.report / "curves.png").stat().st_mtime_ns
+    longer = tiny_config(run.path, data, "train.steps=40")
+    kills = []
+
+    def killed_while_drawing(run_dir):
+        kills.append(run_dir)
+        raise Killed
+    monkeypatch.setattr(runner.job, "write_report", killed_while_drawing)
+    with pytest.raises(Killed):
+        Job(longer, RecordingSync()).run()
+    assert len(kills) == 1 and summary(run.path)["global_step"] == 40, "killed after the results of step 40"
+    monkeypatch.undo()
+
+    outcome = Job(longer, RecordingSync()).run()
+    assert isinstance(outcome, Finished), "the report of step 20 is not the finished run's report"
+    assert run.report_step() == 40 and (run.report / "curves.png").stat().st_mtime_ns > drawn_at_20

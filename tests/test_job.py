@@ -91,6 +91,9 @@ class RestoringSync(RecordingSync):
             shutil.copy2(self.source.cache_dir / rel, self.target.cache_dir / rel)
         return self.final.step
 
+    def holds_final(self, step):
+        return step == self.final.step  # the remote holds the final snapshot it restores
+
 
 def test_a_finished_run_restored_on_a_new_disk_gets_tensorflows_checkpoint_state_file(tiny_run, tiny_data,
                                                                                       tmp_path):

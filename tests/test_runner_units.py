@@ -75,6 +75,20 @@ def test_continuing_with_other_classes_or_another_backbone_is_refused_naming_the
         check_compatible(marker, {"backbone": "mobilenet", "image_size": 192}, ["a", "b"], run)
 
 
+def test_image_size_0_means_the_backbones_default_so_it_is_no_change_from_that_size(tmp_path):
+    from runner.prepare import check_compatible
+    run = RunDir(tmp_path)
+    explicit = CheckpointMarker(classes=("a", "b"), fingerprint={"backbone": "mobilenet", "image_size": 224})
+    default = CheckpointMarker(classes=("a", "b"), fingerprint={"backbone": "mobilenet", "image_size": 0})
+    check_compatible(explicit, {"backbone": "mobilenet", "image_size": 0}, ["a", "b"], run)
+    check_compatible(default, {"backbone": "mobilenet", "image_size": 224}, ["a", "b"], run)
+    with pytest.raises(IncompatibleRunError, match="image_size: 224 → 192"):
+        check_compatible(default, {"backbone": "mobilenet", "image_size": 192}, ["a", "b"], run)
+    with pytest.raises(IncompatibleRunError, match="image_size: 224 → 299"):  # 0: inception_v3 default
+        check_compatible(CheckpointMarker(classes=("a",), fingerprint={"backbone": "inception_v3", "image_size": 224}),
+                         {"backbone": "inception_v3", "image_size": 0}, ["a"], run)
+
+
 def test_the_supervised_child_gets_the_same_arguments_without_supervise():
     import resume
     argv = ["--config", "c.toml", "--supervise", "3", "--set", "train.steps=5", "--supervise=2", "--debug"]

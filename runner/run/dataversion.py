@@ -22,29 +22,49 @@ log = logging.getLogger("runner")
 
 @dataclass(frozen=True)
 class DataFingerprint:
-    """What a checkpoint was trained on: the class names, how many images, a digest of (path, content hash)."""
+    """What a checkpoint was trained on: the class names, how many images, a digest of (path, content hash), and
+    a digest of which split each image is in (a changed split.*_percent moves images between train and test)."""
     classes: tuple[str, ...]
     images: int | None
     digest: str | None        # None for checkpoints written before data versions existed (classes only)
+    split: str | None = None  # None for checkpoints written before the split was recorded
 
     @classmethod
     def of(cls, dataset: Dataset) -> "DataFingerprint":
-        lines = "".join(f"{r.relpath}\t{r.sha256}\n" for r in sorted(dataset.images, key=lambda r: r.relpath))
-        return cls(tuple(dataset.classes), len(dataset.images), hashlib.sha256(lines.encode()).hexdigest())
+        images = sorted(dataset.images, key=lambda r: r.relpath)
+        lines = "".join(f"{r.relpath}\t{r.sha256}\n" for r in images)
+        splits = "".join(f"{r.relpath}\t{r.split}\n" for r in images)
+        return cls(tuple(dataset.classes), len(dataset.images), _sha256(lines), _sha256(splits))
 
     @classmethod
     def from_marker(cls, marker: CheckpointMarker) -> "DataFingerprint":
-        return cls(tuple(marker.classes), marker.data.images, marker.data.digest)
+        return cls(tuple(marker.classes), marker.data.images, marker.data.digest, marker.data.split)
 
     def digest_record(self) -> DataDigest:
         """What a checkpoint marker records of it besides the classes."""
-        return DataDigest(self.images, self.digest)
+        return DataDigest(self.images, self.digest, self.split)
 
     def same_data(self, other: "DataFingerprint") -> bool:
-        """Whether a run on `other` continues this one (an old marker without a digest compares classes only)."""
+        """Whether a run on `other` continues this one: same classes, images and split (what an old marker
+        did not record is not compared)."""
         if self.classes != other.classes:
             return False
-        return self.digest is None or other.digest is None or self.digest == other.digest
+        return _same(self.digest, other.digest) and _same(self.split, other.split)
+
+
+def current_version(run: RunDir) -> RunVersion:
+    """The recorded version; without a record, the one after the archived versions (version 1 when none)."""
+    recorded = run.read_version()
+    if recorded is not None:
+        return recorded
+    archived = run.archived_versions()
+    if not archived:
+        return RunVersion()
+    inferred = RunVersion(archived[-1] + 1, _step_offset(run, archived[-1]))
+    log.warning("%s is missing, but versions/ holds data version(s) %s: this is data version %d, its steps "
+                "following step %d", run.version_record, ", ".join(map(str, archived)), inferred.number,
+                inferred.step_offset)
+    return inferred
 
 
 def describe_change(old: DataFingerprint, dataset: Dataset, previous_scan: dict[str, list]) -> str:
@@ -75,15 +95,37 @@ def describe_change(old: DataFingerprint, dataset: Dataset, previous_scan: dict[
         new_images = len(set(after.values()) - set(before.values()))
         gone_images = len(set(before.values()) - set(after.values()))
         parts.append(f"{new_images} image(s) added, {gone_images} removed")
+        moved = _moved(before, after, renamed)
+        if moved:
+            parts.append(f"{len(moved)} image(s) moved to another class (relabelled: "
+                         f"{', '.join(f'{a!r} → {b!r}' for a, b in moved[:3])}{' ...' if len(moved) > 3 else ''})")
     else:
         parts.append(f"{len(dataset.images)} images now, {old.images if old.images is not None else '?'} before")
+    now = DataFingerprint.of(dataset)
+    if old.classes == now.classes and _same(old.digest, now.digest) and not _same(old.split, now.split):
+        parts = ["the same images, split anew (split.validation_percent or split.test_percent changed): the "
+                 "trained head has seen images that are now validation or test images"]
     return "; ".join(parts)
+
+
+def _moved(before: dict[str, str], after: dict[str, str], renamed: dict[str, str]) -> list[tuple[str, str]]:
+    """Images (by content) that are in another class folder now than before, a renamed class aside:
+    (old path, new path) pairs."""
+    def by_content(paths: dict[str, str], rename: dict[str, str]) -> dict[str, tuple[str, set[str]]]:
+        out: dict[str, tuple[str, set[str]]] = {}
+        for path, sha in sorted(paths.items()):
+            folder = path.split("/")[0]
+            out.setdefault(sha, (path, set()))[1].add(rename.get(folder, folder))
+        return out
+    old, new = by_content(before, renamed), by_content(after, {})
+    return [(old[sha][0], new[sha][0]) for sha in sorted(old.keys() & new.keys(), key=lambda k: old[k][0])
+            if old[sha][1] != new[sha][1]]
 
 
 def follow_data(run: RunDir, dataset: Dataset, previous_scan: dict[str, list]) -> RunVersion:
     """The version this run trains: the current one when the newest checkpoint was trained on this data (or there
     is none); otherwise the current version is archived and a new one starts after its last step."""
-    version = run.read_version()
+    version = current_version(run)
     latest = run.latest()
     if latest is None:
         return version
@@ -107,11 +149,29 @@ def finish_interrupted_archive(run: RunDir) -> None:
     if number is None:
         return
     log.warning("finishing the archive of data version %d, which an interrupted start began", number)
-    if run.read_version().number <= number:  # the kill came before the new version was recorded
+    if current_version(run).number <= number:  # the kill came before the new version was recorded
         partial = run.begin_archive(number)
         steps = [c.step for c in run.checkpoints() + RunDir(partial).checkpoints()]
         run.write_version(RunVersion(number + 1, max(steps, default=0), "a start was interrupted while archiving"))
     run.archive_version(number)
+
+
+def _step_offset(run: RunDir, last_archived: int) -> int:
+    """The run-wide step the current version started after: its first head checkpoint's offset, else the last
+    checkpoint step of the version archived before it."""
+    offsets = [c.marker.steps.offset for c in run.stage("head").checkpoints()]
+    if offsets:
+        return min(offsets)
+    archived = RunDir(run.version_folder(last_archived)).checkpoints()
+    return archived[0].step if archived else 0
+
+
+def _same(recorded: str | None, now: str | None) -> bool:
+    return recorded is None or now is None or recorded == now
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _names(names: list[str]) -> str:

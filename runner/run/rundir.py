@@ -30,6 +30,7 @@ SUMMARY, TEST_REPORT, HEAD_RECORD = "summary.json", "test_report.json", "head_st
 EXPORT, REPORT, TENSORBOARD = "export", "report", "tensorboard"
 VERSION_RECORD, VERSIONS = "version.json", "versions"   # the data version this run is on; earlier ones' results
 EXPORT_MODEL_INFO = "model.json"                  # the export's description, inside EXPORT
+REPORT_INFO = "report.json"                       # which step the report was drawn for, inside REPORT (last)
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,12 @@ class RunDir:
         replace_atomic(partial, target)
         return target
 
+    def archived_versions(self) -> list[int]:
+        """The numbers of the data versions archived completely under versions/, in order."""
+        folder = self.path / VERSIONS
+        found = (p.name[1:] for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else ()
+        return sorted(int(n) for n in found if n.isdigit())
+
     def unfinished_archive(self) -> int | None:
         """The number of a version whose archive a kill interrupted, or None."""
         folder = self.path / VERSIONS
@@ -255,13 +262,27 @@ class RunDir:
         """The label map (class index → name), None before the first scan."""
         return read_json(self.labels)
 
-    def read_version(self) -> RunVersion:
-        """The data version the run is on (version 1 from step 0 when none was recorded)."""
+    def read_version(self) -> RunVersion | None:
+        """The recorded data version of the run, None when none is recorded (runner/run/dataversion.py then
+        infers it)."""
         data = read_json(self.version_record)
-        return RunVersion.from_json(data) if data else RunVersion()
+        return RunVersion.from_json(data) if data else None
 
     def write_version(self, version: RunVersion) -> None:
         write_json(self.version_record, version.to_json())
+
+    report_info_path = property(lambda self: self.report / REPORT_INFO,
+                                doc="which results the report shows (written after its plots)")
+
+    def report_step(self) -> int | None:
+        """The step of the results a complete report shows (its report.json), None without a complete report."""
+        info = read_json(self.report_info_path)
+        return info.get("step") if isinstance(info, dict) else None
+
+    def write_report_info(self, step: int | None, metrics_step: int | None) -> None:
+        """Record, last, which results the complete report shows."""
+        write_text_atomic(self.report_info_path, json.dumps({"step": step, "metrics_step": metrics_step},
+                                                            indent=1) + "\n")
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def stage(self, name: str) -> StageCheckpoints:

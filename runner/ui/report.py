@@ -18,7 +18,7 @@ from common.files import write_bytes_atomic, write_text_atomic
 from common.cli import run_command
 from runner.errors import RunnerError
 from runner.run.records import TestReport
-from runner.run.results import SearchSummary
+from runner.run.results import SearchSummary, Summary
 from runner.run.rundir import RunDir
 
 MAX_CONFUSION_CLASSES = 50
@@ -158,13 +158,14 @@ def write_report(run_dir: Path) -> Path:
                           f"training has validated at least once (every eval.every_steps steps).")
     out = run.report
     out.mkdir(exist_ok=True)
+    run.report_info_path.unlink(missing_ok=True)  # a kill while drawing leaves no claim of a complete report
     plot_curves(metrics, out / "curves.png")
     summary = run.read_summary()
     if summary is not None and summary.search is not None:
         plot_candidates(summary.search, out / "candidates.png")
     report = run.read_test_report()
     if report is None:
-        return out  # training has not finished: curves only
+        return out  # training has not finished: curves only (no report.json: it describes finished results)
     classes = run.read_labels()
     entries = confusion_entries(report, len(classes))
     if len(classes) <= MAX_CONFUSION_CLASSES:
@@ -174,7 +175,14 @@ def write_report(run_dir: Path) -> Path:
     lines = top_confusions(entries, classes) or ["no test image was misclassified"]
     write_text_atomic(out / "top_confusions.txt", "count  true → predicted\n" + "\n".join(lines) + "\n")
     write_text_atomic(out / "misclassified.txt", misclassified_text(list(report.misclassified)))
-    return out
+    return _drawn(run, summary, metrics)
+
+
+def _drawn(run: RunDir, summary: Summary | None, metrics: list[dict]) -> Path:
+    """Record, last, which results the complete report shows: the summary's step and the last metrics step,
+    so a finished run whose report is missing, half-drawn or of an older step is drawn again."""
+    run.write_report_info(summary.global_step if summary is not None else None, metrics[-1].get("step"))
+    return run.report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -255,3 +255,24 @@ def test_a_sync_folder_deleted_during_the_run_is_made_again(drive_config, fake_d
             del fake_drive.files[fid]
     backend.put("b.bin", path, {})
     assert fake_drive.path_of(fake_drive.live_files("b.bin")[0]) == "runs/flowers/b.bin"
+
+
+def test_a_junk_copy_under_a_snapshots_name_is_skipped_for_the_verified_copy(drive_config, fake_drive, tmp_path,
+                                                                            caplog):
+    _train_on_machine_a(drive_config, tmp_path, steps=(100,))
+    [good] = [f for f in fake_drive.live_files() if f["name"].startswith("snapshot-")]
+    junk = fake_drive.add_file(good["name"], b"not a snapshot", parent=good["parents"][0],
+                               created="2020-01-01T00:00:00.000Z")
+    junk["modifiedTime"] = "2020-01-01T00:00:00.000Z"  # an older copy of that name: listed after the good one
+    assert len(fake_drive.live_files(good["name"])) == 2
+    b = open_sync(drive_config, tmp_path / "b/run", tmp_path / "b/cache", "flowers")
+    assert b.restore_latest() == 100
+    assert (tmp_path / "b/run/checkpoints").is_dir()
+    b.close(timeout=5)
+
+    fake_drive.files[good["id"]]["trashed"] = True  # only the junk copy is left: it is tried, and refused
+    c = open_sync(drive_config, tmp_path / "c/run", tmp_path / "c/cache", "flowers")
+    with pytest.raises(SyncError, match="passed verification"):
+        c.restore_latest()
+    assert f"snapshot {good['name']} skipped" in caplog.text
+    c.close(timeout=5)
