@@ -189,6 +189,37 @@ def test_the_hub_unreachable_is_transient(tmp_path, monkeypatch):
     assert status_of(raised.value)[0] == 75, raised.value
 
 
+def test_tfds_download_hosts_unreachable_is_transient(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+    from runner.data.libraries import scan_library
+    from runner.data.scan import HashIndex
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty"))  # tf_flowers not prepared here
+
+    def no_network(self, *args, **kwargs):  # what TFDS's downloader raises without a connection
+        raise ConnectionError("Failed to resolve 'download.tensorflow.org' ([Errno -2] Name or service not known)")
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_network)
+    with pytest.raises(Exception) as raised:
+        scan_library(tiny_config(tmp_path / "run", "tfds:tf_flowers"), HashIndex(tmp_path / "hashes.json"))
+    assert status_of(raised.value)[0] == 75, raised.value
+
+
+def test_a_local_imagefolder_with_train_and_test_folders_carves_validation_out_of_train(tmp_path, monkeypatch):
+    import datasets
+    from runner.data.libraries import scan_library
+    from runner.data.scan import HashIndex
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # load_dataset prepares here
+    for split, start, count in (("train", 0, 20), ("test", 80, 4)):
+        for name in CLASSES:
+            (tmp_path / "folder" / split / name).mkdir(parents=True)
+            for path in photos(name, start, count):
+                shutil.copy(path, tmp_path / "folder" / split / name / path.name)
+    config = tiny_config(tmp_path / "run", f"hf:{tmp_path / 'folder'}", "split.validation_percent=25")
+    dataset = scan_library(config, HashIndex(tmp_path / "hashes.json"))
+    assert dataset.classes == CLASSES
+    counts = {name: len(dataset.split(name)) for name in ("train", "validation", "test")}
+    assert counts["test"] == 12 and counts["train"] + counts["validation"] == 60 and counts["validation"], counts
+
+
 @pytest.mark.parametrize("module, spec", [("tensorflow_datasets", "tfds:tf_flowers"), ("datasets", "hf:beans")])
 def test_a_missing_library_names_the_requirements_file(module, spec, tmp_path, monkeypatch):
     from runner.data.libraries import scan_library

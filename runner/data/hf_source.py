@@ -54,7 +54,8 @@ def open_hf(spec: str, image_key: str = "", label_key: str = "") -> "HfSource":
         raise _load_error(datasets, spec, path, e) from None
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
-    return HfSource(spec, loaded, *columns(datasets, spec, loaded, image_key, label_key))
+    where = f"{path}" + (f"@{revision}" if revision else "") + (f", config {config}" if config else "")
+    return HfSource(spec, loaded, where, *columns(datasets, spec, loaded, image_key, label_key))
 
 
 def _load(datasets, spec: str, path: str, revision: str | None, config: str | None):
@@ -128,14 +129,14 @@ def _listing(features) -> str:
 class HfSource:
     """A loaded Hugging Face dataset: its classes, splits, and its rows' encoded image bytes."""
 
-    def __init__(self, spec: str, loaded, image_key: str, label_key: str):
+    def __init__(self, spec: str, loaded, where: str, image_key: str, label_key: str):
         import datasets
         self.spec, self.image_key, self.label_key = spec, image_key, label_key
         self.parts = {name: split.select_columns([image_key, label_key])
                       .cast_column(image_key, datasets.Image(decode=False)) for name, split in loaded.items()}
         self.classes = list(next(iter(loaded.values())).features[label_key].names)
         self.splits = {name: len(split) for name, split in self.parts.items()}
-        self.description = f"Hugging Face dataset, Image column {image_key!r}, labels {label_key!r}"
+        self.description = f"Hugging Face dataset {where}, Image column {image_key!r}, labels {label_key!r}"
 
     def _bytes(self, value) -> tuple[bytes | None, str | None]:
         """The encoded bytes of an undecoded Image value ({"bytes", "path"}), or why there are none."""
