@@ -189,6 +189,19 @@ def test_the_hub_unreachable_is_transient(tmp_path, monkeypatch):
     assert status_of(raised.value)[0] == 75, raised.value
 
 
+def test_a_damaged_prepared_tfds_file_is_a_user_error_naming_the_folder_to_delete(tfds_env, tmp_path):
+    from runner.data.libraries import scan_library
+    from runner.data.scan import HashIndex
+    record = next(tfds_env.rglob("*-train.tfrecord-*"))
+    raw = bytearray(record.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    record.write_bytes(bytes(raw))
+    with pytest.raises(Exception) as raised:
+        scan_library(tiny_config(tmp_path / "run", f"tfds:{TFDS_NAME}"), HashIndex(tmp_path / "hashes.json"))
+    status, message = status_of(raised.value)
+    assert status == 2 and "'train'" in message and f"delete {record.parent}" in message, message
+
+
 def test_tfds_download_hosts_unreachable_is_transient(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
     from runner.data.libraries import scan_library

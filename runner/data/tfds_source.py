@@ -111,8 +111,17 @@ class TfdsSource:
         return ds.map(lambda ex: (ex[self.image_key], ex[self.label_key]))
 
     def examples(self, split: str) -> Iterator[Example]:
-        for index, (data, label) in enumerate(self._split(split).as_numpy_iterator()):
-            yield Example(index, int(label), bytes(data))
+        import tensorflow as tf
+        index = 0
+        try:
+            for data, label in self._split(split).as_numpy_iterator():
+                yield Example(index, int(label), bytes(data))
+                index += 1
+        except tf.errors.OpError as e:  # a damaged prepared file: TFDS prepares it again once it is gone
+            raise DataError(f"data.dir {self.spec}: split {split!r} could not be read after {index} examples "
+                            f"({e.message.splitlines()[0] if e.message else type(e).__name__}); delete "
+                            f"{self.builder.data_dir} and run again to have TensorFlow Datasets prepare it "
+                            f"again.") from None
 
     def pipeline(self, locators: list[tuple[str, int]]):
         import tensorflow as tf
