@@ -38,6 +38,7 @@ def is_local(path: str) -> bool:
 
 def open_hf(spec: str, image_key: str = "", label_key: str = "") -> "HfSource":
     """The dataset `spec` names, loaded (from the Hub into datasets' cache when needed) as its splits."""
+    logging.getLogger("datasets").setLevel(logging.WARNING)  # not its import-time notes ("TensorFlow available")
     try:
         import datasets
     except ImportError as e:

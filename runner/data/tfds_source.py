@@ -90,11 +90,22 @@ def _listing(top: dict) -> str:
     return ", ".join(f"{key} ({type(feature).__name__})" for key, feature in top.items())
 
 
+class _OwnDeprecation(logging.Filter):
+    """TFDS's partial decoding warns about its own use of a deprecated field; nothing a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "FeatureConnector.dtype" not in record.getMessage()
+
+
+OWN_DEPRECATION = _OwnDeprecation()
+
+
 class TfdsSource:
     """A prepared TFDS dataset: its classes, splits, and its examples' encoded image bytes."""
 
     def __init__(self, spec: str, builder, image_key: str, label_key: str):
         self.spec, self.builder, self.image_key, self.label_key = spec, builder, image_key, label_key
+        logging.getLogger("absl").addFilter(OWN_DEPRECATION)  # the same object: added once
         info = builder.info
         self.classes = list(info.features[label_key].names)
         self.splits = {name: int(split.num_examples) for name, split in info.splits.items()}
