@@ -52,7 +52,7 @@ def open_hf(spec: str, image_key: str = "", label_key: str = "") -> "HfSource":
     except DataError:
         raise
     except Exception as e:
-        raise _load_error(datasets, spec, path, e) from None
+        raise _load_error(spec, path, e) from None
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     where = f"{path}" + (f"@{revision}" if revision else "") + (f", config {config}" if config else "")
@@ -71,7 +71,7 @@ def _load(datasets, spec: str, path: str, revision: str | None, config: str | No
     return datasets.load_dataset(path, config, revision=revision)
 
 
-def _load_error(datasets, spec: str, path: str, e: Exception) -> Exception:
+def _load_error(spec: str, path: str, e: Exception) -> Exception:
     """The error to raise for a dataset that could not be loaded: not found or gated (exit 2), the Hub
     unreachable (exit 75), anything else the library refused (exit 2, its message kept)."""
     name = type(e).__name__
@@ -89,7 +89,7 @@ def _load_error(datasets, spec: str, path: str, e: Exception) -> Exception:
                 "run once with network." if offline else " Run the same command again.")
         return LibraryUnavailable(f"data.dir {spec}: the Hugging Face Hub could not be reached "
                                   f"({name}: {str(e).splitlines()[0] if str(e) else ''}).{hint}")
-    if isinstance(e, (ValueError, datasets.exceptions.DatasetsError if hasattr(datasets, "exceptions") else ())):
+    if isinstance(e, ValueError):  # e.g. "Config name is missing", with the configs to choose from
         return DataError(f"data.dir {spec}: datasets could not load {path!r}: {e} (a config is chosen with "
                          f"hf:{path}:CONFIG).")
     return e
