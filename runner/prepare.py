@@ -21,6 +21,7 @@ from runner.run.records import BackboneInfo, CheckpointMarker, RunVersion
 from runner.errors import IncompatibleRunError
 from runner.features.extract import extract_missing
 from runner.run.rundir import STAGES, RunDir
+from runner.data.libraries import is_library_source, scan_library
 from runner.data.sources import local_data_dir
 from runner.training.stages import Split
 from runner.training.loop import StopFlag
@@ -121,6 +122,8 @@ def scan(config: Config, stop: StopFlag) -> tuple[Dataset, HashIndex, dict[str, 
     also the previous scan's entries (relative path → [size, mtime, sha256]), to say what changed."""
     hash_index = HashIndex(config.cache_dir / "file-hashes.json")
     previous = dict(hash_index.entries)
+    if is_library_source(config.data.dir):
+        return scan_library(config, hash_index, stop), hash_index, previous
     dataset = scan_dataset(local_data_dir(config.data, config.train.progress), config.split.validation_percent, config.split.test_percent,
                            hash_index, config.data.min_images_per_class, config.train.progress, stop)
     return dataset, hash_index, previous
@@ -138,7 +141,7 @@ def extract(config: Config, dataset: Dataset, backbone: Backbone, strategy, stop
     how many vectors were computed)."""
     cache = BottleneckCache(config.cache_dir, backbone.cache_identity, backbone.feature_dim, config.cache.dtype)
     computed = extract_missing(dataset.images, backbone, cache, strategy, config.cache.batch_size,
-                               config.cache.shard_size, config.train.progress, stop)
+                               config.cache.shard_size, config.train.progress, stop, read=dataset.reader)
     scanned = len(dataset.skipped)
     dataset = dataset.without(cache.undecodable)
     for item in dataset.skipped[scanned:]:  # the scan already named the files it skipped

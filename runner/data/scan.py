@@ -48,6 +48,7 @@ class Dataset:
     classes: list[str]
     images: list[ImageRecord]
     skipped: list[dict]  # {"path": ..., "reason": ...}
+    reader: object = None  # None: images are files (ImageRecord.path); else records → tf.data (bytes, position)
 
     def split(self, name: str) -> list[ImageRecord]:
         return [r for r in self.images if r.split == name]
@@ -56,7 +57,7 @@ class Dataset:
         """A copy without the images whose hash is in `bad` (hash → reason), which become skipped."""
         kept = [r for r in self.images if r.sha256 not in bad]
         newly = [{"path": r.relpath, "reason": bad[r.sha256]} for r in self.images if r.sha256 in bad]
-        return Dataset(self.classes, kept, self.skipped + newly)
+        return Dataset(self.classes, kept, self.skipped + newly, self.reader)
 
 
 def split_of(relative_name: str, validation_percent: float, test_percent: float) -> str:

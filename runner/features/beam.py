@@ -28,7 +28,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from common.cli import configure_logging, run_command
 from runner.features import cache_gfile as cache_files
 from runner.run.config import BackboneConfig, Config, load_config
+from runner.data.libraries import is_library_source
 from runner.data.scan import HashIndex, ImageRecord, scan_dataset
+from runner.errors import DataError
 
 log = logging.getLogger("runner")
 
@@ -155,6 +157,10 @@ def extract_with_beam(config: Config, beam_args: list[str], images_from: str = "
                       extract_class=ExtractShard) -> int:
     """Scan data.dir, run the pipeline over the images not cached, and return how many vectors it added."""
     from runner.features.backbones import build_backbone
+    if is_library_source(config.data.dir):
+        raise DataError(f"data.dir {config.data.dir}: Beam extraction reads image files, and this dataset is read "
+                        f"from a dataset library; extract with `python resume.py` instead (it caches the same "
+                        f"vectors), or write the dataset to class folders for Beam.")
     root = cache_root(config)
     dataset = scan_dataset(Path(config.data.dir), config.split.validation_percent, config.split.test_percent,
                            hash_index_for(config), config.data.min_images_per_class, config.train.progress)

@@ -43,6 +43,16 @@ def image_pipeline(paths: list[str], image_size: int, batch_size: int) -> tf.dat
     return ds.batch(batch_size).prefetch(PREFETCH_BATCHES).with_options(options)
 
 
+def encoded_pipeline(encoded: tf.data.Dataset, image_size: int, batch_size: int) -> tf.data.Dataset:
+    """image_pipeline for images given as (encoded bytes, position) (a dataset library's, see Dataset.reader)."""
+    ds = encoded.map(lambda data, i: (decode_and_resize(data, image_size), i),
+                     num_parallel_calls=available_cores(), deterministic=True)
+    ds = ds.ignore_errors()
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.batch(batch_size).prefetch(PREFETCH_BATCHES).with_options(options)
+
+
 def to_devices(dataset: tf.data.Dataset, strategy: tf.distribute.Strategy, device: str | None = None):
     """The batches placed where the forward pass runs: MirroredStrategy distributes them itself; otherwise
     they are prefetched onto the accelerator (`device`, default the first GPU) so it never waits for a copy."""
@@ -92,11 +102,11 @@ def report_slow_end(pipeline_end_s: float, last_write_s: float) -> None:
 
 def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: BottleneckCache,
                     strategy: tf.distribute.Strategy, batch_size: int, shard_size: int,
-                    progress_mode: str = "auto", stop=None, forward=None) -> int:
+                    progress_mode: str = "auto", stop=None, forward=None, read=None) -> int:
     """Compute and cache the vectors of images not cached yet; returns how many were computed. A truthy
     `stop` (a StopFlag) writes the vectors computed so far as a shard and raises StopRequested. `forward` is
     an extraction_forward of the same backbone, strategy and batch size (default: a new one, traced on the
-    first batch)."""
+    first batch). `read` (a Dataset.reader) gives the images' encoded bytes when they are not files."""
     todo, seen = [], set()
     for r in records:
         if not cache.has(r.sha256) and r.sha256 not in cache.undecodable and r.sha256 not in seen:
@@ -105,7 +115,9 @@ def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: Bottl
     if not todo:
         return 0
     log.info("extracting bottlenecks for %d images (%d already cached)", len(todo), len(cache))
-    dataset = to_devices(image_pipeline([r.path for r in todo], backbone.image_size, batch_size), strategy)
+    images = (image_pipeline([r.path for r in todo], backbone.image_size, batch_size) if read is None
+              else encoded_pipeline(read(todo), backbone.image_size, batch_size))
+    dataset = to_devices(images, strategy)
     forward = forward or extraction_forward(backbone, strategy, batch_size)
     pending_keys, pending_vectors, next_expected = [], [], 0
     bar = progress(len(todo), "extracting bottlenecks", "img", progress_mode)

@@ -18,8 +18,9 @@ from sync.config import SyncConfig
 @dataclass
 class DataConfig:
     dir: str = _opt("", "folder with one sub-folder of images per class; or a .zip/.tar/.tar.gz/.tgz of one (a "
-                        "path, or an http(s):// URL), unpacked once into data.unpack_dir",
-                    path=lambda section: not section.dir.startswith(("https://", "http://")))
+                        "path, or an http(s):// URL), unpacked once into data.unpack_dir; or tfds:NAME (TensorFlow "
+                        "Datasets) or hf:PATH[:CONFIG] (Hugging Face datasets), docs/data.md",
+                    path=lambda section: not section.dir.startswith(("https://", "http://", "tfds:", "hf:")))
     unpack_dir: str = _opt("~/.cache/bottleneck-runner/data", "local folder where an archive data.dir is "
                            "unpacked, and a data.dir under data.copy_prefix copied, once (reused by reruns)",
                            path=True)
@@ -27,6 +28,8 @@ class DataConfig:
                             "copied to data.unpack_dir before the scan, then kept up to date; '' = never copy",
                             path=True)
     min_images_per_class: int = _opt(5, "a class with fewer valid images stops the run early", min=1)
+    image_key: str = _opt("", "tfds: / hf: data.dir: the image feature or column; '' = found from the dataset")
+    label_key: str = _opt("", "tfds: / hf: data.dir: the ClassLabel feature or column; '' = found from the dataset")
 
 
 @dataclass
