@@ -88,7 +88,7 @@ def read_toml(path: str | Path) -> dict:
     """The tables of a TOML settings file; SettingError naming the file when it is missing or invalid."""
     path = Path(path)
     try:
-        table = tomllib.loads(path.read_text())
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SettingError(f"config file {path} does not exist; pass an existing file to --config "
                            f"(see configs/ for examples).") from None

@@ -162,7 +162,7 @@ def prepare(config: Config, run: RunDir, sync, stop: StopFlag, strategy,
 def _write_if_changed(path: Path, text: str) -> None:
     """Write a record atomically unless it already holds exactly this text."""
     try:
-        if path.read_text() == text:
+        if path.read_text(encoding="utf-8") == text:
             return
     except FileNotFoundError:
         pass

@@ -158,7 +158,7 @@ class HashIndex:
         self.shipped_name: str | None = None
         for candidate in [self.path] + self._shipped_copies():  # the working copy, else one restored by sync
             try:
-                data = json.loads(candidate.read_text())
+                data = json.loads(candidate.read_text(encoding="utf-8"))
             except (FileNotFoundError, ValueError):
                 continue
             if isinstance(data, dict) and data.get("format") == self.FORMAT:
@@ -204,7 +204,7 @@ class HashIndex:
     @staticmethod
     def _holds(path: Path, text: str) -> bool:
         try:
-            return path.read_text() == text
+            return path.read_text(encoding="utf-8") == text
         except (OSError, ValueError):
             return False
 

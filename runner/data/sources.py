@@ -115,7 +115,7 @@ def unpacked(source: str, unpack_dir: Path, progress_mode: str, copy_first: bool
         archive = Path(source)
     record = {"source": source, "size": archive.stat().st_size, "sha256": file_digest(archive)}
     if is_url(source):
-        record.update(json.loads(archive.with_suffix(".json").read_text()))
+        record.update(json.loads(archive.with_suffix(".json").read_text(encoding="utf-8")))
     partial = Path(tempfile.mkdtemp(prefix=f".partial-{target.name}-", dir=unpack_dir))
     try:
         log.info("unpacking %s (%d MB) into %s", source, record["size"] >> 20, target)

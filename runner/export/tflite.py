@@ -86,7 +86,7 @@ def _cached(path: Path) -> bytes | None:
     if not (path.is_file() and digest_path.is_file()):
         return None
     data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() == digest_path.read_text().strip():
+    if hashlib.sha256(data).hexdigest() == digest_path.read_text(encoding="utf-8").strip():
         return data
     log.warning("TFLite: %s is damaged (its sha256 differs from %s); converting the backbone again",
                 path, digest_path.name)
@@ -98,7 +98,7 @@ def conversion_lock(cache_dir: Path):
     """Hold CACHE_DIR/tflite/.lock, waiting (and saying so) while another process converts a backbone."""
     folder = cache_dir / TFLITE_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a") as lock:
+    with open(folder / LOCK_FILE, "a", encoding="utf-8") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -181,7 +181,7 @@ def start_background_conversion(config: Config) -> BackgroundConversion | None:
             return None
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-        with open(folder / CHILD_LOG, "w") as out:  # the child holds the lock until it exits
+        with open(folder / CHILD_LOG, "w", encoding="utf-8") as out:  # the child holds the lock until it exits
             process = subprocess.Popen(
                 [sys.executable, "-m", "runner.export.tflite", "--run", str(config.run_dir), "--parent",
                  str(os.getpid())], pass_fds=(lock,), stdin=subprocess.DEVNULL, stdout=out,

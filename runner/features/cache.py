@@ -74,7 +74,7 @@ class BottleneckCache:
 
     def _read_undecodable(self) -> dict[str, str]:
         try:
-            return json.loads((self.root / "undecodable.json").read_text())
+            return json.loads((self.root / "undecodable.json").read_text(encoding="utf-8"))
         except (FileNotFoundError, ValueError):
             return {}
 

@@ -68,7 +68,7 @@ class StageCheckpoints:
 
     def read_marker(self, local_step: int) -> dict:
         """A checkpoint's marker; OSError or ValueError when it is missing or unreadable."""
-        return json.loads(self.marker_path(local_step).read_text())
+        return json.loads(self.marker_path(local_step).read_text(encoding="utf-8"))
 
     def write_marker(self, local_step: int, marker: dict) -> None:
         """Write the marker last, atomically: from now on the checkpoint counts."""
@@ -122,7 +122,7 @@ class MetricsLog:
     def _lines(self) -> tuple[list[dict], bool]:
         """(records, whether a torn last line was found); RunnerError for a bad line before the last."""
         try:
-            text = self.path.read_text()
+            text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return [], False
         lines = text.split("\n")
@@ -148,7 +148,7 @@ class MetricsLog:
         """Add one record (dropping a torn last line first, so lines never run together)."""
         if self.path.exists() and self._lines()[1]:
             self.trim(None)
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def trim(self, step: int | None) -> None:
@@ -286,7 +286,7 @@ class RunDir:
 def read_json(path: Path) -> dict | list | None:
     """A JSON file's content, None when it does not exist; RunnerError naming it when it is invalid."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except ValueError as e:
