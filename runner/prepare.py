@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import TransientError
 from common.files import write_text_atomic
 from runner import __version__
 from runner.features.backbones import Backbone, build_backbone
@@ -17,7 +18,7 @@ from runner.features.cache import BottleneckCache
 from runner.run.config import Config, to_toml
 from runner.data.scan import Dataset, HashIndex, check_class_sizes, scan_dataset
 from runner.run.dataversion import DataFingerprint, RunVersion, finish_interrupted_archive, follow_data
-from runner.errors import IncompatibleRunError
+from runner.errors import DataError, IncompatibleRunError
 from runner.features.extract import extract_missing
 from runner.run.rundir import STAGES, RunDir
 from runner.data.sources import local_data_dir
@@ -123,16 +124,24 @@ def record_settings(config: Config, run: RunDir, classes: list[str]) -> None:
 
 def extract(config: Config, dataset: Dataset, backbone: Backbone, strategy, stop: StopFlag
             ) -> tuple[Dataset, BottleneckCache, int]:
-    """Cache the vectors of every image not cached yet; (the dataset without undecodable images, the cache,
-    how many vectors were computed)."""
+    """Cache the vectors of every image not cached yet; (the dataset without the images that do not decode or
+    could not be read now, the cache, how many vectors were computed)."""
     cache = BottleneckCache(config.cache_dir, backbone.cache_identity, backbone.feature_dim, config.cache.dtype)
     computed = extract_missing(dataset.images, backbone, cache, strategy, config.cache.batch_size,
                                config.cache.shard_size, config.train.progress, stop)
     scanned = len(dataset.skipped)
-    dataset = dataset.without(cache.undecodable)
+    dataset = dataset.without(cache.left_out())
     for item in dataset.skipped[scanned:]:  # the scan already named the files it skipped
         log.warning("skipped %s: %s", item["path"], item["reason"])
-    check_class_sizes(dataset, config.data.min_images_per_class)
+    try:
+        check_class_sizes(dataset, config.data.min_images_per_class)
+    except DataError as e:
+        if not cache.unreadable:
+            raise
+        raise TransientError(f"{e} But {len(cache.unreadable)} image(s) could not be read during extraction "
+                             f"(moved or renamed since the scan, or a mount that failed to serve them; see the "
+                             f"warnings above). They are not marked as damaged: run the same command again and "
+                             f"they are scanned and read again.") from None
     return dataset, cache, computed
 
 
