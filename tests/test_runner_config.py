@@ -92,3 +92,14 @@ def test_a_url_path_setting_is_kept_as_given_while_a_relative_path_becomes_absol
     config = load_config(None, ["data.dir=photos", "cache.dir=gs://bucket/cache"])
     assert config.cache.dir == "gs://bucket/cache"
     assert Path(config.data.dir).is_absolute()
+
+
+def test_a_config_that_is_a_folder_or_not_utf8_is_exit_2_naming_the_file(tmp_path):
+    result = run_resume("--config", str(tmp_path), "--print-config")
+    assert result.returncode == 2, result.stdout
+    assert f"config file {tmp_path} is a folder" in result.stdout and "Traceback" not in result.stdout
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[data]\ndir = "/data/\xc4pfel"\n'.encode("latin-1"))
+    with pytest.raises(ProjectError, match="is not UTF-8 text") as error:
+        load_config(latin1)
+    assert str(latin1) in str(error.value)
