@@ -224,6 +224,27 @@ def test_a_read_the_drive_mount_cannot_serve_exits_75_and_the_next_start_finishe
     assert len(copied) == 6 and len(set(copied)) == 6  # the three copied before the failure were kept
 
 
+def test_a_photo_or_class_deleted_while_the_drive_copy_runs_is_left_out_with_a_warning_not_a_crash(
+        tmp_path, monkeypatch, caplog):
+    drive = tmp_path / "drive"
+    data = write_synthetic_dataset(drive / "MyDrive" / "pets", num_classes=3, per_class=3, size=24)
+    config = data_config(data, tmp_path / "unpack", copy_prefix=drive)
+    copy2 = shutil.copy2
+
+    def deleted_meanwhile(src, dst):  # the user tidies the folder in Drive's web page during the copy
+        if Path(src).name == "img_001.jpg" and Path(src).parent.name == "class_0000":
+            Path(src).unlink()
+        if Path(src).parent.name == "class_0002" and Path(src).parent.exists():
+            shutil.rmtree(Path(src).parent)
+        return copy2(src, dst)
+    monkeypatch.setattr(sources.shutil, "copy2", deleted_meanwhile)
+    local = local_data_dir(config, "lines")
+    assert class_counts(local) == {"class_0000": 2, "class_0001": 3}
+    assert "img_001.jpg went from data.dir during the copy" in caplog.text
+    monkeypatch.undo()
+    assert local_data_dir(config, "lines") == local  # the next start copies what is there then
+
+
 class ArchiveServer:
     """A download server on 127.0.0.1 serving `files` (name → bytes, replaceable while it runs) with a strong
     ETag, Range and If-Range as RFC 9110 has them; faults on request: `cut_at` (bytes sent before the
