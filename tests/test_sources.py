@@ -245,6 +245,19 @@ def test_a_photo_or_class_deleted_while_the_drive_copy_runs_is_left_out_with_a_w
     assert local_data_dir(config, "lines") == local  # the next start copies what is there then
 
 
+@pytest.mark.parametrize("on_drive", [False, True], ids=["local-folder", "drive-folder"])
+def test_a_folder_whose_only_entry_is_one_folder_of_classes_takes_it_as_the_root_like_an_archive(tmp_path, on_drive):
+    drive = tmp_path / "drive"
+    data = drive / "MyDrive" / "download"
+    write_synthetic_dataset(data / "flower_photos", num_classes=2, per_class=3, size=24)
+    (data / ".DS_Store").write_bytes(b"litter")
+    root = local_data_dir(data_config(data, tmp_path / "unpack", copy_prefix=drive if on_drive else ""), "lines")
+    assert root.name == "flower_photos" and class_counts(root) == {"class_0000": 3, "class_0001": 3}
+    lone_class = tmp_path / "lone"
+    write_synthetic_dataset(lone_class, num_classes=1, per_class=3, size=24)  # lone/class_0000/*.jpg
+    assert local_data_dir(data_config(lone_class, tmp_path / "unpack"), "lines") == lone_class  # a class, not a root
+
+
 class ArchiveServer:
     """A download server on 127.0.0.1 serving `files` (name → bytes, replaceable while it runs) with a strong
     ETag, Range and If-Range as RFC 9110 has them; faults on request: `cut_at` (bytes sent before the

@@ -76,8 +76,8 @@ def local_data_dir(data, progress_mode: str = "auto", stop=None) -> Path:
         raise DataError(f"data.dir {path} is a file but not an archive; point data.dir at a folder of class "
                         f"folders or at a {', '.join(ARCHIVE_SUFFIXES)} file.")
     if copy_prefix and path.is_dir() and _is_under(path, Path(copy_prefix)):
-        return copied(path, Path(unpack_dir), progress_mode)
-    return path
+        return dataset_root(copied(path, Path(unpack_dir), progress_mode))
+    return dataset_root(path) if path.is_dir() else path
 
 
 def _is_under(path: Path, prefix: Path) -> bool:
@@ -196,9 +196,12 @@ def _copy_file(source: Path, dest: Path, progress_mode: str) -> Path:
 
 
 def dataset_root(folder: Path) -> Path:
-    """The folder itself, or its single top-level folder (flower_photos.tgz holds flower_photos/<class>/)."""
+    """The folder itself, or its single top-level folder when that one holds folders (flower_photos.tgz holds
+    flower_photos/<class>/): the same rule for an unpacked archive, a copied Drive folder and a local folder.
+    A lone folder of images only is a class, not a root."""
     entries = [p for p in folder.iterdir() if not is_ignored(p.name)]
-    if len(entries) == 1 and entries[0].is_dir():
+    if len(entries) == 1 and entries[0].is_dir() and any(
+            p.is_dir() and not is_ignored(p.name) for p in entries[0].iterdir()):
         return entries[0]
     return folder
 
