@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -41,6 +42,10 @@ log = logging.getLogger("runner")
 TFLITE_DIR = "tflite"  # inside the bottleneck cache folder
 LOCK_FILE = ".lock"  # held while a backbone is converted into TFLITE_DIR
 CHILD_LOG = "conversion.log"
+# how long an export waits for the background converter before converting the backbone itself: several times
+# the longest conversion measured below (Inception V3, 11.4 s idle), for a machine busy with extraction
+LOCK_WAIT_S = 600.0
+LOCK_POLL_S = 1.0
 # A child costs about 3.5 CPU-seconds (start-up, backbone build) beside the conversion. Converting takes (measured
 # in process, random weights, idle 2-core machine): MobileNet 0.25 0.3 s, MobileNetV2 1.0 s, EfficientNetV2-B0
 # (5.9M parameters) 2.7 s, ResNet50V2 (23.6M) 11.3 s, Inception V3 (21.8M) 11.4 s. Below 10M parameters the
@@ -95,20 +100,45 @@ def _cached(path: Path) -> bytes | None:
 
 @contextmanager
 def conversion_lock(cache_dir: Path):
-    """Hold CACHE_DIR/tflite/.lock, waiting (and saying so) while another process converts a backbone."""
+    """Hold CACHE_DIR/tflite/.lock, waiting (and saying so) while another process converts a backbone. A
+    converter that holds it past LOCK_WAIT_S (hung) is not waited on longer: the block runs without the lock,
+    so this process converts the backbone itself (the cache file is written atomically under a name fixed
+    by its content, so a late converter writing it too does no harm)."""
     folder = cache_dir / TFLITE_DIR
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK_FILE, "a", encoding="utf-8") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        held = _try_lock(lock)
+        if not held:
             log.info("TFLite: waiting for the backbone conversion running in the background (%s)",
                      folder / CHILD_LOG)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            held = _wait_for_lock(lock, LOCK_WAIT_S)
+        if not held:
+            log.warning("TFLite: the background conversion still holds %s after %.0f s; converting the backbone "
+                        "here instead (the converter's log: %s)", folder / LOCK_FILE, LOCK_WAIT_S,
+                        folder / CHILD_LOG)
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _try_lock(lock) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _wait_for_lock(lock, seconds: float) -> bool:
+    """Whether the lock was taken within `seconds` (tried every LOCK_POLL_S)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(min(LOCK_POLL_S, max(0.0, deadline - time.monotonic())))
+        if _try_lock(lock):
+            return True
+    return False
 
 
 def converted_backbone(backbone: Backbone, identity: dict, variant: str, optimizations: list,
