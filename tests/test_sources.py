@@ -499,3 +499,29 @@ def test_an_archive_on_the_drive_mount_is_copied_to_local_disk_once_then_unpacke
     assert class_counts(root) == {"hat": PER_CLASS, "pants": PER_CLASS, "shoes": PER_CLASS}
     assert opened and not any(p.is_relative_to(drive) for p in opened)  # unpacked from the local copy
     assert [p.name for p in (tmp_path / "unpack").iterdir()] == [root.parent.name]  # the copy is gone after
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_runner_during_a_url_download_exits_130_keeping_the_part(flower_tgz, archive_server,
+                                                                               tmp_path):
+    import signal
+    import time
+    from common.errors import EXIT_STOPPED
+    from tests.helpers import local_mobilenet_args, start_resume
+    data = flower_tgz[0].read_bytes()
+    archive_server.files["flowers.tgz"] = data
+    archive_server.hold_at = len(data) // 2  # then the server goes quiet until the test ends
+    unpack = tmp_path / "unpack"
+    process = start_resume(*local_mobilenet_args(tmp_path / "run", tmp_path / "cache", f"data.unpack_dir={unpack}",
+                                                 data_dir=archive_server.url("flowers.tgz")))
+    try:
+        while not any(p.stat().st_size for p in unpack.rglob("*.part")) and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    assert process.returncode == EXIT_STOPPED, output
+    parts = list(unpack.rglob("*.part"))
+    assert len(parts) == 1 and 0 < parts[0].stat().st_size < len(data), output  # kept for the next start
+    assert not [p for p in unpack.iterdir() if not p.name.startswith(".")]  # nothing unpacked
