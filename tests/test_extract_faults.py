@@ -131,3 +131,25 @@ def test_entries_written_before_reads_and_decodes_were_told_apart_are_diagnosed_
     cache, computed = extract(records, backbone, tmp_path / "cache")
     assert computed == len(records) - 1
     assert set(saved_undecodable(tmp_path / "cache")) == {records[-1].sha256}
+
+
+def test_a_read_failure_during_the_scan_skips_the_photo_for_this_run_without_blaming_permissions(tmp_path,
+                                                                                               monkeypatch):
+    from runner.data.scan import HashIndex, scan_dataset
+    from tests.helpers import write_synthetic_dataset
+    data = write_synthetic_dataset(tmp_path / "data", num_classes=2, per_class=4, size=24)
+    flaky = data / "class_0000" / "img_001.jpg"
+    real_read = Path.read_bytes
+
+    def read_bytes(self):
+        if self == flaky:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(self)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    dataset = scan_dataset(data, 0, 0, HashIndex(tmp_path / "hashes.json"), 1, "lines")
+    (skipped,) = dataset.skipped
+    assert skipped["path"] == "class_0000/img_001.jpg"
+    assert "Input/output error" in skipped["reason"] and "permissions" not in skipped["reason"]
+    assert "next start reads it again" in skipped["reason"]
+    monkeypatch.undo()
+    assert len(scan_dataset(data, 0, 0, HashIndex(tmp_path / "hashes.json"), 1, "lines").images) == 8

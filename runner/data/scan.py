@@ -290,6 +290,15 @@ def image_entries(folder: Path, parts: tuple[str, ...], skipped: list[dict] | No
     return found
 
 
+def _read_advice(e: OSError) -> str:
+    """What to do about a file the scan could not read."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "fix its permissions"
+    if isinstance(e, FileNotFoundError):
+        return "it went (moved or deleted) during the scan; the next start scans it again"
+    return "a read failure (a network mount?); the next start reads it again"
+
+
 def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
                  hash_index: HashIndex, min_images_per_class: int, progress_mode: str = "auto",
                  stop=None) -> Dataset:
@@ -318,8 +327,8 @@ def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
             if digest is not None and not os.access(file, os.R_OK):  # known, but extraction could not read it
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
             data = file.read_bytes() if digest is None else b""
-        except OSError as e:
-            skipped.append({"path": relpath, "reason": f"unreadable: {e.strerror or e}; fix its permissions"})
+        except OSError as e:  # this run only: nothing about the file is remembered
+            skipped.append({"path": relpath, "reason": f"unreadable: {e.strerror or e}; {_read_advice(e)}"})
             log.warning("skipped %s: %s", relpath, skipped[-1]["reason"])
             continue
         if digest is None:
