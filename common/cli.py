@@ -22,7 +22,12 @@ def configure_logging(debug: bool = False) -> None:
 
 def run_command(command: Callable[[], int], debug: bool = False) -> int:
     """Run a command and return its exit status; an exception that ends it is printed as one `error: ...`
-    paragraph (with the traceback under --debug) and mapped to the status of the table in common/errors.py."""
+    paragraph (with the traceback under --debug) and mapped to the status of the table in common/errors.py.
+    Text the terminal's encoding cannot show (a class named "Äpfel" under an ASCII locale) is escaped, never
+    a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return command()
     except Exception as e:  # noqa: BLE001 - every failure gets a status from the one table

@@ -88,10 +88,19 @@ def read_toml(path: str | Path) -> dict:
     """The tables of a TOML settings file; SettingError naming the file when it is missing or invalid."""
     path = Path(path)
     try:
-        table = tomllib.loads(path.read_text())
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SettingError(f"config file {path} does not exist; pass an existing file to --config "
                            f"(see configs/ for examples).") from None
+    except IsADirectoryError:
+        raise SettingError(f"config file {path} is a folder; pass a .toml file to --config (such as "
+                           f"configs/flowers.toml).") from None
+    except UnicodeDecodeError as e:
+        raise SettingError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                           f"UTF-8.") from None
+    except PermissionError:
+        raise SettingError(f"config file {path} cannot be read (permission denied); make it readable or pass "
+                           f"another file to --config.") from None
     except tomllib.TOMLDecodeError as e:
         raise SettingError(f"config file {path} is not valid TOML: {e}.") from None
     for name, section in table.items():

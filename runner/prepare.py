@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import TransientError
 from common.files import write_text_atomic
 from runner import __version__
 from runner.features.backbones import REGISTRY, Backbone, build_backbone
@@ -18,7 +19,7 @@ from runner.run.config import Config, to_toml
 from runner.data.scan import Dataset, HashIndex, check_class_sizes, scan_dataset
 from runner.run.dataversion import DataFingerprint, finish_interrupted_archive, follow_data
 from runner.run.records import BackboneInfo, CheckpointMarker, RunVersion
-from runner.errors import IncompatibleRunError
+from runner.errors import DataError, IncompatibleRunError
 from runner.features.extract import extract_missing
 from runner.run.rundir import STAGES, RunDir
 from runner.data.libraries import is_library_source, scan_library
@@ -124,7 +125,7 @@ def scan(config: Config, stop: StopFlag) -> tuple[Dataset, HashIndex, dict[str, 
     previous = dict(hash_index.entries)
     if is_library_source(config.data.dir):
         return scan_library(config, hash_index, stop), hash_index, previous
-    dataset = scan_dataset(local_data_dir(config.data, config.train.progress), config.split.validation_percent, config.split.test_percent,
+    dataset = scan_dataset(local_data_dir(config.data, config.train.progress, stop), config.split.validation_percent, config.split.test_percent,
                            hash_index, config.data.min_images_per_class, config.train.progress, stop)
     return dataset, hash_index, previous
 
@@ -137,16 +138,24 @@ def record_settings(config: Config, run: RunDir, classes: list[str]) -> None:
 
 def extract(config: Config, dataset: Dataset, backbone: Backbone, strategy, stop: StopFlag
             ) -> tuple[Dataset, BottleneckCache, int]:
-    """Cache the vectors of every image not cached yet; (the dataset without undecodable images, the cache,
-    how many vectors were computed)."""
+    """Cache the vectors of every image not cached yet; (the dataset without the images that do not decode or
+    could not be read now, the cache, how many vectors were computed)."""
     cache = BottleneckCache(config.cache_dir, backbone.cache_identity, backbone.feature_dim, config.cache.dtype)
     computed = extract_missing(dataset.images, backbone, cache, strategy, config.cache.batch_size,
                                config.cache.shard_size, config.train.progress, stop, read=dataset.reader)
     scanned = len(dataset.skipped)
-    dataset = dataset.without(cache.undecodable)
+    dataset = dataset.without(cache.left_out())
     for item in dataset.skipped[scanned:]:  # the scan already named the files it skipped
         log.warning("skipped %s: %s", item["path"], item["reason"])
-    check_class_sizes(dataset, config.data.min_images_per_class)
+    try:
+        check_class_sizes(dataset, config.data.min_images_per_class)
+    except DataError as e:
+        if not cache.unreadable:
+            raise
+        raise TransientError(f"{e} But {len(cache.unreadable)} image(s) could not be read during extraction "
+                             f"(moved or renamed since the scan, or a mount that failed to serve them; see the "
+                             f"warnings above). They are not marked as damaged: run the same command again and "
+                             f"they are scanned and read again.") from None
     return dataset, cache, computed
 
 
@@ -176,7 +185,7 @@ def prepare(config: Config, run: RunDir, sync, stop: StopFlag, strategy,
 def _write_if_changed(path: Path, text: str) -> None:
     """Write a record atomically unless it already holds exactly this text."""
     try:
-        if path.read_text() == text:
+        if path.read_text(encoding="utf-8") == text:
             return
     except FileNotFoundError:
         pass

@@ -69,7 +69,7 @@ def save_record(path: Path, hand_over: HandOver) -> None:
 def load_record(path: Path) -> HandOver | None:
     """The last persisted hand-over, or None when there is none; SyncError naming it when it is unreadable."""
     try:
-        return HandOver.from_json(path.read_text())
+        return HandOver.from_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (ValueError, TypeError, KeyError) as e:

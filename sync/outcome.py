@@ -46,7 +46,7 @@ class SyncOutcome:
     def load(cls, path: Path) -> "SyncOutcome | None":
         """The recorded outcome, or None when there is none (or it is unreadable: it is only a report)."""
         try:
-            return cls(**json.loads(Path(path).read_text()))
+            return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError):
             return None
 

@@ -103,7 +103,7 @@ def read_pointer(backend: Backend) -> SnapshotInfo | None:
         dest = Path(tmp) / POINTER
         try:
             backend.get(POINTER, dest)
-            data = json.loads(dest.read_text())
+            data = json.loads(dest.read_text(encoding="utf-8"))
             return SnapshotInfo(data["name"], int(data["step"]), data.get("val_accuracy"), data["sha256"],
                                 int(data["size"]), float(data["created"]), str(data.get("file_id", "")),
                                 str(data.get("run_id", "")), bool(data.get("final", False)),

@@ -37,7 +37,7 @@ class Staged:
     @classmethod
     def read(cls, path: Path) -> "Staged":
         """The staged checkpoint in folder path (ValueError/KeyError/TypeError when its record is unreadable)."""
-        data = json.loads((path / STAGED_INFO).read_text())
+        data = json.loads((path / STAGED_INFO).read_text(encoding="utf-8"))
         if "hand_over" not in data:  # staged by an earlier version: an untyped info dict
             data = {"hand_over": {"step": data["step"], "files": data["files"], "immutable": [],
                                   "runner_version": data.get("runner_version") or "unknown",

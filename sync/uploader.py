@@ -189,7 +189,7 @@ def clear_outgoing(work_dir: Path, keep_names: set[str]) -> None:
 def _read_names(path: Path) -> set[str]:
     """A JSON list of names (empty if the file is missing or unreadable)."""
     try:
-        return set(json.loads(path.read_text()))
+        return set(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return set()
 

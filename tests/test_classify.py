@@ -103,3 +103,28 @@ def test_a_folder_without_an_export_points_to_runner_export(tmp_path, capsys):
     from runner.export.classify import main
     assert main([str(tmp_path), str(first_image("hat"))]) == 2
     assert "python -m runner.export --run RUN_DIR" in capsys.readouterr().err
+
+
+def test_non_ascii_class_names_are_read_as_utf8_under_a_locale_that_is_not(exported_run, tmp_path):
+    """labels.txt is UTF-8 whatever the locale: under an ASCII locale "Äpfel" is read back, printed as JSON,
+    and the text output escapes what the terminal cannot show instead of crashing."""
+    import os
+    import shutil
+    from runner.export.labels import read_labels
+    export = tmp_path / "export"
+    shutil.copytree(exported_run[2], export)
+    classes = read_labels(export)
+    renamed = ["Äpfel" if name == "hat" else name for name in classes]
+    (export / "labels.txt").write_bytes("".join(f"{n}\n" for n in renamed).encode("utf-8"))
+    env = {k: v for k, v in child_env().items() if k not in ("PYTHONIOENCODING", "LANG", "LC_CTYPE")}
+    env.update(LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    photo = str(first_image("hat"))
+    for output in (["--json"], []):
+        result = subprocess.run([sys.executable, "-m", "runner.classify", str(export), photo, *output], cwd=REPO,
+                                env=env, capture_output=True, timeout=300)
+        assert result.returncode == 0, result.stderr.decode("utf-8", "replace")
+        if output:
+            top = json.loads(result.stdout)[0]["predictions"][0]["class"]
+            assert top == "Äpfel"
+        else:
+            assert b"\\xc4pfel" in result.stdout, result.stdout

@@ -105,3 +105,14 @@ def test_fine_tuning_takes_its_optimizer_and_cadence_from_its_own_section_not_th
     warned = " ".join(ignored_settings(config))
     assert "train.decay_rate = 0.5" in warned and "fine_tune.decay_rate" in warned
     assert "eval.every_steps = 7" in warned and "fine_tune.eval_every_steps" in warned
+
+
+def test_a_config_that_is_a_folder_or_not_utf8_is_exit_2_naming_the_file(tmp_path):
+    result = run_resume("--config", str(tmp_path), "--print-config")
+    assert result.returncode == 2, result.stdout
+    assert f"config file {tmp_path} is a folder" in result.stdout and "Traceback" not in result.stdout
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[data]\ndir = "/data/\xc4pfel"\n'.encode("latin-1"))
+    with pytest.raises(ProjectError, match="is not UTF-8 text") as error:
+        load_config(latin1)
+    assert str(latin1) in str(error.value)

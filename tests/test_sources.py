@@ -3,6 +3,7 @@ Drive mount copied to local disk once. Served from a tiny HTTP server on 127.0.0
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import io
 import json
@@ -64,6 +65,11 @@ def data_config(source, unpack_dir, copy_prefix="") -> DataConfig:
     return DataConfig(dir=str(source), unpack_dir=str(unpack_dir), copy_prefix=str(copy_prefix))
 
 
+def leftovers(unpack_dir: Path) -> list[Path]:
+    """What an unpack left in unpack_dir besides its lock file (kept after a failed unpack; harmless)."""
+    return [p for p in unpack_dir.iterdir() if not p.name.endswith(".lock")]
+
+
 def class_counts(root: Path) -> dict[str, int]:
     return {p.name: len(list(p.glob("*.jpg"))) for p in sorted(root.iterdir()) if p.is_dir()}
 
@@ -119,7 +125,7 @@ def test_a_damaged_archive_is_exit_2_naming_it(flower_tgz, tmp_path):
     with pytest.raises(DataError, match="damaged or incomplete") as error:
         local_data_dir(data_config(damaged, tmp_path / "unpack"), "lines")
     assert str(damaged) in str(error.value)
-    assert not [p for p in (tmp_path / "unpack").iterdir()]  # nothing half-unpacked is left
+    assert not leftovers(tmp_path / "unpack")  # nothing half-unpacked is left
 
 
 def _tar_with(path: Path, member: tarfile.TarInfo, data: bytes = b"x") -> Path:
@@ -152,7 +158,7 @@ def test_an_unsafe_archive_member_is_refused_and_nothing_is_unpacked(member, tmp
     with pytest.raises(DataError, match="refused") as error:
         local_data_dir(data_config(archive, tmp_path / "unpack"), "lines")
     assert member.name in str(error.value) and status_of(error.value)[0] == EXIT_USER_ERROR
-    assert not list((tmp_path / "unpack").iterdir()) and not (tmp_path / "escaped.jpg").exists()
+    assert not leftovers(tmp_path / "unpack") and not (tmp_path / "escaped.jpg").exists()
 
 
 def test_a_killed_unpack_is_never_used_and_the_rerun_completes_it(flower_tgz, tmp_path, monkeypatch):
@@ -169,7 +175,7 @@ def test_a_killed_unpack_is_never_used_and_the_rerun_completes_it(flower_tgz, tm
     monkeypatch.setattr(sources.shutil, "rmtree", lambda *a, **k: None)  # ... so the partial folder stays
     with pytest.raises(KeyboardInterrupt):
         local_data_dir(data_config(archive, tmp_path / "unpack"), "lines")
-    left = list((tmp_path / "unpack").iterdir())
+    left = leftovers(tmp_path / "unpack")
     assert len(left) == 1 and left[0].name.startswith(".partial-")  # never a folder that looks complete
     monkeypatch.undo()
     root = local_data_dir(data_config(archive, tmp_path / "unpack"), "lines")
@@ -218,37 +224,269 @@ def test_a_read_the_drive_mount_cannot_serve_exits_75_and_the_next_start_finishe
     assert len(copied) == 6 and len(set(copied)) == 6  # the three copied before the failure were kept
 
 
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves `bytes=N-` Range requests with 206, as download servers do (SimpleHTTPRequestHandler does not)."""
-    requested: list[str] = []
+def test_a_photo_or_class_deleted_while_the_drive_copy_runs_is_left_out_with_a_warning_not_a_crash(
+        tmp_path, monkeypatch, caplog):
+    drive = tmp_path / "drive"
+    data = write_synthetic_dataset(drive / "MyDrive" / "pets", num_classes=3, per_class=3, size=24)
+    config = data_config(data, tmp_path / "unpack", copy_prefix=drive)
+    copy2 = shutil.copy2
 
-    def log_message(self, *args):
-        pass
+    def deleted_meanwhile(src, dst):  # the user tidies the folder in Drive's web page during the copy
+        if Path(src).name == "img_001.jpg" and Path(src).parent.name == "class_0000":
+            Path(src).unlink()
+        if Path(src).parent.name == "class_0002" and Path(src).parent.exists():
+            shutil.rmtree(Path(src).parent)
+        return copy2(src, dst)
+    monkeypatch.setattr(sources.shutil, "copy2", deleted_meanwhile)
+    local = local_data_dir(config, "lines")
+    assert class_counts(local) == {"class_0000": 2, "class_0001": 3}
+    assert "img_001.jpg went from data.dir during the copy" in caplog.text
+    monkeypatch.undo()
+    assert local_data_dir(config, "lines") == local  # the next start copies what is there then
 
-    def do_GET(self):
-        RangeHandler.requested.append(self.headers.get("Range", ""))
-        data = Path(self.translate_path(self.path)).read_bytes()
-        start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        self.wfile.write(data[start:])
+
+@pytest.mark.parametrize("on_drive", [False, True], ids=["local-folder", "drive-folder"])
+def test_a_folder_whose_only_entry_is_one_folder_of_classes_takes_it_as_the_root_like_an_archive(tmp_path, on_drive):
+    drive = tmp_path / "drive"
+    data = drive / "MyDrive" / "download"
+    write_synthetic_dataset(data / "flower_photos", num_classes=2, per_class=3, size=24)
+    (data / ".DS_Store").write_bytes(b"litter")
+    root = local_data_dir(data_config(data, tmp_path / "unpack", copy_prefix=drive if on_drive else ""), "lines")
+    assert root.name == "flower_photos" and class_counts(root) == {"class_0000": 3, "class_0001": 3}
+    lone_class = tmp_path / "lone"
+    write_synthetic_dataset(lone_class, num_classes=1, per_class=3, size=24)  # lone/class_0000/*.jpg
+    assert local_data_dir(data_config(lone_class, tmp_path / "unpack"), "lines") == lone_class  # a class, not a root
 
 
-def test_an_interrupted_download_resumes_where_it_stopped(flower_tgz, tmp_path):
-    archive, _ = flower_tgz
-    handler = functools.partial(RangeHandler, directory=str(archive.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+class ArchiveServer:
+    """A download server on 127.0.0.1 serving `files` (name → bytes, replaceable while it runs) with a strong
+    ETag, Range and If-Range as RFC 9110 has them; faults on request: `cut_at` (bytes sent before the
+    connection drops), `chunked` (Transfer-Encoding: chunked), `no_length` (no Content-Length),
+    `ignore_if_range` (a server that serves a Range whatever If-Range says), `hold_at` (bytes sent before it
+    waits for `release`). `requests` lists (Range, If-Range) of each GET."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.cut_at = self.hold_at = None
+        self.chunked = self.no_length = self.ignore_if_range = False
+        self.held, self.release = threading.Event(), threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.handle(self)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.handle_error = lambda *args: None  # a client that hung up mid-body is what some tests do
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    @staticmethod
+    def etag(data: bytes) -> str:
+        return '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
+
+    def handle(self, request) -> None:
+        data = self.files[request.path.lstrip("/")]
+        asked, if_range = request.headers.get("Range", ""), request.headers.get("If-Range", "")
+        self.requests.append((asked, if_range))
+        start = int(asked[6:-1]) if asked else 0
+        if start and if_range and if_range != self.etag(data) and not self.ignore_if_range:
+            start = 0  # the file changed: RFC 9110 says send it whole, with 200
+        request.send_response(206 if start else 200)
+        request.send_header("ETag", self.etag(data))
+        if start:
+            request.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        if self.chunked:
+            request.send_header("Transfer-Encoding", "chunked")
+        elif not self.no_length:
+            request.send_header("Content-Length", str(len(data) - start))
+        request.send_header("Connection", "close")
+        request.end_headers()
+        body = data[start:]
+        if self.hold_at is not None:
+            self.send(request, body[:self.hold_at])
+            self.held.set()
+            self.release.wait(60)
+            body = body[self.hold_at:]
+        end = len(body) if self.cut_at is None else self.cut_at
+        self.send(request, body[:end])
+        if end == len(body) and self.chunked:
+            request.wfile.write(b"0\r\n\r\n")
+        request.close_connection = True
+
+    def send(self, request, body: bytes) -> None:
+        if self.chunked and body:
+            request.wfile.write(f"{len(body):x}\r\n".encode() + body + b"\r\n")
+        else:
+            request.wfile.write(body)
+        request.wfile.flush()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def archive_server():
+    server = ArchiveServer()
+    yield server
+    server.close()
+
+
+def test_an_interrupted_download_exits_75_and_resumes_where_it_stopped(flower_tgz, archive_server, tmp_path):
+    data = flower_tgz[0].read_bytes()
+    archive_server.files["flowers.tgz"] = data
+    archive_server.cut_at = len(data) // 2
+    dest = tmp_path / "flowers.tgz"
+    with pytest.raises(SourceUnavailable) as cut:
+        sources.fetch(archive_server.url("flowers.tgz"), dest, "lines")
+    assert status_of(cut.value)[0] == EXIT_TRANSIENT
+    assert dest.with_suffix(".part").stat().st_size == len(data) // 2
+    archive_server.cut_at = None
+    sources.fetch(archive_server.url("flowers.tgz"), dest, "lines")
+    assert archive_server.requests[1] == (f"bytes={len(data) // 2}-", ArchiveServer.etag(data))
+    assert dest.read_bytes() == data and not dest.with_suffix(".part").exists()
+
+
+@pytest.mark.parametrize("server_honours_if_range", [True, False], ids=["if-range", "range-only-server"])
+def test_a_download_resumed_after_the_servers_file_changed_is_the_new_file_never_a_splice(
+        flower_tgz, archive_server, tmp_path, server_honours_if_range):
+    old = flower_tgz[0].read_bytes()
+    new = write_photo_archive(tmp_path / "new.tgz", "flower_photos", PER_CLASS + 1).read_bytes()
+    archive_server.files["flowers.tgz"] = old
+    archive_server.cut_at = len(old) // 2
+    dest = tmp_path / "flowers.tgz"
+    with pytest.raises(SourceUnavailable):
+        sources.fetch(archive_server.url("flowers.tgz"), dest, "lines")
+    archive_server.files["flowers.tgz"] = new  # republished while the first half waited
+    archive_server.cut_at, archive_server.ignore_if_range = None, not server_honours_if_range
+    sources.fetch(archive_server.url("flowers.tgz"), dest, "lines")
+    assert dest.read_bytes() == new
+    assert archive_server.requests[1][1] == ArchiveServer.etag(old)  # If-Range sent with the Range
+
+
+def test_a_server_that_answers_a_range_with_the_whole_file_is_downloaded_from_the_start(flower_tgz, archive_server,
+                                                                                       tmp_path):
+    data = flower_tgz[0].read_bytes()
+    archive_server.files["flowers.tgz"] = data
+    dest = tmp_path / "flowers.tgz"
+    dest.with_suffix(".part").write_bytes(b"left by something else" * 10)  # no validator saved with it
+    sources.fetch(archive_server.url("flowers.tgz"), dest, "lines")
+    assert dest.read_bytes() == data and archive_server.requests == [("", "")]
+
+
+def test_a_chunked_download_cut_mid_stream_exits_75_not_1(flower_tgz, archive_server, tmp_path):
+    data = flower_tgz[0].read_bytes()
+    archive_server.files["flowers.tgz"] = data
+    archive_server.chunked, archive_server.cut_at = True, len(data) // 3
+    with pytest.raises(SourceUnavailable) as cut:  # http.client.IncompleteRead underneath
+        local_data_dir(data_config(archive_server.url("flowers.tgz"), tmp_path / "unpack"), "lines")
+    assert status_of(cut.value)[0] == EXIT_TRANSIENT
+
+
+def test_a_download_cut_without_content_length_exits_75_and_is_fetched_again(flower_tgz, archive_server, tmp_path):
+    data = flower_tgz[0].read_bytes()
+    archive_server.files["flowers.tgz"] = data
+    archive_server.no_length, archive_server.cut_at = True, len(data) // 2
+    config = data_config(archive_server.url("flowers.tgz"), tmp_path / "unpack")
+    with pytest.raises(SourceUnavailable, match="did not say how long it is") as cut:
+        local_data_dir(config, "lines")
+    assert status_of(cut.value)[0] == EXIT_TRANSIENT  # not 2 ("damaged"): --supervise retries it
+    archive_server.cut_at = None
+    root = local_data_dir(config, "lines")
+    assert class_counts(root) == {"hat": PER_CLASS, "pants": PER_CLASS, "shoes": PER_CLASS}
+
+
+def test_a_tgz_whose_gzip_crc_is_wrong_is_refused_and_nothing_is_unpacked(flower_tgz, tmp_path):
+    data = bytearray(flower_tgz[0].read_bytes())
+    data[-8] ^= 0xFF  # the gzip trailer's CRC-32 of the uncompressed bytes
+    damaged = tmp_path / "flower_photos.tgz"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="damaged or incomplete") as error:
+        local_data_dir(data_config(damaged, tmp_path / "unpack"), "lines")
+    assert "CRC" in str(error.value) and status_of(error.value)[0] == EXIT_USER_ERROR
+    assert not leftovers(tmp_path / "unpack")
+
+
+def test_a_zip_member_whose_crc_is_wrong_is_refused(macos_zip, tmp_path):
+    with zipfile.ZipFile(macos_zip[0]) as zf:
+        member = next(m for m in zf.infolist() if m.filename.endswith(".jpg") and m.compress_type == 0)
+        offset = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    data = bytearray(macos_zip[0].read_bytes())
+    data[offset + member.file_size // 2] ^= 0xFF  # one byte of a stored photo
+    damaged = tmp_path / "clothes.zip"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="CRC") as error:
+        local_data_dir(data_config(damaged, tmp_path / "unpack"), "lines")
+    assert status_of(error.value)[0] == EXIT_USER_ERROR and not leftovers(tmp_path / "unpack")
+
+
+def test_two_runs_unpacking_one_url_at_once_take_turns_and_download_it_once(flower_tgz, archive_server, tmp_path):
+    archive_server.files["flowers.tgz"] = flower_tgz[0].read_bytes()
+    archive_server.hold_at = 1000  # the first download waits half-way until the second run has started
+    config = data_config(archive_server.url("flowers.tgz"), tmp_path / "unpack")
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(local_data_dir(config, "lines"))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads[0].start()
+    assert archive_server.held.wait(60)
+    threads[1].start()
+    threads[1].join(1.0)  # the second waits on the first (or, without a lock, downloads beside it)
+    archive_server.release.set()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    assert len(results) == 2 and results[0] == results[1]
+    assert class_counts(results[0]) == {"hat": PER_CLASS, "pants": PER_CLASS, "shoes": PER_CLASS}
+    assert len(archive_server.requests) == 1
+
+
+def test_sigterm_during_a_download_stops_it_at_once_keeping_the_part_for_the_next_start(flower_tgz, archive_server,
+                                                                                       tmp_path):
+    import os
+    import signal
+    import time
+    from runner.errors import StopRequested
+    from runner.training.loop import StopFlag
+    data = flower_tgz[0].read_bytes()
+    archive_server.files["flowers.tgz"] = data
+    archive_server.hold_at = len(data) // 2  # then the server goes quiet: the read waits on the network
+    config = data_config(archive_server.url("flowers.tgz"), tmp_path / "unpack")
+    stop, previous = StopFlag(), signal.getsignal(signal.SIGTERM)
+    stop.install()
+    def sigterm_once_bytes_arrived():
+        while not any(p.stat().st_size for p in (tmp_path / "unpack").rglob("*.part")):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=sigterm_once_bytes_arrived, daemon=True).start()
     try:
-        dest = tmp_path / "flowers.tgz"
-        half = archive.stat().st_size // 2
-        dest.with_suffix(".part").write_bytes(archive.read_bytes()[:half])  # what a cut connection left
-        sources.fetch(f"http://127.0.0.1:{server.server_address[1]}/{archive.name}", dest, "lines")
+        with pytest.raises(StopRequested) as stopped:
+            local_data_dir(config, "lines", stop)
     finally:
-        server.shutdown()
-    assert RangeHandler.requested == [f"bytes={half}-"]
-    assert file_digest(dest) == file_digest(archive) and not dest.with_suffix(".part").exists()
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert stopped.value.signal_name == "SIGTERM" and "downloading" in stopped.value.phase
+    parts = list((tmp_path / "unpack").rglob("*.part"))
+    assert len(parts) == 1 and 0 < parts[0].stat().st_size < len(data)  # kept to resume
+    assert not [p for p in (tmp_path / "unpack").iterdir() if not p.name.startswith(".")]  # nothing unpacked
+    kept = parts[0].stat().st_size
+    archive_server.release.set()
+    archive_server.hold_at = None
+    root = local_data_dir(config, "lines", StopFlag())
+    assert class_counts(root) == {"hat": PER_CLASS, "pants": PER_CLASS, "shoes": PER_CLASS}
+    assert archive_server.requests[-1][0] == f"bytes={kept}-"  # resumed, not downloaded again
 
 
 def test_an_archive_on_the_drive_mount_is_copied_to_local_disk_once_then_unpacked(flower_tgz, tmp_path, monkeypatch):
@@ -261,3 +499,29 @@ def test_an_archive_on_the_drive_mount_is_copied_to_local_disk_once_then_unpacke
     assert class_counts(root) == {"hat": PER_CLASS, "pants": PER_CLASS, "shoes": PER_CLASS}
     assert opened and not any(p.is_relative_to(drive) for p in opened)  # unpacked from the local copy
     assert [p.name for p in (tmp_path / "unpack").iterdir()] == [root.parent.name]  # the copy is gone after
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_runner_during_a_url_download_exits_130_keeping_the_part(flower_tgz, archive_server,
+                                                                               tmp_path):
+    import signal
+    import time
+    from common.errors import EXIT_STOPPED
+    from tests.helpers import local_mobilenet_args, start_resume
+    data = flower_tgz[0].read_bytes()
+    archive_server.files["flowers.tgz"] = data
+    archive_server.hold_at = len(data) // 2  # then the server goes quiet until the test ends
+    unpack = tmp_path / "unpack"
+    process = start_resume(*local_mobilenet_args(tmp_path / "run", tmp_path / "cache", f"data.unpack_dir={unpack}",
+                                                 data_dir=archive_server.url("flowers.tgz")))
+    try:
+        while not any(p.stat().st_size for p in unpack.rglob("*.part")) and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    assert process.returncode == EXIT_STOPPED, output
+    parts = list(unpack.rglob("*.part"))
+    assert len(parts) == 1 and 0 < parts[0].stat().st_size < len(data), output  # kept for the next start
+    assert not [p for p in unpack.iterdir() if not p.name.startswith(".")]  # nothing unpacked

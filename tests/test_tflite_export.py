@@ -113,6 +113,36 @@ def test_a_damaged_cached_backbone_is_converted_again(parts, shared_cache, tmp_p
     assert cached.stat().st_size > 100_000
 
 
+def test_an_export_does_not_wait_for_ever_on_a_hung_background_converter(parts, tmp_path, caplog, monkeypatch):
+    """A converter child that holds the conversion lock and never ends (hung): after LOCK_WAIT_S the export
+    converts the backbone itself and its TFLite model is right."""
+    import fcntl
+    import threading
+    import runner.export.tflite as tflite_export
+    from runner.export.exporter import write_tflite
+    model, classifier, pixels = parts
+    model.config.cache.dir = str(tmp_path / "cache")
+    monkeypatch.setattr(tflite_export, "LOCK_WAIT_S", 0.5)
+    monkeypatch.setattr(tflite_export, "LOCK_POLL_S", 0.1)
+    (tmp_path / "cache" / "tflite").mkdir(parents=True)
+    hung = open(tmp_path / "cache" / "tflite" / tflite_export.LOCK_FILE, "a", encoding="utf-8")  # the hung child's
+    fcntl.flock(hung, fcntl.LOCK_EX)
+    (tmp_path / "export").mkdir()
+    done = []
+    try:
+        with caplog.at_level(logging.INFO, logger="runner"):
+            export = threading.Thread(target=lambda: done.append(write_tflite(classifier, model, tmp_path / "export",
+                                                                              ("tflite",))), daemon=True)
+            export.start()
+            export.join(600)  # a guard against hanging the suite, not a timing: the wait itself is 0.5 s
+    finally:
+        hung.close()
+    assert done, "the export still waits on the hung converter"
+    assert any("converting the backbone here instead" in r.message for r in caplog.records)
+    expected = classifier.classify_pixels(pixels)["probabilities"].numpy()
+    np.testing.assert_allclose(tflite_outputs(tmp_path / "export" / "model.tflite", pixels)[0], expected, atol=1e-5)
+
+
 def test_the_cache_key_changes_with_the_weights_and_the_variant():
     from runner.export.tflite import backbone_key
     identity = {"backbone": "mobilenet", "weights": "sha256:ab", "image_size": 224, "alpha": 0.25}

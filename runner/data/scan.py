@@ -159,7 +159,7 @@ class HashIndex:
         self.shipped_name: str | None = None
         for candidate in [self.path] + self._shipped_copies():  # the working copy, else one restored by sync
             try:
-                data = json.loads(candidate.read_text())
+                data = json.loads(candidate.read_text(encoding="utf-8"))
             except (FileNotFoundError, ValueError):
                 continue
             if isinstance(data, dict) and data.get("format") == self.FORMAT:
@@ -205,7 +205,7 @@ class HashIndex:
     @staticmethod
     def _holds(path: Path, text: str) -> bool:
         try:
-            return path.read_text() == text
+            return path.read_text(encoding="utf-8") == text
         except (OSError, ValueError):
             return False
 
@@ -291,6 +291,15 @@ def image_entries(folder: Path, parts: tuple[str, ...], skipped: list[dict] | No
     return found
 
 
+def _read_advice(e: OSError) -> str:
+    """What to do about a file the scan could not read."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "fix its permissions"
+    if isinstance(e, FileNotFoundError):
+        return "it went (moved or deleted) during the scan; the next start scans it again"
+    return "a read failure (a network mount?); the next start reads it again"
+
+
 def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
                  hash_index: HashIndex, min_images_per_class: int, progress_mode: str = "auto",
                  stop=None) -> Dataset:
@@ -319,8 +328,8 @@ def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
             if digest is not None and not os.access(file, os.R_OK):  # known, but extraction could not read it
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
             data = file.read_bytes() if digest is None else b""
-        except OSError as e:
-            skipped.append({"path": relpath, "reason": f"unreadable: {e.strerror or e}; fix its permissions"})
+        except OSError as e:  # this run only: nothing about the file is remembered
+            skipped.append({"path": relpath, "reason": f"unreadable: {e.strerror or e}; {_read_advice(e)}"})
             log.warning("skipped %s: %s", relpath, skipped[-1]["reason"])
             continue
         if digest is None:

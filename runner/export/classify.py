@@ -24,6 +24,7 @@ import tensorflow as tf
 from common.cli import run_command
 from runner.data.scan import sniff_format
 from runner.errors import NothingClassified, RunnerError
+from runner.export.labels import read_labels
 from runner.run.rundir import RunDir
 
 log = logging.getLogger("runner")
@@ -94,7 +95,7 @@ class ExportedModel:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.classes = (folder / "labels.txt").read_text().splitlines()
+        self.classes = read_labels(folder)
         try:
             self._serve = tf.saved_model.load(str(folder)).signatures["serving_default"]
         except (OSError, ValueError, KeyError, tf.errors.OpError) as e:

@@ -31,6 +31,7 @@ from runner.training.head import Head, build_head
 from runner.export.meta_graph import serving_tensor_names, tf_variable, write_meta_graph
 from runner.export.tflite import TFLITE_VARIANTS, convert, converted_backbone, pixels_spec
 from runner.export.tflite_head import append_head
+from runner.export.labels import write_labels
 from runner.run.rundir import EXPORT_MODEL_INFO, CheckpointRef, RunDir
 
 log = logging.getLogger("runner")
@@ -229,13 +230,12 @@ def export_run(run_dir: Path, step: int | None = None, formats: str | None = Non
             if "meta_graph" in names:  # after the SavedModel: its graph restores from the SavedModel's variables/
                 info["meta_graph"] = write_meta_graph(classifier.serve.get_concrete_function(), classifier, staging)
         if "labels" in names:
-            (staging / "labels.txt").write_text("".join(f"{name}\n" for name in model.classes))
-            info["labels"] = "labels.txt"
+            info["labels"] = write_labels(staging, model.classes).name
         if "tf1" in names:
             info["tf1"] = write_tf1_graphs(classifier, staging)
         if {"tflite", "tflite_quantized"} & set(names):
             info["tflite"] = write_tflite(classifier, model, staging, names)
-        (staging / EXPORT_MODEL_INFO).write_text(json.dumps(info, indent=1))
+        (staging / EXPORT_MODEL_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
         _replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

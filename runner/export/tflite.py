@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -41,6 +42,10 @@ log = logging.getLogger("runner")
 TFLITE_DIR = "tflite"  # inside the bottleneck cache folder
 LOCK_FILE = ".lock"  # held while a backbone is converted into TFLITE_DIR
 CHILD_LOG = "conversion.log"
+# how long an export waits for the background converter before converting the backbone itself: several times
+# the longest conversion measured (docs/benchmarks.md, "TFLite conversion"), for a machine busy with extraction
+LOCK_WAIT_S = 600.0
+LOCK_POLL_S = 1.0
 # A background child pays its own start-up and backbone build; below this size that costs more than converting
 # at the export does (the measurements: docs/benchmarks.md, "TFLite conversion").
 BACKGROUND_MIN_PARAMS = 10_000_000
@@ -84,7 +89,7 @@ def _cached(path: Path) -> bytes | None:
     if not (path.is_file() and digest_path.is_file()):
         return None
     data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() == digest_path.read_text().strip():
+    if hashlib.sha256(data).hexdigest() == digest_path.read_text(encoding="utf-8").strip():
         return data
     log.warning("TFLite: %s is damaged (its sha256 differs from %s); converting the backbone again",
                 path, digest_path.name)
@@ -93,20 +98,45 @@ def _cached(path: Path) -> bytes | None:
 
 @contextmanager
 def conversion_lock(cache_dir: Path):
-    """Hold CACHE_DIR/tflite/.lock, waiting (and saying so) while another process converts a backbone."""
+    """Hold CACHE_DIR/tflite/.lock, waiting (and saying so) while another process converts a backbone. A
+    converter that holds it past LOCK_WAIT_S (hung) is not waited on longer: the block runs without the lock,
+    so this process converts the backbone itself (the cache file is written atomically under a name fixed
+    by its content, so a late converter writing it too does no harm)."""
     folder = cache_dir / TFLITE_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with open(folder / LOCK_FILE, "a", encoding="utf-8") as lock:
+        held = _try_lock(lock)
+        if not held:
             log.info("TFLite: waiting for the backbone conversion running in the background (%s)",
                      folder / CHILD_LOG)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            held = _wait_for_lock(lock, LOCK_WAIT_S)
+        if not held:
+            log.warning("TFLite: the background conversion still holds %s after %.0f s; converting the backbone "
+                        "here instead (the converter's log: %s)", folder / LOCK_FILE, LOCK_WAIT_S,
+                        folder / CHILD_LOG)
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _try_lock(lock) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _wait_for_lock(lock, seconds: float) -> bool:
+    """Whether the lock was taken within `seconds` (tried every LOCK_POLL_S)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(min(LOCK_POLL_S, max(0.0, deadline - time.monotonic())))
+        if _try_lock(lock):
+            return True
+    return False
 
 
 def converted_backbone(backbone: Backbone, identity: dict, variant: str, optimizations: list,
@@ -179,7 +209,7 @@ def start_background_conversion(config: Config) -> BackgroundConversion | None:
             return None
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-        with open(folder / CHILD_LOG, "w") as out:  # the child holds the lock until it exits
+        with open(folder / CHILD_LOG, "w", encoding="utf-8") as out:  # the child holds the lock until it exits
             process = subprocess.Popen(
                 [sys.executable, "-m", "runner.export.tflite", "--run", str(config.run_dir), "--parent",
                  str(os.getpid())], pass_fds=(lock,), stdin=subprocess.DEVNULL, stdout=out,

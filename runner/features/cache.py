@@ -5,7 +5,8 @@ Layout: CACHE_DIR/<identity hash>/identity.json; per shard `shard-<id>.keys` (th
 shard counts only when complete (a kill loses at most the shard being filled); <id> is the start of the
 sha256 of both files' bytes, checked once each time the cache is opened (a shard that fails is set aside
 as .corrupt and its images are extracted again); and
-CACHE_DIR/undecodable.json (content hash → reason) for images TensorFlow could not decode. Keys and
+CACHE_DIR/undecodable.json (content hash → reason) for images whose bytes do not decode (never for an image
+that could not be read: that one is left out of the current run only, cache.unreadable). Keys and
 vectors live in separate files so opening the cache never pages the vectors in.
 """
 from __future__ import annotations
@@ -23,6 +24,14 @@ from common.files import replace_atomic, write_atomic, write_text_atomic
 log = logging.getLogger("runner")
 
 KEY_BYTES = 64  # hex sha256 of the image bytes
+# the reason written before a read failure and a decode failure were told apart: such an entry may be a good
+# photo that could not be read for a moment, so it is not trusted; the image is diagnosed again
+UNVERIFIED_REASON = "undecodable: TensorFlow could not decode the image (corrupt or unsupported variant)"
+
+
+def verified_undecodable(entries: dict[str, str]) -> dict[str, str]:
+    """The entries of an undecodable.json that were diagnosed from the image's bytes."""
+    return {sha: reason for sha, reason in entries.items() if reason != UNVERIFIED_REASON}
 
 
 def identity_hash(identity: dict) -> str:
@@ -69,14 +78,16 @@ class BottleneckCache:
         self.shard_names: list[str] = []
         self.index: dict[bytes, tuple[int, int]] = {}
         self.undecodable: dict[str, str] = self._read_undecodable()
+        self.unreadable: dict[str, str] = {}  # images left out of this run only (never saved)
         for path in sorted(self.dir.glob("shard-*.npy")):
             self._open_shard(path, verify=True)
 
     def _read_undecodable(self) -> dict[str, str]:
         try:
-            return json.loads((self.root / "undecodable.json").read_text())
+            entries = json.loads((self.root / "undecodable.json").read_text(encoding="utf-8"))
         except (FileNotFoundError, ValueError):
             return {}
+        return verified_undecodable(entries)
 
     def _open_shard(self, path: Path, verify: bool) -> None:
         keys_path = path.with_suffix(".keys")
@@ -112,10 +123,21 @@ class BottleneckCache:
         return self.dir / f"{name}.npy"
 
     def mark_undecodable(self, reasons: dict[str, str]) -> None:
-        """Remember images that could not be decoded so they are skipped, not retried, next time."""
+        """Remember images whose bytes do not decode so they are skipped, not retried, next time."""
         if reasons:
             self.undecodable.update(reasons)
+            for sha in reasons:
+                self.unreadable.pop(sha, None)
             write_text_atomic(self.root / "undecodable.json", json.dumps(self.undecodable, indent=1))
+
+    def mark_unreadable(self, reasons: dict[str, str]) -> None:
+        """Leave out of this run images that could not be read (or changed since the scan); not saved, so
+        the next run reads them again."""
+        self.unreadable.update(reasons)
+
+    def left_out(self) -> dict[str, str]:
+        """Hash → reason of every image this run cannot use: undecodable for good, or unreadable now."""
+        return {**self.unreadable, **self.undecodable}
 
     def files(self) -> list[str]:
         """Cache files relative to the cache root (immutable shards and the identity), for sync."""

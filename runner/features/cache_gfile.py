@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from common.files import write_atomic
-from runner.features.cache import KEY_BYTES, encode_shard, identity_hash
+from runner.features.cache import KEY_BYTES, encode_shard, identity_hash, verified_undecodable
 
 UNDECODABLE_FILE = "undecodable.json"
 
@@ -77,7 +77,7 @@ def read_undecodable(cache_root: str) -> dict[str, str]:
         return {}
     with tf.io.gfile.GFile(path, "rb") as f:
         try:
-            return json.loads(f.read())
+            return verified_undecodable(json.loads(f.read()))
         except ValueError:
             return {}
 

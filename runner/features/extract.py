@@ -2,6 +2,7 @@
 frozen backbone under a tf.distribute strategy; finished shards go to the cache as they fill."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -17,7 +18,7 @@ from runner.ui.progress import progress
 
 log = logging.getLogger("runner")
 
-UNDECODABLE = "undecodable: TensorFlow could not decode the image (corrupt or unsupported variant)"
+UNDECODABLE = "undecodable: its bytes do not decode as an image (corrupt or unsupported variant)"
 
 
 PREFETCH_BATCHES = 2  # decoded batches ready ahead of the forward pass
@@ -106,7 +107,11 @@ def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: Bottl
     """Compute and cache the vectors of images not cached yet; returns how many were computed. A truthy
     `stop` (a StopFlag) writes the vectors computed so far as a shard and raises StopRequested. `forward` is
     an extraction_forward of the same backbone, strategy and batch size (default: a new one, traced on the
-    first batch). `read` (a Dataset.reader) gives the images' encoded bytes when they are not files."""
+    first batch). `read` (a Dataset.reader) gives the images' encoded bytes when they are not files.
+
+    An image the pipeline drops is diagnosed (see `diagnose`): only bytes that do not decode are recorded as
+    undecodable (for good, by content hash); an image that could not be read, or changed since the scan, is
+    left out of this run only (cache.unreadable); one whose bytes decode after all is extracted again."""
     todo, seen = [], set()
     for r in records:
         if not cache.has(r.sha256) and r.sha256 not in cache.undecodable and r.sha256 not in seen:
@@ -115,10 +120,105 @@ def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: Bottl
     if not todo:
         return 0
     log.info("extracting bottlenecks for %d images (%d already cached)", len(todo), len(cache))
+    forward = forward or extraction_forward(backbone, strategy, batch_size)
+    computed = 0
+    for attempt in range(1, PIPELINE_PASSES + 1):
+        done, dropped = _extract_pass(todo, backbone, cache, strategy, batch_size, shard_size, progress_mode,
+                                      stop, forward, read)
+        computed += done
+        retry, undecodable, unreadable = diagnose(dropped, backbone.image_size,
+                                                  read_image if read is None else _reader_of_one(read))
+        if attempt == PIPELINE_PASSES:
+            unreadable.update({r.sha256: f"{REREAD_FAILED} ({PIPELINE_PASSES} tries)" for r in retry})
+            retry = []
+        cache.mark_undecodable(undecodable)
+        cache.mark_unreadable(unreadable)
+        if not retry:
+            break
+        log.info("%d images failed in the image pipeline but decode when read again: extracting them again",
+                 len(retry))
+        todo = retry
+    return computed
+
+
+PIPELINE_PASSES = 2     # an image dropped although its bytes decode is tried once more, then left for this run
+READ_TRIES = 3          # reads of a dropped image before it is left out of this run
+READ_WAIT_S = 1.0       # first wait between those reads (doubled each time); one wait covers every image
+UNREADABLE = "unreadable now, left out of this run only (read again next run):"
+REREAD_FAILED = f"{UNREADABLE} the image pipeline could not read it although its bytes decode"
+
+
+def diagnose(dropped: list[ImageRecord], image_size: int, read_one=None
+             ) -> tuple[list[ImageRecord], dict[str, str], dict[str, str]]:
+    """Why the pipeline dropped these images: (those whose bytes decode after all: a read failed for a
+    moment, extract them again; hash → reason for those whose bytes do not decode; hash → reason for those
+    that cannot be read now or whose content changed since the scan). A read that fails with an error other
+    than "not found" (a network mount's EIO, a stale handle) is tried READ_TRIES times. `read_one(record)` gives
+    a record's bytes (default: its file's)."""
+    read_one = read_one or (lambda record: read_image(record.path))
+    retry, undecodable, unreadable = [], {}, {}
+    pending, wait = list(dropped), READ_WAIT_S
+    for attempt in range(1, READ_TRIES + 1):
+        failed = []
+        for record in pending:
+            try:
+                data = read_one(record)
+            except FileNotFoundError:
+                unreadable[record.sha256] = f"{UNREADABLE} gone since the scan (moved, renamed or deleted)"
+                continue
+            except OSError as e:
+                failed.append(record)
+                unreadable[record.sha256] = (f"{UNREADABLE} {e.strerror or e} (errno {e.errno}), "
+                                                 f"{attempt} tries")
+                continue
+            unreadable.pop(record.sha256, None)
+            if hashlib.sha256(data).hexdigest() != record.sha256:
+                unreadable[record.sha256] = f"{UNREADABLE} its content changed since the scan"
+            elif decodes(data, image_size):
+                retry.append(record)
+            else:
+                undecodable[record.sha256] = UNDECODABLE
+        if not failed or attempt == READ_TRIES:
+            break
+        time.sleep(wait)
+        pending, wait = failed, wait * 2
+    return retry, undecodable, unreadable
+
+
+def read_image(path: str) -> bytes:
+    """The bytes of one image file."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _reader_of_one(read):
+    """read_one for a dataset library's reader (records → tf.data of (encoded bytes, position)): a failed read
+    is an OSError, as a file's would be."""
+    def read_one(record: ImageRecord) -> bytes:
+        try:
+            data, _ = next(iter(read([record])))
+        except (tf.errors.OpError, StopIteration) as e:
+            raise OSError(f"the dataset could not read it ({type(e).__name__})") from None
+        return data.numpy()
+    return read_one
+
+
+def decodes(data: bytes, image_size: int) -> bool:
+    """Whether the extraction's own decoder accepts these bytes."""
+    try:
+        decode_and_resize(tf.constant(data), image_size)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+        return False
+    return True
+
+
+def _extract_pass(todo: list[ImageRecord], backbone: Backbone, cache: BottleneckCache,
+                  strategy: tf.distribute.Strategy, batch_size: int, shard_size: int, progress_mode: str,
+                  stop, forward, read=None) -> tuple[int, list[ImageRecord]]:
+    """One pass of the pipeline over `todo`: (vectors computed and cached, the records it dropped)."""
     images = (image_pipeline([r.path for r in todo], backbone.image_size, batch_size) if read is None
               else encoded_pipeline(read(todo), backbone.image_size, batch_size))
     dataset = to_devices(images, strategy)
-    forward = forward or extraction_forward(backbone, strategy, batch_size)
     pending_keys, pending_vectors, next_expected = [], [], 0
     bar = progress(len(todo), "extracting bottlenecks", "img", progress_mode)
 
@@ -128,34 +228,29 @@ def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: Bottl
             cache.add_shard(pending_keys, np.concatenate(pending_vectors))
             pending_keys, pending_vectors = [], []
 
-    failed: dict[str, str] = {}
+    dropped: list[ImageRecord] = []
     last_batch_at = time.monotonic()
     for images, positions in dataset:
         vectors, positions = forward(images, positions)
         vectors, positions = vectors.numpy(), positions.numpy()
         order = np.argsort(positions, kind="stable")
         for position, vector in zip(positions[order], vectors[order]):
-            for skipped in range(next_expected, position):  # dropped by ignore_errors
-                failed[todo[skipped].sha256] = UNDECODABLE
+            dropped += todo[next_expected:position]  # dropped by ignore_errors
             next_expected = position + 1
             pending_keys.append(todo[position].sha256)
             pending_vectors.append(vector[None])
             if len(pending_keys) >= shard_size:
                 flush()
-                cache.mark_undecodable(failed)
         bar.update(len(positions))
-        if stop:
+        if stop:  # dropped images are not diagnosed now: the next start sees them again
             flush()
-            cache.mark_undecodable(failed)
             bar.close()
             raise StopRequested(stop.signal_name, "extraction")
         last_batch_at = time.monotonic()
     input_ended_at = time.monotonic()
-    for skipped in range(next_expected, len(todo)):
-        failed[todo[skipped].sha256] = UNDECODABLE
+    dropped += todo[next_expected:]
     flush()
-    cache.mark_undecodable(failed)
     report_slow_end(input_ended_at - last_batch_at, time.monotonic() - input_ended_at)
-    bar.update(len(failed))
+    bar.update(len(dropped))
     bar.close()
-    return len(todo) - len(failed)
+    return len(todo) - len(dropped), dropped

@@ -28,7 +28,7 @@ class RunDirBusy(RunnerError):
 
 def _holder(lock_path: Path) -> str:
     try:
-        who = json.loads(lock_path.read_text())
+        who = json.loads(lock_path.read_text(encoding="utf-8"))
         return f"pid {who['pid']} on host {who['host']}, started {who['started']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process (it has not written its name yet)"

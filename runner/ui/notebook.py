@@ -190,7 +190,7 @@ def show_results(run_dir: Path, data_dir: Path, max_misclassified: int = 12) -> 
     if (report_dir / "confusion.png").is_file():
         display(Image(filename=str(report_dir / "confusion.png")))
     else:
-        print((report_dir / "top_confusions.txt").read_text())
+        print((report_dir / "top_confusions.txt").read_text(encoding="utf-8"))
     print("\n".join(per_class_table(report, classes)))
     wrong = sorted(report.misclassified, key=lambda m: -m["probability"])[:max_misclassified]
     if wrong:

@@ -44,7 +44,7 @@ class FolderBackend(Backend):
 
     def _catalog(self) -> dict[str, dict[str, str]]:
         try:
-            data = json.loads((self.root / CATALOG).read_text())
+            data = json.loads((self.root / CATALOG).read_text(encoding="utf-8"))
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}

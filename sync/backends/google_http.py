@@ -41,7 +41,7 @@ def load_credentials(config: SyncConfig):
         return google.auth.credentials.with_scopes_if_required(creds, [DRIVE_SCOPE])
     path = Path(config.credentials).expanduser()
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise SyncError(f"sync.credentials = {config.credentials!r} is not a readable JSON file; point it at an "
                         f"authorized-user or service-account JSON, or leave it empty in Colab.") from None
@@ -73,8 +73,9 @@ def ca_bundle(config: SyncConfig, state_dir: Path) -> str | None:
     import httplib2.certs
     state_dir.mkdir(parents=True, exist_ok=True)
     bundle = state_dir / "ca-bundle.pem"
-    default = Path(httplib2.certs.where()).read_text()
-    bundle.write_text(default.rstrip("\n") + "\n" + Path(config.ca_certs).expanduser().read_text())
+    default = Path(httplib2.certs.where()).read_text(encoding="utf-8")
+    bundle.write_text(default.rstrip("\n") + "\n" + Path(config.ca_certs).expanduser().read_text(encoding="utf-8"),
+                      encoding="utf-8")
     return str(bundle)
 
 

@@ -63,7 +63,7 @@ class UploadState:
         self.path, self.md5, self.size = path, md5, size
         self.data = {}
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("md5") == md5 and data.get("size") == size:
                 self.data = data
         except (OSError, ValueError):
