@@ -110,8 +110,10 @@ def scan(config: Config, stop: StopFlag) -> tuple[Dataset, HashIndex, dict[str, 
     also the previous scan's entries (relative path → [size, mtime, sha256]), to say what changed."""
     hash_index = HashIndex(config.cache_dir / "file-hashes.json")
     previous = dict(hash_index.entries)
-    dataset = scan_dataset(local_data_dir(config.data, config.train.progress), config.split.validation_percent, config.split.test_percent,
-                           hash_index, config.data.min_images_per_class, config.train.progress, stop)
+    data = config.data
+    dataset = scan_dataset(local_data_dir(data, config.train.progress), config.split.validation_percent,
+                           config.split.test_percent, hash_index, data.min_images_per_class, config.train.progress,
+                           stop, layout=data.layout, labels=data.labels, labels_columns=data.labels_columns)
     return dataset, hash_index, previous
 
 

@@ -2,7 +2,8 @@
 instead of refusing.
 
 Every checkpoint marker records the data it was trained on (`DataFingerprint`: classes, image count, a digest of
-every (path, content hash)). When the scan finds other data, the current version's results and checkpoints are
+every (path, content hash), and a digest of every image's class and split, so another layout, label file or
+split is other data too). When the scan finds other data, the current version's results and checkpoints are
 archived under RUN_DIR/versions/vN (RunDir.archive_version), and the new version trains from the cache (only
 images not cached yet go through the CNN) with run-wide steps continuing after the old version's last one, so
 sync's "newest snapshot" is the newest version's. Unchanged data resumes exactly as before. No TensorFlow here.
@@ -23,29 +24,36 @@ log = logging.getLogger("runner")
 
 @dataclass(frozen=True)
 class DataFingerprint:
-    """What a checkpoint was trained on: the class names, how many images, a digest of (path, content hash)."""
+    """What a checkpoint was trained on: the class names, how many images, a digest of (path, content hash), a
+    digest of (path, class, split)."""
     classes: tuple[str, ...]
     images: int | None
     digest: str | None        # None for checkpoints written before data versions existed (classes only)
+    assignment: str | None = None  # None for checkpoints written before layouts existed (not compared)
 
     @classmethod
     def of(cls, dataset: Dataset) -> "DataFingerprint":
-        lines = "".join(f"{r.relpath}\t{r.sha256}\n" for r in sorted(dataset.images, key=lambda r: r.relpath))
-        return cls(tuple(dataset.classes), len(dataset.images), hashlib.sha256(lines.encode()).hexdigest())
+        records = sorted(dataset.images, key=lambda r: r.relpath)
+        lines = "".join(f"{r.relpath}\t{r.sha256}\n" for r in records)
+        assigned = "".join(f"{r.relpath}\t{dataset.classes[r.label]}\t{r.split}\n" for r in records)
+        return cls(tuple(dataset.classes), len(dataset.images), _sha256(lines), _sha256(assigned))
 
     @classmethod
     def from_marker(cls, marker: dict) -> "DataFingerprint":
         data = marker.get("data") or {}
-        return cls(tuple(marker.get("classes", [])), data.get("images"), data.get("digest"))
+        return cls(tuple(marker.get("classes", [])), data.get("images"), data.get("digest"), data.get("assignment"))
 
     def to_json(self) -> dict:
-        return {"images": self.images, "digest": self.digest}
+        return {"images": self.images, "digest": self.digest, "assignment": self.assignment}
 
     def same_data(self, other: "DataFingerprint") -> bool:
-        """Whether a run on `other` continues this one (an old marker without a digest compares classes only)."""
+        """Whether a run on `other` continues this one (an old marker without a digest compares classes only,
+        one without an assignment digest does not compare classes and splits per image)."""
         if self.classes != other.classes:
             return False
-        return self.digest is None or other.digest is None or self.digest == other.digest
+        if self.digest is not None and other.digest is not None and self.digest != other.digest:
+            return False
+        return self.assignment is None or other.assignment is None or self.assignment == other.assignment
 
 
 @dataclass(frozen=True)
@@ -68,14 +76,21 @@ def describe_change(old: DataFingerprint, dataset: Dataset, previous_scan: dict[
     """What changed between the data of a checkpoint and this scan: classes added, removed or renamed (a class
     folder whose images moved whole), images new and gone by content. `previous_scan` is the file-hash index of
     the scan before this one (relative path → [size, mtime, sha256]), when there is one."""
+    if old.classes == tuple(dataset.classes) and old.digest == DataFingerprint.of(dataset).digest:
+        return "the same images, but other classes or splits for some (data.layout, data.labels or split.*)"
     old_classes, new_classes = set(old.classes), set(dataset.classes)
     before = {path: entry[2] for path, entry in previous_scan.items()}
     after = {r.relpath: r.sha256 for r in dataset.images}
+    depth = {"classes": 0, "splits": 1}.get(dataset.layout.kind)  # the class folder's place in a path
+
+    def folder_class(path: str) -> str | None:
+        parts = path.split("/")
+        return parts[depth] if depth is not None and len(parts) > depth + 1 else None
     renamed = {}
     for gone in sorted(old_classes - new_classes):
-        gone_content = {sha for path, sha in before.items() if path.split("/")[0] == gone}
+        gone_content = {sha for path, sha in before.items() if folder_class(path) == gone}
         for new in sorted(new_classes - old_classes - set(renamed.values())):
-            new_content = {sha for path, sha in after.items() if path.split("/")[0] == new}
+            new_content = {sha for path, sha in after.items() if folder_class(path) == new}
             if gone_content and len(gone_content & new_content) >= 0.5 * max(len(gone_content), len(new_content)):
                 renamed[gone] = new
                 break
@@ -129,6 +144,10 @@ def finish_interrupted_archive(run: RunDir) -> None:
         steps = [c.step for c in run.checkpoints() + RunDir(partial).checkpoints()]
         RunVersion(number + 1, max(steps, default=0)).write(run, "a start was interrupted while archiving")
     run.archive_version(number)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _names(names: list[str]) -> str:
