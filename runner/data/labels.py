@@ -208,4 +208,4 @@ def _report(missing: list[dict], unlabelled: int, without_row: int, name: str, s
     if unlabelled:
         log.info("%d row(s) of %s have no label and are ignored", unlabelled, name)
     if without_row:
-        log.info("%d image file(s) below data.dir have no row in %s and are ignored", without_row, name)
+        log.info("%d image file(s) below data.dir have no labelled row in %s and are ignored", without_row, name)

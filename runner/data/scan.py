@@ -356,5 +356,5 @@ def check_class_sizes(dataset: Dataset, min_images_per_class: int) -> None:
         why = ("all of theirs fell into validation or test" if not dataset.layout.plan.uses_own else
                "the dataset's train split holds none that could be used")
         raise DataError(f"class(es) {', '.join(repr(n) for n in untrained[:10])} have no image in the training "
-                        f"split ({why}), so the head could never learn them. Add images to those classes' "
-                        f"training images, or remove the classes.")
+                        f"split ({why}), so the head could never learn them. Add images to those classes, or "
+                        f"remove them.")
