@@ -309,13 +309,14 @@ def test_a_label_changed_in_the_file_is_a_data_change(photos, tmp_path):
 # -- accuracy on the dataset's own split -------------------------------------------------------------------------
 def test_default_head_on_a_pre_split_clothing_tree_reaches_the_validation_tuned_logistic_regression(clothing_run,
                                                                                                     tmp_path):
-    """The clothing photos dealt into train/validation/test by their index (not the hash split); the cache
-    of the shared run serves every vector."""
+    """The clothing photos dealt 60/20/20 into train/validation/test by their index (not the hash split: 377
+    test images, one is 0.27 points); the cache of the shared run serves every vector. docs/benchmarks.md
+    has this and two 80/10/10 deals."""
     _, shared_cache, _ = clothing_run
     data, counts = tmp_path / "data", {"train": 0, "validation": 0, "test": 0}
     for name in sorted(p.name for p in CLOTHING.iterdir() if p.is_dir()):
         for i, photo in enumerate(sorted((CLOTHING / name).glob("*.jpg"))):
-            folder = "test" if i % 10 == 3 else "validation" if i % 10 == 7 else "train"
+            folder = "test" if i % 5 == 3 else "validation" if i % 5 == 1 else "train"
             _link(photo, data / folder / name / photo.name)
             counts[folder] += 1
     run_dir, cache_dir = tmp_path / "run", shutil.copytree(shared_cache, tmp_path / "cache")
