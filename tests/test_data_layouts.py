@@ -329,3 +329,12 @@ def test_default_head_on_a_pre_split_clothing_tree_reaches_the_validation_tuned_
     print(f"pre-split clothing: runner test accuracy {s['test_accuracy']:.4f}, logistic regression "
           f"{reference:.4f} (C = {c})")
     assert reference > 0.6 and s["test_accuracy"] >= reference - 0.01
+
+
+def test_a_layout_setting_that_cannot_apply_is_named_in_a_warning():
+    from runner.run.config import ignored_settings, load_config
+    without_file = ignored_settings(load_config(None, ["data.dir=photos", "data.labels_columns=id,breed"]))
+    assert any("data.labels_columns = 'id,breed' has no effect" in w and "data.labels is not set" in w
+               for w in without_file)
+    with_file = ignored_settings(load_config(None, ["data.dir=photos", "data.labels=l.csv", "data.layout=splits"]))
+    assert any("data.layout = 'splits' has no effect" in w for w in with_file)
