@@ -40,8 +40,9 @@ def labels_path(data_dir: Path, labels: str) -> Path:
     return path
 
 
-def read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of a CSV (or TSV) file in UTF-8, a byte-order mark allowed."""
+def read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line number, row)]) of a CSV (or TSV) file in UTF-8, a byte-order mark allowed; blank lines
+    are passed over."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -49,12 +50,13 @@ def read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     first = text.split("\n", 1)[0]
     delimiter = "\t" if path.suffix.lower() == ".tsv" else max(",;\t", key=first.count)
     try:
-        rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if any(row)]
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except csv.Error as e:
         raise DataError(f"data.labels {path} is not a readable CSV file ({e}); fix the file.") from None
     if not rows:
         raise DataError(f"data.labels {path} is empty; it needs a header (e.g. image,label) and one row per image.")
-    return [name.strip() for name in rows[0]], rows[1:]
+    return [name.strip() for name in rows[0][1]], rows[1:]
 
 
 def choose_columns(header: list[str], setting: str, path: Path) -> tuple[int, int, int | None]:
@@ -132,8 +134,7 @@ def list_labelled_images(data_dir: Path, labels: str, labels_columns: str, skipp
         base = ""
     base = "" if base == "." else base
     name = path.name
-    labelled = [(n, row) for n, row in enumerate(rows, start=2)
-                if len(row) > max(image_col, label_col) and row[label_col].strip()]
+    labelled = [(n, row) for n, row in rows if len(row) > max(image_col, label_col) and row[label_col].strip()]
     unlabelled = len(rows) - len(labelled)
     all_labels = {row[label_col].strip() for _, row in labelled}
     _refuse_id_column(len(labelled), len(all_labels), header[label_col], path)
