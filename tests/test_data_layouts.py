@@ -190,6 +190,15 @@ def test_another_split_of_the_same_images_is_a_data_change(photos, tmp_path):
     assert tree.digest == carved.digest and not tree.same_data(carved)
 
 
+def test_a_checkpoint_from_before_layouts_existed_still_counts_as_the_same_data(photos, tmp_path):
+    from runner.run.dataversion import DataFingerprint
+    pre_split_tree(tmp_path / "data", ("train", "test"), per_class=6)
+    now = DataFingerprint.of(_scan(tmp_path / "data", tmp_path))
+    marker = {"classes": list(now.classes), "data": {"images": now.images, "digest": now.digest}}
+    assert DataFingerprint.from_marker(marker).same_data(now), "no forced new version after the upgrade"
+    assert DataFingerprint.from_marker({"classes": list(now.classes), "data": now.to_json()}) == now
+
+
 @pytest.mark.slow
 def test_kill_during_extraction_of_a_pre_split_tree_then_the_same_command_extracts_only_the_rest(shared_assets,
                                                                                                  tmp_path):
