@@ -152,6 +152,13 @@ def test_split_folders_holding_images_but_no_class_folders_are_refused(photos, t
         _scan(tmp_path / "data", tmp_path)
 
 
+def test_the_notebook_shows_a_pre_split_trees_classes_with_the_images_of_every_split(photos, tmp_path):
+    from runner.ui.notebook import class_images
+    counts = pre_split_tree(tmp_path / "data", ("train", "val", "test"), per_class=5)
+    shown = class_images(tmp_path / "data")
+    assert list(shown) == list(CLASSES) and sum(map(len, shown.values())) == sum(counts.values()) == 15
+
+
 @pytest.fixture
 def pre_split_run(photos, tmp_path):
     """A finished 20-step run on a train/validation/test tree: (data dir, config)."""
