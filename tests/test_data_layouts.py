@@ -103,6 +103,16 @@ def test_train_and_test_folders_carve_validation_out_of_train_by_the_stable_hash
     assert "validation = 10 % of train by the stable hash" in layout["split"]
 
 
+def test_train_and_validation_folders_carve_test_out_of_train_by_the_stable_hash():
+    from runner.data.splits import SplitPlan
+    plan = SplitPlan(frozenset({"train", "validation"}), 10, 20)
+    keys = [f"train/hat/{i}.jpg" for i in range(200)]
+    assert [plan.assign(k, "train") for k in keys] == [split_of(k, 0, 20) for k in keys]
+    assert {plan.assign(k, "train") for k in keys} == {"train", "test"}
+    assert plan.assign("val/hat/1.jpg", "validation") == "validation" and plan.source == "dataset+hash"
+    assert "test = 20 % of train by the stable hash" in plan.describe()
+
+
 def test_a_train_folder_alone_is_split_by_the_stable_hash(photos, tmp_path):
     pre_split_tree(tmp_path / "data", ("train",), per_class=40)
     dataset = _scan(tmp_path / "data", tmp_path)
