@@ -137,7 +137,7 @@ class Job:
             head_only_test_accuracy=head_record.test_accuracy, backbone=data.backbone_info().to_json(),
             resumed_from=history, skipped_images=data.dataset.skipped,
             per_class_accuracy=dict(report.per_class_accuracy), runner_version=__version__,
-            data_version=data.version.number, search=head_record.search)
+            data_version=data.version.number, data_layout=data.dataset.layout_json(), search=head_record.search)
         return summary, report
 
     def _finish(self, summary: Summary, report: TestReport) -> bool:

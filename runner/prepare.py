@@ -125,8 +125,10 @@ def scan(config: Config, stop: StopFlag) -> tuple[Dataset, HashIndex, dict[str, 
     previous = dict(hash_index.entries)
     if is_library_source(config.data.dir):
         return scan_library(config, hash_index, stop), hash_index, previous
-    dataset = scan_dataset(local_data_dir(config.data, config.train.progress, stop), config.split.validation_percent, config.split.test_percent,
-                           hash_index, config.data.min_images_per_class, config.train.progress, stop)
+    data = config.data
+    dataset = scan_dataset(local_data_dir(data, config.train.progress, stop), config.split.validation_percent,
+                           config.split.test_percent, hash_index, data.min_images_per_class, config.train.progress,
+                           stop, layout=data.layout, labels=data.labels, labels_columns=data.labels_columns)
     return dataset, hash_index, previous
 
 

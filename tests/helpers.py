@@ -210,8 +210,10 @@ def cached_split(run_dir: Path, cache_dir: Path, split: str):
     from runner.run.config import load_config
     from runner.data.scan import HashIndex, scan_dataset
     config = load_config(Path(run_dir) / "config.toml")
-    dataset = scan_dataset(Path(config.data.dir), config.split.validation_percent, config.split.test_percent,
-                           HashIndex(Path(cache_dir) / "file-hashes.json"), 1, "lines")
+    data = config.data
+    dataset = scan_dataset(Path(data.dir), config.split.validation_percent, config.split.test_percent,
+                           HashIndex(Path(cache_dir) / "file-hashes.json"), 1, "lines", layout=data.layout,
+                           labels=data.labels, labels_columns=data.labels_columns)
     identity = json.loads(next(Path(cache_dir).glob("*/identity.json")).read_text())
     dim = identity.pop("dim")
     records = dataset.split(split)

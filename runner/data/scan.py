@@ -1,4 +1,5 @@
-"""Class folders → stable hash split → validated image list (no TensorFlow here)."""
+"""data.dir → its images (runner/data/layout.py: class folders, pre-split folders, a label file) → content
+checked and hashed → split (runner/data/splits.py) → Dataset. No TensorFlow here."""
 from __future__ import annotations
 
 import errno
@@ -6,12 +7,12 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.files import write_text_atomic
+from runner.data.splits import MAX_NUM_IMAGES_PER_CLASS, DataLayout, SplitPlan, split_of  # noqa: F401  (re-exported)
 from runner.errors import DataError, StopRequested
 from runner.ui.progress import progress
 
@@ -29,26 +30,28 @@ UNSUPPORTED_EXTENSIONS = {  # image formats people bring that TensorFlow does no
 }
 HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"hevm", b"mif1", b"msf1", b"avif")
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}  # archive and OS litter: not classes, not images
-MAX_NUM_IMAGES_PER_CLASS = 2 ** 27 - 1  # retrain.py's constant: keeps the split stable as images are added
 
 
 @dataclass(frozen=True)
 class ImageRecord:
     """One usable image: where it is, its class, its split and its content hash."""
     path: str          # absolute path
-    relpath: str       # "class/file.jpg", used in reports
+    relpath: str       # relative to data.dir ("class/file.jpg"): the stable key, used in reports
     label: int
     split: str
     sha256: str
+    source_split: str | None = None  # the split the dataset itself put it in (None: it has none)
 
 
 @dataclass
 class Dataset:
-    """The validated images of a run, their class names, and the files that were skipped."""
+    """The validated images of a run, their class names, the files that were skipped, and how data.dir was
+    read and split."""
     classes: list[str]
     images: list[ImageRecord]
     skipped: list[dict]  # {"path": ..., "reason": ...}
     reader: object = None  # None: images are files (ImageRecord.path); else records → tf.data (bytes, position)
+    layout: DataLayout = field(default_factory=lambda: DataLayout("classes", "", SplitPlan(frozenset(), 10, 10)))
 
     def split(self, name: str) -> list[ImageRecord]:
         return [r for r in self.images if r.split == name]
@@ -57,20 +60,11 @@ class Dataset:
         """A copy without the images whose hash is in `bad` (hash → reason), which become skipped."""
         kept = [r for r in self.images if r.sha256 not in bad]
         newly = [{"path": r.relpath, "reason": bad[r.sha256]} for r in self.images if r.sha256 in bad]
-        return Dataset(self.classes, kept, self.skipped + newly, self.reader)
+        return Dataset(self.classes, kept, self.skipped + newly, self.reader, self.layout)
 
-
-def split_of(relative_name: str, validation_percent: float, test_percent: float) -> str:
-    """retrain.py's split: hash the file's name relative to data.dir ("class/file.jpg"), ignoring anything
-    after `_nohash_`, into a percentage."""
-    hash_name = re.sub(r"_nohash_.*$", "", relative_name)
-    hashed = int(hashlib.sha1(hash_name.encode("utf-8")).hexdigest(), 16)
-    percentage = (hashed % (MAX_NUM_IMAGES_PER_CLASS + 1)) * (100.0 / MAX_NUM_IMAGES_PER_CLASS)
-    if percentage < validation_percent:
-        return "validation"
-    if percentage < validation_percent + test_percent:
-        return "test"
-    return "train"
+    def layout_json(self) -> dict:
+        """summary.json's record of the layout and split used, with the dataset's own split counts."""
+        return self.layout.to_json([r.source_split for r in self.images])
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -210,9 +204,9 @@ class HashIndex:
             return False
 
 
-def list_class_folders(data_dir: Path, skipped: list[dict] | None = None) -> list[str]:
-    """Sorted class names (the sub-folders of data_dir, litter aside); folders whose name cannot be used are
-    added to `skipped`."""
+def list_class_folders(data_dir: Path, skipped: list[dict] | None = None, at_least: int = 2) -> list[str]:
+    """Sorted class names (the sub-folders of data_dir, litter aside), at least `at_least` of them; folders
+    whose name cannot be used are added to `skipped`."""
     if not data_dir.is_dir():
         raise DataError(f"data.dir {data_dir} is not a folder; point data.dir at a folder with one "
                         f"sub-folder of images per class.")
@@ -226,7 +220,7 @@ def list_class_folders(data_dir: Path, skipped: list[dict] | None = None) -> lis
         else:
             classes.append(p.name)
     classes.sort()
-    if len(classes) < 2:
+    if len(classes) < at_least:
         raise DataError(f"data.dir {data_dir} has {len(classes)} class folder(s); a classifier needs at "
                         f"least 2 sub-folders, one per class, each holding that class's images.")
     return classes
@@ -302,20 +296,21 @@ def _read_advice(e: OSError) -> str:
 
 def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
                  hash_index: HashIndex, min_images_per_class: int, progress_mode: str = "auto",
-                 stop=None) -> Dataset:
-    """Find, hash, check and split every image below data_dir; bad files are skipped and listed. A truthy
+                 stop=None, layout: str = "auto", labels: str = "", labels_columns: str = "") -> Dataset:
+    """Find, hash, check and split every image below data_dir; bad files are skipped and listed. `layout`,
+    `labels`, `labels_columns`: the data.* settings of the same names (runner/data/layout.py). A truthy
     `stop` (a StopFlag) ends the scan with StopRequested, the hashes read so far saved for the next start."""
+    from runner.data.layout import list_images  # builds on this module's tree walk
     data_dir = Path(data_dir).resolve()
     skipped: list[dict] = []
-    classes = list_class_folders(data_dir, skipped)
-    visited = {_identity(data_dir)} | {_identity(data_dir / name) for name in classes}  # links back: not followed
-    candidates = [(label, parts, entry) for label, name in enumerate(classes)
-                  for parts, entry in sorted(image_entries(data_dir / name, (name,), skipped, visited),
-                                             key=lambda c: c[0])]
-    images, seen = [], set()
+    listing = list_images(data_dir, layout, labels, labels_columns, skipped)
+    classes, label_of = listing.classes, {name: i for i, name in enumerate(listing.classes)}
+    plan = SplitPlan(listing.own_splits, validation_percent, test_percent)
+    images, seen, candidates = [], set(), listing.candidates
     log.info("checking %d image files in %s", len(candidates), data_dir)
     bar = progress(len(candidates), "checking images", "img", progress_mode)
-    for label, parts, entry in candidates:
+    for candidate in candidates:
+        parts, entry = candidate.parts, candidate.entry
         if stop:
             hash_index.save()
             raise StopRequested(stop.signal_name, "the image scan")
@@ -340,11 +335,12 @@ def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
                 continue
             digest = hashlib.sha256(data).hexdigest()
             hash_index.remember(relpath, stat, digest, time.time())
-        split = split_of(relpath, validation_percent, test_percent)
-        images.append(ImageRecord(str(file), relpath, label, split, digest))
+        split = plan.assign(relpath, candidate.own_split)
+        images.append(ImageRecord(str(file), relpath, label_of[candidate.label], split, digest, candidate.own_split))
     bar.close()
     hash_index.save(seen)
-    dataset = Dataset(classes, images, skipped)
+    dataset = Dataset(classes, images, skipped, DataLayout(listing.kind, listing.detail, plan))
+    log.info("%s", dataset.layout.describe())
     check_class_sizes(dataset, min_images_per_class)
     return dataset
 
@@ -367,6 +363,8 @@ def check_class_sizes(dataset: Dataset, min_images_per_class: int) -> None:
     in_train = {r.label for r in dataset.split("train")}
     untrained = [name for label, name in enumerate(dataset.classes) if label not in in_train]
     if untrained:
+        why = ("all of theirs fell into validation or test" if not dataset.layout.plan.uses_own else
+               "the dataset's train split holds none that could be used")
         raise DataError(f"class(es) {', '.join(repr(n) for n in untrained[:10])} have no image in the training "
-                        f"split (all of theirs fell into validation or test), so the head could never learn "
-                        f"them. Add images to those class folders, or remove the folders.")
+                        f"split ({why}), so the head could never learn them. Add images to those classes, or "
+                        f"remove them.")

@@ -162,8 +162,10 @@ def extract_with_beam(config: Config, beam_args: list[str], images_from: str = "
                         f"from a dataset library; extract with `python resume.py` instead (it caches the same "
                         f"vectors), or write the dataset to class folders for Beam.")
     root = cache_root(config)
-    dataset = scan_dataset(Path(config.data.dir), config.split.validation_percent, config.split.test_percent,
-                           hash_index_for(config), config.data.min_images_per_class, config.train.progress)
+    data = config.data
+    dataset = scan_dataset(Path(data.dir), config.split.validation_percent, config.split.test_percent,
+                           hash_index_for(config), data.min_images_per_class, config.train.progress,
+                           layout=data.layout, labels=data.labels, labels_columns=data.labels_columns)
     backbone = build_backbone(config.backbone)  # the identity and dimension the workers' shards carry
     folder = cache_files.ensure_identity(root, backbone.cache_identity, backbone.feature_dim)
     before = cache_files.cached_keys(folder)

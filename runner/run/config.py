@@ -30,6 +30,13 @@ class DataConfig:
     min_images_per_class: int = _opt(5, "a class with fewer valid images stops the run early", min=1)
     image_key: str = _opt("", "tfds: / hf: data.dir: the image feature or column; '' = found from the dataset")
     label_key: str = _opt("", "tfds: / hf: data.dir: the ClassLabel feature or column; '' = found from the dataset")
+    layout: str = _opt("auto", "how data.dir is organised: classes (DATA/<class>/), splits (DATA/<split>/<class>/, "
+                               "the dataset's own train/validation/test), or auto (splits when every top-level "
+                               "folder is a split name); docs/data.md", choices=("auto", "classes", "splits"))
+    labels: str = _opt("", "a CSV file naming each image's class (relative to data.dir, or absolute); '' = the "
+                           "folders name the classes; docs/data.md")
+    labels_columns: str = _opt("", "data.labels' image and label columns (and optionally a split column), e.g. "
+                                   "'id,breed'; '' = found from the header")
 
 
 @dataclass
@@ -255,6 +262,8 @@ def ignored_settings(config: Config) -> list[str]:
     derived_rate = fine_tune and not config.fine_tune.learning_rate  # a tenth of the head stage's rate
     why_search = "head.search = auto chooses the head by validation over its own grid"
     rules = [  # (keys, ignored in this run?, why)
+        (("data.labels_columns",), not config.data.labels, "data.labels is not set"),
+        (("data.layout",), bool(config.data.labels), "data.labels names each image's class"),
         (("train.learning_rate",), search and not derived_rate,
          f"{why_search}; fine-tuning has its own fine_tune.learning_rate"),
         (("head.weight_decay",), search, f"{why_search} (weight decays 0 to 100 / N)"),

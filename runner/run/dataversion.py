@@ -2,7 +2,8 @@
 instead of refusing.
 
 Every checkpoint marker records the data it was trained on (`DataFingerprint`: classes, image count, a digest of
-every (path, content hash)). When the scan finds other data, the current version's results and checkpoints are
+every (path, content hash), and a digest of every image's class and split, so another layout, label file or
+split is other data too). When the scan finds other data, the current version's results and checkpoints are
 archived under RUN_DIR/versions/vN (RunDir.archive_version), and the new version trains from the cache (only
 images not cached yet go through the CNN) with run-wide steps continuing after the old version's last one, so
 sync's "newest snapshot" is the newest version's. Unchanged data resumes exactly as before. No TensorFlow here.
@@ -23,33 +24,34 @@ log = logging.getLogger("runner")
 @dataclass(frozen=True)
 class DataFingerprint:
     """What a checkpoint was trained on: the class names, how many images, a digest of (path, content hash), and
-    a digest of which split each image is in (a changed split.*_percent moves images between train and test)."""
+    a digest of (path, class, split): another layout, label file or split.*_percent moves images between classes or
+    between training and test, and is other data too."""
     classes: tuple[str, ...]
     images: int | None
     digest: str | None        # None for checkpoints written before data versions existed (classes only)
-    split: str | None = None  # None for checkpoints written before the split was recorded
+    assignment: str | None = None  # None for checkpoints written before it was recorded (not compared)
 
     @classmethod
     def of(cls, dataset: Dataset) -> "DataFingerprint":
-        images = sorted(dataset.images, key=lambda r: r.relpath)
-        lines = "".join(f"{r.relpath}\t{r.sha256}\n" for r in images)
-        splits = "".join(f"{r.relpath}\t{r.split}\n" for r in images)
-        return cls(tuple(dataset.classes), len(dataset.images), _sha256(lines), _sha256(splits))
+        records = sorted(dataset.images, key=lambda r: r.relpath)
+        lines = "".join(f"{r.relpath}\t{r.sha256}\n" for r in records)
+        assigned = "".join(f"{r.relpath}\t{dataset.classes[r.label]}\t{r.split}\n" for r in records)
+        return cls(tuple(dataset.classes), len(dataset.images), _sha256(lines), _sha256(assigned))
 
     @classmethod
     def from_marker(cls, marker: CheckpointMarker) -> "DataFingerprint":
-        return cls(tuple(marker.classes), marker.data.images, marker.data.digest, marker.data.split)
+        return cls(tuple(marker.classes), marker.data.images, marker.data.digest, marker.data.assignment)
 
     def digest_record(self) -> DataDigest:
         """What a checkpoint marker records of it besides the classes."""
-        return DataDigest(self.images, self.digest, self.split)
+        return DataDigest(self.images, self.digest, self.assignment)
 
     def same_data(self, other: "DataFingerprint") -> bool:
-        """Whether a run on `other` continues this one: same classes, images and split (what an old marker
-        did not record is not compared)."""
+        """Whether a run on `other` continues this one: same classes, images, and class and split of each image
+        (what an old marker did not record is not compared)."""
         if self.classes != other.classes:
             return False
-        return _same(self.digest, other.digest) and _same(self.split, other.split)
+        return _same(self.digest, other.digest) and _same(self.assignment, other.assignment)
 
 
 def current_version(run: RunDir) -> RunVersion:
@@ -71,14 +73,23 @@ def describe_change(old: DataFingerprint, dataset: Dataset, previous_scan: dict[
     """What changed between the data of a checkpoint and this scan: classes added, removed or renamed (a class
     folder whose images moved whole), images new and gone by content. `previous_scan` is the file-hash index of
     the scan before this one (relative path → [size, mtime, sha256]), when there is one."""
+    if old.classes == tuple(dataset.classes) and old.digest == DataFingerprint.of(dataset).digest:
+        return ("the same images, split anew or relabelled (data.layout, data.labels, split.validation_percent or "
+                "split.test_percent changed): a head trained before may have seen images that are now validation "
+                "or test images")
     old_classes, new_classes = set(old.classes), set(dataset.classes)
     before = {path: entry[2] for path, entry in previous_scan.items()}
     after = {r.relpath: r.sha256 for r in dataset.images}
+    depth = {"classes": 0, "splits": 1}.get(dataset.layout.kind)  # the class folder's place in a path
+
+    def folder_class(path: str) -> str | None:
+        parts = path.split("/")
+        return parts[depth] if depth is not None and len(parts) > depth + 1 else None
     renamed = {}
     for gone in sorted(old_classes - new_classes):
-        gone_content = {sha for path, sha in before.items() if path.split("/")[0] == gone}
+        gone_content = {sha for path, sha in before.items() if folder_class(path) == gone}
         for new in sorted(new_classes - old_classes - set(renamed.values())):
-            new_content = {sha for path, sha in after.items() if path.split("/")[0] == new}
+            new_content = {sha for path, sha in after.items() if folder_class(path) == new}
             if gone_content and len(gone_content & new_content) >= 0.5 * max(len(gone_content), len(new_content)):
                 renamed[gone] = new
                 break
@@ -101,10 +112,6 @@ def describe_change(old: DataFingerprint, dataset: Dataset, previous_scan: dict[
                          f"{', '.join(f'{a!r} → {b!r}' for a, b in moved[:3])}{' ...' if len(moved) > 3 else ''})")
     else:
         parts.append(f"{len(dataset.images)} images now, {old.images if old.images is not None else '?'} before")
-    now = DataFingerprint.of(dataset)
-    if old.classes == now.classes and _same(old.digest, now.digest) and not _same(old.split, now.split):
-        parts = ["the same images, split anew (split.validation_percent or split.test_percent changed): the "
-                 "trained head has seen images that are now validation or test images"]
     return "; ".join(parts)
 
 

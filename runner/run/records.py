@@ -99,13 +99,14 @@ class BackboneInfo:
 @dataclass(frozen=True)
 class DataDigest:
     """What a checkpoint was trained on, besides its classes: the image count and a digest of (path, content)
-    pairs and of (path, split) pairs (runner/run/dataversion.py); None in markers written before each existed."""
+    pairs and of (path, class, split) triples (runner/run/dataversion.py); None in markers written before each
+    existed."""
     images: int | None = None
     digest: str | None = None
-    split: str | None = None    # a digest of which split each image is in; None in markers written before it
+    assignment: str | None = None   # a digest of each image's class and split; None in markers written before it
 
     def to_json(self) -> dict:
-        return {"images": self.images, "digest": self.digest, "split": self.split}
+        return {"images": self.images, "digest": self.digest, "assignment": self.assignment}
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class CheckpointMarker:
         fields["evaluation"] = Evaluation.from_json(fields.get("evaluation"))
         fields["backbone"] = BackboneInfo.from_json(fields.get("backbone"))
         digest = fields.get("data") or {}
-        fields["data"] = DataDigest(digest.get("images"), digest.get("digest"), digest.get("split"))
+        fields["data"] = DataDigest(digest.get("images"), digest.get("digest"), digest.get("assignment"))
         for name in ("classes", "resumed_from"):
             fields[name] = tuple(fields.get(name) or ())
         return cls(**fields, extra=extra)

@@ -107,6 +107,7 @@ class Summary:
     per_class_accuracy: dict
     runner_version: str
     data_version: int = 1                # runner/run/dataversion.py: which version of data.dir this run is on
+    data_layout: dict | None = None      # how data.dir was read and split, the dataset's own split counts
     search: SearchSummary | None = None
 
     @property

@@ -78,11 +78,22 @@ def fetch_dataset(url: str, target: Path) -> Path:
     return target
 
 
-def class_images(data_dir: Path) -> dict[str, list[Path]]:
-    """Class folder name → its image files, sorted."""
-    return {folder.name: sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
-                                and not is_ignored(p.name))
-            for folder in sorted(Path(data_dir).iterdir()) if folder.is_dir() and not is_ignored(folder.name)}
+def class_images(data_dir: Path, layout: str = "auto") -> dict[str, list[Path]]:
+    """Class folder name → its image files, sorted; in a pre-split tree (data.layout, runner/data/layout.py)
+    a class's images of every split."""
+    from runner.data.layout import find_split_folders
+    data_dir = Path(data_dir)
+    try:
+        roots = [data_dir / folder for folder in find_split_folders(data_dir, layout).values()] or [data_dir]
+    except RunnerError:  # a top level the run would refuse: show its folders as they are
+        roots = [data_dir]
+    classes: dict[str, list[Path]] = {}
+    for root in roots:
+        for folder in sorted(root.iterdir()):
+            if folder.is_dir() and not is_ignored(folder.name):
+                classes.setdefault(folder.name, []).extend(
+                    p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not is_ignored(p.name))
+    return {name: sorted(files) for name, files in sorted(classes.items())}
 
 
 def _thumbnail(path: Path, size: int = 160) -> np.ndarray | None:
