@@ -57,11 +57,17 @@ def test_the_old_markers_and_records_read_as_typed_records(tmp_path):
     assert isinstance(run.read_head_record(), HeadRecord) and run.read_test_report().accuracy == 0.75
 
 
-def test_a_finished_old_run_started_again_is_unchanged_and_exports(tmp_path):
+def test_a_finished_old_run_started_again_trains_nothing_and_exports(tmp_path):
     run_dir, _, args = install_fixture(tmp_path)
-    result = run_resume(*args)
-    assert result.returncode == 0, result.stdout
-    assert "already finished, nothing changed: step 40," in result.stdout, result.stdout
+    checkpoints = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    old_summary = summary(run_dir)
+    first = run_resume(*args)  # may complete what this version records and the old one did not (report.json)
+    assert first.returncode == 0 and "resumed from" not in first.stdout, first.stdout
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == checkpoints
+    assert {k: summary(run_dir)[k] for k in old_summary} == old_summary, "the same results, nothing retrained"
+    second = run_resume(*args)
+    assert second.returncode == 0, second.stdout
+    assert "already finished, nothing changed: step 40," in second.stdout, second.stdout
     from runner.export.exporter import export_run
     from runner.export.classify import ExportedModel
     export = export_run(run_dir, formats="saved_model,labels")
