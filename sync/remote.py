@@ -143,14 +143,13 @@ def restore_candidates(backend: Backend, run_id: str | None = None) -> list[Snap
     pointer = read_pointer(backend)
     if run_id is not None:
         check_owner(backend, run_id, pointer)
-    copies = {(s.name, s.file_id): s for s in list_snapshots(backend)}
-    if pointer and not any(s.name == pointer.name and s.file_id in (pointer.file_id, "") for s in copies.values()):
-        copies[(pointer.name, pointer.file_id)] = pointer  # verified and pointed to, not in the (lagging) listing yet
 
-    def rank(s: SnapshotInfo) -> tuple:
-        pointed = pointer is not None and s.name == pointer.name and s.file_id == pointer.file_id
-        return s.step, pointed, bool(s.sha256), s.created
-    return sorted(copies.values(), key=rank, reverse=True)
+    def pointed(s: SnapshotInfo) -> bool:  # a pointer without a file id names every copy of its name
+        return pointer is not None and s.name == pointer.name and (not pointer.file_id or s.file_id == pointer.file_id)
+    copies = {(s.name, s.file_id): s for s in list_snapshots(backend)}
+    if pointer and not any(pointed(s) for s in copies.values()):
+        copies[(pointer.name, pointer.file_id)] = pointer  # verified and pointed to, not in the (lagging) listing yet
+    return sorted(copies.values(), key=lambda s: (s.step, pointed(s), bool(s.sha256), s.created), reverse=True)
 
 
 def retention_victims(snapshots: list[SnapshotInfo], keep: int, verified_step: int) -> list[SnapshotInfo]:
