@@ -102,7 +102,9 @@ def report(outcome, run: RunDir, flushed=None) -> int:
           f"validation accuracy {_percent(summary.val_accuracy)}; summary in {run.summary}", flush=True)
     if flushed is not None and flushed.enabled and not flushed.final_on_remote:
         from sync.outcome import not_on_remote_message
-        print(f"error: {not_on_remote_message(flushed, run.path, run.config)}", file=sys.stderr, flush=True)
+        model_dir = run.export if run.export.is_dir() else None
+        print(f"error: {not_on_remote_message(flushed, run.path, run.config, model_dir)}", file=sys.stderr,
+              flush=True)
         return EXIT_TRANSIENT
     return EXIT_OK
 

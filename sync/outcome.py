@@ -56,12 +56,12 @@ def push_command(config_file: Path) -> str:
     return f"python -m sync --config {shlex.quote(str(config_file))} push"
 
 
-def not_on_remote_message(outcome: SyncOutcome, run_dir: Path, config_file: Path) -> str:
-    """What to tell a user whose run finished but whose final snapshot is not on the remote (exit status 75)."""
+def not_on_remote_message(outcome: SyncOutcome, run_dir: Path, config_file: Path, model_dir: Path | None) -> str:
+    """What to tell a user whose run finished but whose final snapshot is not on the remote (exit status 75);
+    `model_dir`: the run's exported model, where it has one (the runner names it: sync knows no run-dir names)."""
     what = f"the final snapshot (step {outcome.step})" if outcome.step is not None else "no snapshot"
     reason = (outcome.last_error or "not sent").removeprefix("sync: ")
-    export = Path(run_dir) / "export"
-    model = f"the trained model is on this machine only, in {export}" if export.is_dir() else \
+    model = f"the trained model is on this machine only, in {model_dir}" if model_dir is not None else \
         f"the trained run is on this machine only, in {run_dir}"
     return (f"{what} is not in {outcome.remote} ({reason}); {model}"
             + (f" (queued for upload in {outcome.local})" if outcome.pending else "")

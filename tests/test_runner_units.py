@@ -143,7 +143,8 @@ def test_a_wrong_type_says_what_was_expected_in_words():
 
 
 LAYOUT_NAMES = ('"checkpoints', "finetune/checkpoints", "ckpt-", '"metrics.jsonl"', '"summary.json"',
-                '"test_report.json"', '"head_stage.json"', '"config.toml"', '"labels.json"', "last_snapshot")
+                '"test_report.json"', '"head_stage.json"', '"config.toml"', '"labels.json"', "last_snapshot",
+                '"export"', '"report"', '"version.json"', '"versions"', '"report.json"')
 
 
 @pytest.mark.parametrize("package", ["runner", "sync", "common"])

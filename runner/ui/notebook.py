@@ -165,7 +165,8 @@ def sync_status(run: RunDir) -> list[str]:
     if outcome.final_on_remote:
         return [f"sync: the final snapshot (step {outcome.step}) is in {outcome.remote}"]
     if outcome.final:
-        return [f"WARNING: {not_on_remote_message(outcome, run.path, run.config)}"]
+        model_dir = run.export if run.export.is_dir() else None
+        return [f"WARNING: {not_on_remote_message(outcome, run.path, run.config, model_dir)}"]
     return [outcome.message]
 
 
