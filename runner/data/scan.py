@@ -339,7 +339,7 @@ def scan_dataset(data_dir: Path, validation_percent: float, test_percent: float,
         images.append(ImageRecord(str(file), relpath, label_of[candidate.label], split, digest, candidate.own_split))
     bar.close()
     hash_index.save(seen)
-    dataset = Dataset(classes, images, skipped, DataLayout(listing.kind, listing.detail, plan))
+    dataset = Dataset(classes, images, skipped, layout=DataLayout(listing.kind, listing.detail, plan))
     log.info("%s", dataset.layout.describe())
     check_class_sizes(dataset, min_images_per_class)
     return dataset
