@@ -158,3 +158,16 @@ def test_a_service_account_token_carries_the_narrowest_scope_that_reaches_the_fo
     path.write_bytes(b"x")
     make_backend(drive_config, tmp_path / "s").put("f.bin", path, {})
     assert {g.scopes for g in fake_drive.tokens.values()} == {frozenset({scope})}
+
+
+def test_the_notebook_form_and_the_docs_state_the_scope_the_code_requests():
+    from pathlib import Path
+    from sync.backends.google_http import scope_for
+    repo = Path(__file__).resolve().parents[2]
+    form = (repo / "notebooks" / "colab_quickstart.ipynb").read_text(encoding="utf-8")
+    docs = (repo / "docs" / "sync.md").read_text(encoding="utf-8")
+    narrow, full = scope_for("runs/flowers").rsplit("/", 1)[1], scope_for("id:x").rsplit("/", 1)[1]
+    assert (narrow, full) == ("drive.file", "drive")
+    assert f"scope `{narrow}`" in form and "grants access to your whole Drive" in form
+    assert "sees only files it made" not in form
+    assert "carries **full\n  Drive access**" in docs and f"`{narrow}` (path\n  folder) or `{full}` (`id:`)" in docs
