@@ -5,7 +5,8 @@ Drive's upload guide (https://developers.google.com/drive/api/guides/manage-uplo
 These errors indicate the upload session has expired and must be restarted by requesting a new session URI."
 So any 4xx on a started session that the retry policy does not retry starts a new session (SessionGone, within
 the put's one budget), except refusals whose cause a new session cannot change (a full Drive, missing
-permissions: sync.retry.has_known_fix) and 409 (the pre-generated id is taken: upload.Put checks whose it is)."""
+permissions: sync.retry.has_known_fix), 401 (the credentials, refreshed once already by the transport) and 409
+(the pre-generated id is taken: upload.Put checks whose it is)."""
 from __future__ import annotations
 
 import json
@@ -103,7 +104,7 @@ def forget_stale_uploads(uploads: Path) -> None:
 
 def session_refused(e: RemoteError) -> bool:
     """Whether a refusal of a started session's request means: start a new session (see the module's doc)."""
-    return e.status is not None and 400 <= e.status < 500 and e.status != 409 and not has_known_fix(e)
+    return e.status is not None and 400 <= e.status < 500 and e.status not in (401, 409) and not has_known_fix(e)
 
 
 def send_resumable(client: DriveClient, name: str, local: Path, state: UploadState, request, chunk: int) -> dict:
