@@ -183,12 +183,15 @@ def recorded_outcome(run_dir: Path) -> SyncOutcome | None:
 
 
 def open_sync(config: SyncConfig, run_dir: Path, cache_dir: Path, run_id: str, start_uploader: bool = True) -> Sync:
-    """Validate config and the files it names, connect its backend, and (unless told not to) resume sending
-    anything a previous process left staged."""
+    """Validate config and the files it names, connect its backend, check that the backend can describe this
+    run's snapshots, and (unless told not to) resume sending anything a previous process left staged."""
     if not config.enabled:
         return Sync(config, run_dir, cache_dir, run_id)
     config.validate()
     config.check_environment()
     from sync.backends import make_backend
+    from sync.remote import SnapshotInfo, snapshot_name
     backend = make_backend(config, Path(run_dir) / STATE_DIR / "transfers")
+    example = SnapshotInfo(snapshot_name(0, run_id), 0, None, "0" * 64, 0, time.time(), run_id=run_id, final=True)
+    backend.check_properties(example.name, example.properties())  # a run id Drive cannot store: said at once
     return Sync(config, run_dir, cache_dir, run_id, backend, start_uploader)

@@ -27,16 +27,25 @@ log = logging.getLogger("sync")
 T = TypeVar("T")
 
 # Retried: per-user/per-project request limits refill within a minute or so (the guide: "retry using
-# exponential backoff"). `quotaExceeded` is a request quota, NOT storage: storage is `storageQuotaExceeded`.
+# exponential backoff"). `quotaExceeded` names a request quota unless its message says storage: Drive's storage
+# reason is `storageQuotaExceeded` ("The user's Drive storage quota has been exceeded", the guide's fix: free
+# space), but a storage refusal has also been answered as `quotaExceeded` with a storage message, so the
+# message decides (STORAGE_WORDS); a full Drive does not refill by waiting.
 TRANSIENT_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded", "sharingRateLimitExceeded",
                      "backendError", "internalError", "RATE_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
+RATE_REASONS = TRANSIENT_REASONS - {"backendError", "internalError"}
+STORAGE_REASONS = frozenset({"storageQuotaExceeded", "teamDriveFileLimitExceeded", "numChildrenInNonRootLimitExceeded"})
+STORAGE_WORDS = ("storage quota", "storage limit", "storage space")
+# Who may delete in a shared drive, said the same way by every message (drive.v3.json files.delete: "If the file
+# belongs to a shared drive, the user must be an `organizer` on the parent folder"; organizer = Manager).
+SHARED_DRIVE_DELETE = ("deleting old snapshots needs the Manager role (Drive's `organizer`: files.delete 'the user "
+                       "must be an organizer on the parent folder')")
 QUOTA_ADVICE = ("the Drive account has no storage left: run `python -m sync --config FILE prune` (or lower "
                 "sync.keep), empty the Drive trash (trashed files count against the quota), use a shared drive, or "
                 "use user credentials instead of a service account (service accounts have no storage of their own).")
 # Permanent failures: reason -> what the user should do. The first matching entry wins.
 PERMANENT_ADVICE: list[tuple[frozenset[str], str]] = [
-    (frozenset({"storageQuotaExceeded", "teamDriveFileLimitExceeded", "numChildrenInNonRootLimitExceeded"}),
-     QUOTA_ADVICE),
+    (STORAGE_REASONS, QUOTA_ADVICE),
     (frozenset({"dailyLimitExceeded", "dailyLimitExceededUnreg"}),
      "the Google Cloud project of these credentials used up its daily Drive API quota; it resets at midnight "
      "Pacific time. Wait, or use credentials of another project (sync.credentials)."),
@@ -51,7 +60,8 @@ PERMANENT_ADVICE: list[tuple[frozenset[str], str]] = [
      "again and allow Drive access; with sync.credentials, create the file with the drive (or drive.file) scope."),
     (frozenset({"insufficientFilePermissions", "cannotDeleteFile", "teamDrivesParentLimit"}),
      "these credentials may not change this file or folder: share sync.folder with this account as an editor "
-     "(in a shared drive: Content manager, which may also delete), or use a folder this account owns."),
+     f"(in a shared drive: Contributor or above to upload; {SHARED_DRIVE_DELETE}), or use a folder this account "
+     "owns."),
     (frozenset({"cannotDownloadAbusiveFile"}),
      "Drive flagged this file as abusive or malware and refuses to serve it: delete it from the Drive folder."),
     (frozenset({"authError", "UNAUTHENTICATED"}),
@@ -95,6 +105,30 @@ def _error_body(exc: BaseException) -> dict:
         return {}
 
 
+def error_messages(exc: BaseException) -> str:
+    """The messages of an HTTP error's JSON body (error.message and every errors[].message), lower-cased."""
+    if isinstance(exc, RemoteError):
+        return str(exc).lower()
+    error = _error_body(exc)
+    texts = [error.get("message")] + [e.get("message") for e in error.get("errors", []) if isinstance(e, dict)]
+    return " ".join(t for t in texts if isinstance(t, str)).lower()
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """Drive has no storage left for this account or shared drive: a storage reason, or `quotaExceeded` whose
+    message speaks of storage (the user frees space; waiting does not help)."""
+    reasons = error_reasons(exc)
+    if reasons & STORAGE_REASONS or isinstance(exc, QuotaExceeded):
+        return True
+    return "quotaExceeded" in reasons and any(word in error_messages(exc) for word in STORAGE_WORDS)
+
+
+def has_known_fix(exc: BaseException) -> bool:
+    """A refusal whose cause and fix are known (PERMANENT_ADVICE, a full Drive): no new attempt can mend it."""
+    reasons = error_reasons(exc)
+    return is_storage_full(exc) or any(reasons & r for r, _ in PERMANENT_ADVICE)
+
+
 def error_reasons(exc: BaseException) -> set[str]:
     """The Google API error reasons in an HTTP error's JSON body: legacy errors[].reason, new details[].reason
     and the new error.status (e.g. rateLimitExceeded, ACCESS_TOKEN_SCOPE_INSUFFICIENT, PERMISSION_DENIED)."""
@@ -131,7 +165,7 @@ def is_transient(exc: BaseException) -> bool:
     status = http_status(exc)
     if status is not None:
         reasons = error_reasons(exc)
-        if any(reasons & r for r, _ in PERMANENT_ADVICE):
+        if has_known_fix(exc):
             return False
         return status in (408, 429) or status >= 500 or (status == 403 and bool(reasons & TRANSIENT_REASONS))
     if getattr(exc, "retryable", False):  # e.g. google-auth RefreshError from a 5xx/429 token endpoint
@@ -165,7 +199,7 @@ def permanent_error(exc: BaseException, what: str) -> RemoteError | None:
     if status is None:
         return None
     reasons = frozenset(error_reasons(exc))
-    advice = next((a for r, a in PERMANENT_ADVICE if reasons & r), None)
+    advice = QUOTA_ADVICE if is_storage_full(exc) else next((a for r, a in PERMANENT_ADVICE if reasons & r), None)
     kind = QuotaExceeded if advice == QUOTA_ADVICE else RemoteError
     advice = advice or STATUS_ADVICE.get(status, "Drive refused the request.")
     return kind(f"sync: {what} failed ({describe(exc)}): {advice}", status, reasons)
@@ -195,7 +229,8 @@ class StaleId(Recover):
 
 
 class SessionGone(Recover):
-    """Drive forgot the resumable upload session (404/410 on a chunk): start a new session."""
+    """Drive refused a request of a started resumable upload session (any 4xx but the retried limits and the
+    refusals with a known fix): start a new session."""
     label = "upload session gone"
 
 
@@ -280,10 +315,12 @@ class RetryPolicy:
                     if permanent is None:
                         raise
                     raise permanent from None
-                if attempt + 1 == self.tries:
-                    raise TransferError(f"sync: {what} failed after {self.tries} tries ({describe(exc)}); the "
-                                        f"network or the server is not answering (raise sync.retries for "
-                                        f"flaky networks).") from None  # the caller says what happens next
+                if attempt + 1 == self.tries:  # the caller says what happens next
+                    why = ("Drive kept refusing for its request limits, which refill within minutes (machines "
+                           "on one account or project share them)" if error_reasons(exc) & RATE_REASONS
+                           else "the network or the server is not answering")
+                    raise TransferError(f"sync: {what} failed after {self.tries} tries ({describe(exc)}); {why} "
+                                        f"(raise sync.retries for flaky networks).") from None
                 wait = self.delay(attempt, exc)
                 log.warning("%s: %s; retry %d/%d in %.1fs", what, describe(exc), attempt + 1,
                             self.tries - 1, wait)

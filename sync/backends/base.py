@@ -40,6 +40,9 @@ class Backend(abc.ABC):
     def delete(self, name: str) -> None:
         """Remove name; a missing file is not an error."""
 
+    def check_properties(self, name: str, properties: dict[str, str]) -> None:
+        """Raise SyncError (naming the fix) for properties this backend cannot store; by default any fit."""
+
 
 def split_name(name: str) -> tuple[str, str]:
     """(subfolder, file name) of a backend name; the subfolder is '' for a top-level file."""

@@ -18,19 +18,29 @@ from sync.errors import SyncError
 
 log = logging.getLogger("sync")
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
-# Only for credentials that need a scope to get a token at all (service accounts): full Drive, so a folder in a
-# shared drive (or shared with the account) is visible; what it can touch is what was shared with it.
+# drive.v3.json auth.oauth2.scopes: drive.file = "See, edit, create, and delete only the specific Google Drive
+# files you use with this app"; drive = "See, edit, create, and delete all of your Google Drive files".
+DRIVE_FILE_SCOPE = "https://www.googleapis.com/auth/drive.file"
 DRIVE_SCOPE = "https://www.googleapis.com/auth/drive"
+
+
+def scope_for(folder: str) -> str:
+    """The narrowest scope that reaches sync.folder: a path is created by the runner itself, so drive.file
+    (files this app made) suffices; an id:FOLDER_ID was made elsewhere (a shared drive, a folder shared with
+    these credentials), which only full drive can see."""
+    return DRIVE_SCOPE if folder.startswith("id:") else DRIVE_FILE_SCOPE
 
 
 def load_credentials(config: SyncConfig):
     """Credentials from sync.credentials (authorized-user or service-account JSON) or the application default.
 
-    No scope is forced on credentials that carry their own grant: Colab's (metadata-server or authorized-user)
-    tokens keep the scopes the user granted, and an authorized-user file is refreshed with the scopes it lists
-    (none = those of the grant), because asking the token endpoint for another scope fails with invalid_scope.
-    Only credentials that need a scope to mint a token at all (service accounts) get DRIVE_SCOPE.
+    Credentials that can be scoped (google-auth's requires_scopes: service accounts, and the unscoped
+    metadata-server credentials of Colab and Compute Engine) are asked for scope_for(sync.folder) only.
+    Credentials whose scopes were fixed when the user signed in (authorized-user: an ADC file, or
+    sync.credentials) keep their grant: an authorized-user file is refreshed with the scopes it lists (none =
+    those of the grant), because asking the token endpoint for another scope fails with invalid_scope.
     """
+    scope = scope_for(config.folder)
     if not config.credentials:
         try:
             creds, _ = google.auth.default()
@@ -38,7 +48,7 @@ def load_credentials(config: SyncConfig):
             raise SyncError("sync.backend = 'drive' but no Google credentials were found: in Colab run "
                             "`from google.colab import auth; auth.authenticate_user()` first, or set "
                             "sync.credentials to an authorized-user or service-account JSON file.") from None
-        return google.auth.credentials.with_scopes_if_required(creds, [DRIVE_SCOPE])
+        return google.auth.credentials.with_scopes_if_required(creds, [scope])
     path = Path(config.credentials).expanduser()
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
@@ -50,7 +60,7 @@ def load_credentials(config: SyncConfig):
         if kind == "service_account":
             log.warning("using a service account: it has no Drive storage of its own, so uploads fail "
                         "with 'storage quota exceeded' unless sync.folder is in a shared drive.")
-            return service_account.Credentials.from_service_account_info(info, scopes=[DRIVE_SCOPE])
+            return service_account.Credentials.from_service_account_info(info, scopes=[scope])
         if kind == "authorized_user":
             # from_authorized_user_file would replace the file's token_uri with Google's; keep the file's own.
             scopes = info.get("scopes")
@@ -74,8 +84,8 @@ def ca_bundle(config: SyncConfig, state_dir: Path) -> str | None:
     state_dir.mkdir(parents=True, exist_ok=True)
     bundle = state_dir / "ca-bundle.pem"
     default = Path(httplib2.certs.where()).read_text(encoding="utf-8")
-    bundle.write_text(default.rstrip("\n") + "\n" + Path(config.ca_certs).expanduser().read_text(encoding="utf-8"),
-                      encoding="utf-8")
+    extra = Path(config.ca_certs).expanduser().read_text(encoding="utf-8")
+    bundle.write_text(default.rstrip("\n") + "\n" + extra, encoding="utf-8")
     return str(bundle)
 
 

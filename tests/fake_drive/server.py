@@ -17,7 +17,9 @@ DISCOVERY is the drive.v3.json discovery document shipped in googleapiclient/dis
   * files.list order is unspecified without orderBy: results are shuffled                      [ORDER]
   * files.list returns trashed files unless the query excludes them; trash counts against
     the storage quota; files.delete bypasses the trash                                          [TRASH, DELETE]
-  * error bodies carry legacy errors[].reason and the new error.status / details[]             [ERRORS]
+  * error bodies have Drive's shape: errors[] of {domain, reason, message}, code and message, and no
+    status or details[] (a fault may ask for the newer AIP-193 shape, which other Google APIs send) [ERRORS]
+  * a property's key plus value may hold at most 124 bytes of UTF-8                           [PROPERTIES]
 """
 from __future__ import annotations
 
@@ -68,9 +70,16 @@ REF_PARTIAL = ("manage-uploads#resumable ('Resume an interrupted upload': contin
 REF_ORDER = "DISCOVERY files.list orderBy: the order is only defined by the sort keys given"
 REF_TRASH = ("DISCOVERY files.list: 'This method returns *all* files by default, including trashed files'; "
              "schemas.About.storageQuota.usageInDriveTrash (trashed files use quota)")
-REF_ERRORS = ("https://developers.google.com/drive/api/guides/handle-errors (errors[].reason, e.g. "
-              "storageQuotaExceeded, dailyLimitExceeded, domainPolicy, insufficientFilePermissions) and "
-              "https://cloud.google.com/apis/design/errors (error.status, details[] ErrorInfo.reason)")
+REF_ERRORS = ("https://developers.google.com/drive/api/guides/handle-errors: every JSON sample is "
+              "{'error': {'errors': [{'domain', 'reason', 'message'}], 'code', 'message'}} (domain 'usageLimits' "
+              "for the limits, 'global' otherwise); the AIP-193 shape (error.status, details[] ErrorInfo.reason) "
+              "is https://cloud.google.com/apis/design/errors")
+REF_PROPERTIES = ("https://developers.google.com/drive/api/guides/properties, 'Limits of custom file properties': "
+                  "'Maximum of 124 bytes size per property (including both key and value) in UTF-8 encoding'")
+USAGE_LIMITS = {"rateLimitExceeded", "userRateLimitExceeded", "dailyLimitExceeded", "quotaExceeded",
+                "storageQuotaExceeded", "sharingRateLimitExceeded"}  # their domain is usageLimits [REF_ERRORS]
+PROPERTY_BYTES = 124
+STORAGE_FULL = "The user's Drive storage quota has been exceeded."  # [REF_ERRORS] storageQuotaExceeded
 
 
 @dataclass
@@ -84,8 +93,14 @@ class Fault:
     status: int = 404
     retry_after: str | None = None
     reason: str = ""
-    new_format_only: bool = False  # the error body has only error.status + details (no legacy errors[])
+    message: str = ""  # an "http" fault's error message (default: "injected STATUS REASON")
+    new_format_only: bool = False  # the error body has only error.status + details (AIP-193), no errors[]
     hits: int = 0
+
+    @property
+    def fired(self) -> int:
+        """How often the fault acted (requests it skipped do not count)."""
+        return max(0, self.hits - self.skip)
 
 
 @dataclass
@@ -183,6 +198,11 @@ class FakeDrive:
         with self.lock:
             self.faults.append(fault)
         return fault
+
+    def unfired(self) -> list[Fault]:
+        """Injected faults that never acted: a test that injected them did not test what it meant to."""
+        with self.lock:
+            return [f for f in self.faults if f.fired == 0]
 
     def revoke_tokens(self) -> None:
         """Make every issued access token invalid (the client must refresh at the token endpoint)."""
@@ -358,13 +378,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, reason: str, message: str, headers: dict | None = None,
                new_format_only: bool = False) -> None:
-        """An error body as Google sends it: error.code/message/status, details[] (ErrorInfo) and, unless
-        new_format_only, the legacy errors[] with domain and reason [REF_ERRORS]."""
-        error = {"code": status, "message": message, "status": self.GRPC_STATUS.get(status, "UNKNOWN"),
-                 "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason,
-                              "domain": "googleapis.com"}]}
-        if not new_format_only:
-            error["errors"] = [{"domain": "global", "reason": reason, "message": message}]
+        """An error body as Drive sends it: errors[] of {domain, reason, message}, code and message, no status
+        and no details [REF_ERRORS]; new_format_only: the AIP-193 shape instead (status, details[] ErrorInfo)."""
+        if new_format_only:
+            error = {"code": status, "message": message, "status": self.GRPC_STATUS.get(status, "UNKNOWN"),
+                     "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason,
+                                  "domain": "googleapis.com"}]}
+        else:
+            domain = "usageLimits" if reason in USAGE_LIMITS else "global"
+            error = {"errors": [{"domain": domain, "reason": reason, "message": message}], "code": status,
+                     "message": message}
         self._send(status, {"error": error}, headers)
 
     def _reset(self) -> None:
@@ -397,16 +420,16 @@ class _Handler(BaseHTTPRequestHandler):
         if not body_read:
             self._body()
         if fault.kind == "429":
-            self._error(429, "rateLimitExceeded", "Too many requests",
+            self._error(429, "rateLimitExceeded", "Rate Limit Exceeded",
                         {"Retry-After": fault.retry_after} if fault.retry_after else None)
         elif fault.kind == "403-rate":
-            self._error(403, "userRateLimitExceeded", "User rate limit exceeded")
+            self._error(403, "userRateLimitExceeded", "User Rate Limit Exceeded")
         elif fault.kind == "quota":
-            self._error(403, "storageQuotaExceeded", "The user's Drive storage quota has been exceeded.")
+            self._error(403, "storageQuotaExceeded", STORAGE_FULL)
         elif fault.kind == "401":
             self._error(401, "authError", "Invalid Credentials")
         elif fault.kind == "http":
-            self._error(fault.status, fault.reason, f"injected {fault.status} {fault.reason}",
+            self._error(fault.status, fault.reason, fault.message or f"injected {fault.status} {fault.reason}",
                         {"Retry-After": fault.retry_after} if fault.retry_after else None,
                         new_format_only=fault.new_format_only)
         else:
@@ -599,6 +622,15 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
+    def _check_properties(self, meta: dict) -> bool:
+        """Refuse a property whose key plus value exceeds 124 bytes of UTF-8 (400 badRequest) [REF_PROPERTIES]."""
+        for field_name in ("properties", "appProperties"):
+            for key, value in (meta.get(field_name) or {}).items():
+                if len(key.encode("utf-8")) + len((value or "").encode("utf-8")) > PROPERTY_BYTES:
+                    self._error(400, "badRequest", f"The property {key!r} exceeds the {PROPERTY_BYTES}-byte limit.")
+                    return False
+        return True
+
     def _check_parents(self, meta: dict, query: dict) -> bool:
         """The parent must exist and be visible (a shared-drive parent needs supportsAllDrives) [REF_SHARED]."""
         for parent in meta.get("parents") or ["root"]:
@@ -610,7 +642,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _create_metadata(self, query, fault) -> None:
         meta = json.loads(self._body() or b"{}")
         with self.fake.lock:
-            if not self._check_new_id(meta) or not self._check_parents(meta, query):
+            if not self._check_properties(meta) or not self._check_new_id(meta) or not self._check_parents(meta, query):
                 return
             res = self.fake._store(meta, None, None, self.grant.client)
             view = self._view(res)
@@ -641,6 +673,8 @@ class _Handler(BaseHTTPRequestHandler):
         with self.fake.lock:
             if self._lookup(fid, query) is None:
                 return self._error(404, "notFound", f"File not found: {fid}.")
+            if not self._check_properties(meta):
+                return
             view = self._view(self.fake._store(meta, None, fid, self.grant.client))
         self._send(200, self._fields(query, view, FILE_DEFAULT))
 
@@ -665,7 +699,7 @@ class _Handler(BaseHTTPRequestHandler):
         replaced = len(self.fake.content.get(fid, b"")) if fid else 0
         if self.fake.usage() - replaced + len(data) <= self.fake.storage_limit:
             return False
-        self._error(403, "storageQuotaExceeded", "The user's Drive storage quota has been exceeded.")
+        self._error(403, "storageQuotaExceeded", STORAGE_FULL)
         return True
 
     def _multipart(self, query, fault, fid) -> None:
@@ -683,7 +717,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if fid is not None and self._lookup(fid, query) is None:
                 return self._error(404, "notFound", f"File not found: {fid}.")
-            if self._over_quota(data, fid):
+            if not self._check_properties(meta) or self._over_quota(data, fid):
                 return
             if fault and fault.kind == "corrupt":
                 data = _corrupt(data)
@@ -697,6 +731,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if fid is not None and self._lookup(fid, query) is None:
                 return self._error(404, "notFound", f"File not found: {fid}.")
+            if not self._check_properties(meta):
+                return
             total = self.headers.get("X-Upload-Content-Length")
             session = Session(uuid.uuid4().hex, meta, fid, int(total) if total else None,
                               query=dict(query), client=self.grant.client)

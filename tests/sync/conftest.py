@@ -14,9 +14,13 @@ from tests.sync.helpers import TIMEOUT_S, TRIES
 
 @pytest.fixture
 def fake_drive(tmp_path):
-    """A fresh fake Drive v3 on https://127.0.0.1:PORT/ with its own self-signed certificate."""
+    """A fresh fake Drive v3 on https://127.0.0.1:PORT/ with its own self-signed certificate.
+
+    Every fault a test injects must have acted by the test's end: one that never fired tested nothing."""
     with FakeDrive(tmp_path / "tls") as fake:
         yield fake
+        unfired = fake.unfired()
+    assert not unfired, f"injected faults that never fired: {unfired}"
 
 
 @pytest.fixture

@@ -240,7 +240,7 @@ def test_unexpected_http_errors_never_escape_raw(drive_config, fake_drive, tmp_p
     sync = open_sync(drive_config, tmp_path / "run", tmp_path / "cache", "r1")
     with pytest.raises(SyncError) as info:
         sync.restore_latest()
-    assert not isinstance(info.value, HttpError) and "HTTP 400 (INVALID_ARGUMENT, invalidParameter)" in str(info.value)
+    assert not isinstance(info.value, HttpError) and "HTTP 400 (invalidParameter)" in str(info.value)
     sync.close(timeout=1)
 
 

@@ -84,8 +84,7 @@ def test_network_failure_never_reaches_the_training_thread_and_the_snapshot_stay
 
 
 def test_quota_exceeded_is_reported_with_the_fix_and_training_continues(drive_config, fake_drive, tmp_path):
-    fake_drive.inject("quota", on="start", times=10_000)
-    fake_drive.inject("quota", on="create", times=10_000)
+    fake_drive.inject("quota", on="create", times=10_000)  # the snapshot is small: one multipart create
     sync = open_sync(drive_config, tmp_path / "run", tmp_path / "cache", "r1")
     _checkpoint(sync, 100)
     outcome = sync.close(timeout=30).message

@@ -149,17 +149,35 @@ def test_list_includes_trashed_files_unless_asked_not_to_and_trash_uses_quota(fa
     assert a.call("DELETE", f"drive/v3/files/{fid}")[0] == 204 and fake_drive.usage() == 0
 
 
-@pytest.mark.parametrize("new_format_only", [False, True])
-def test_error_bodies_carry_status_and_details_and_the_legacy_reason(fake_drive, new_format_only):
-    """REF_ERRORS."""
+@pytest.mark.parametrize("reason,domain", [("userRateLimitExceeded", "usageLimits"), ("notFound", "global")])
+def test_error_bodies_have_the_shape_of_drives_guide_with_no_status_or_details(fake_drive, reason, domain):
+    """REF_ERRORS: {'error': {'errors': [{'domain', 'reason', 'message'}], 'code', 'message'}}."""
     a = Client(fake_drive, "app-a")
-    fake_drive.inject("http", on="list", status=403, reason="ACCESS_TOKEN_SCOPE_INSUFFICIENT",
-                      new_format_only=new_format_only)
+    fault = fake_drive.inject("http", on="list", status=403, reason=reason, message="Some message")
+    status, body, _ = a.call("GET", "drive/v3/files")
+    assert status == 403 and fault.fired == 1
+    assert body == {"error": {"errors": [{"domain": domain, "reason": reason, "message": "Some message"}],
+                              "code": 403, "message": "Some message"}}
+
+
+def test_a_fault_may_answer_in_the_aip_193_shape_other_google_apis_use(fake_drive):
+    a = Client(fake_drive, "app-a")
+    fake_drive.inject("http", on="list", status=403, reason="ACCESS_TOKEN_SCOPE_INSUFFICIENT", new_format_only=True)
     status, body, _ = a.call("GET", "drive/v3/files")
     error = body["error"]
-    assert status == 403 and error["status"] == "PERMISSION_DENIED"
+    assert status == 403 and error["status"] == "PERMISSION_DENIED" and "errors" not in error
     assert error["details"][0]["reason"] == "ACCESS_TOKEN_SCOPE_INSUFFICIENT"
-    assert ("errors" in error) == (not new_format_only)
+
+
+def test_a_property_over_124_bytes_of_key_and_value_is_refused(fake_drive):
+    """REF_PROPERTIES: the limit counts UTF-8 bytes of key plus value."""
+    a = Client(fake_drive, "app-a")
+    fits = {"k": "é" * 61 + "x"}  # 1 + 122 + 1 = 124 bytes
+    status, _, _ = a.call("POST", "drive/v3/files", json.dumps({"name": "a", "properties": fits}).encode())
+    assert status == 200
+    over = {"k": "é" * 62}  # 1 + 124 bytes
+    status, body, _ = a.call("POST", "drive/v3/files", json.dumps({"name": "b", "properties": over}).encode())
+    assert status == 400 and body["error"]["errors"][0]["reason"] == "badRequest"
 
 
 def test_the_storage_quota_counts_every_stored_byte(fake_drive):

@@ -11,11 +11,12 @@ from sync.backends.base import Backend, RemoteFile
 from sync.backends.drive.client import ALL_DRIVES, DriveClient
 from sync.backends.drive.download import download
 from sync.backends.drive.folders import Folders
+from sync.backends.drive.properties import check_properties
 from sync.backends.drive.resumable import forget_stale_uploads
 from sync.backends.drive.upload import PUT_RECOVERIES, Put, attempt_requests
 from sync.config import SyncConfig
 from sync.errors import NotFound, RemoteError
-from sync.retry import RetryPolicy
+from sync.retry import SHARED_DRIVE_DELETE, RetryPolicy
 
 __all__ = ["DriveBackend", "PUT_RECOVERIES", "attempt_requests"]
 
@@ -42,8 +43,14 @@ class DriveBackend(Backend):
 
     def put(self, name: str, local: Path, properties: dict[str, str]) -> RemoteFile:
         """Upload local as name without duplicates and check Drive's md5Checksum, mending what one more attempt
-        can fix (md5 mismatch, refused id, forgotten session, deleted folder) within PUT_RECOVERIES."""
+        can fix (md5 mismatch, refused id, forgotten session, deleted folder) within PUT_RECOVERIES. Properties
+        over Drive's size limit are refused before any request."""
+        check_properties(name, properties)
         return Put(self.client, self.folders, self.uploads, self.chunk, name, local, properties).run()
+
+    def check_properties(self, name: str, properties: dict[str, str]) -> None:
+        """Refuse properties Drive would refuse (over 124 bytes of key plus value), naming the fix."""
+        check_properties(name, properties)
 
     def get(self, name: str, dest: Path, file_id: str = "") -> None:
         """Download name in ranged chunks (resuming a partial file) and check its md5 before renaming it to dest."""
@@ -63,8 +70,7 @@ class DriveBackend(Backend):
         except RemoteError as e:
             if e.status == 403 and self.folders.drive_id:
                 raise RemoteError(f"sync: cannot delete {name} from the shared drive of sync.folder ({e.status} "
-                                  f"{', '.join(sorted(e.reasons))}): deleting in a shared drive needs the Manager "
-                                  f"role (files.delete: 'the user must be an organizer'); give these credentials "
+                                  f"{', '.join(sorted(e.reasons))}): {SHARED_DRIVE_DELETE}; give these credentials "
                                   f"that role, or delete old snapshots by hand. Uploads are not affected.",
                                   e.status, e.reasons) from None
             if e.status != 404:

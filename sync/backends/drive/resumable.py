@@ -1,4 +1,12 @@
-"""Resumable uploads: media read by offset, the session saved before each chunk, resumed after a restart."""
+"""Resumable uploads: media read by offset, the session saved before each chunk, resumed after a restart.
+
+Drive's upload guide (https://developers.google.com/drive/api/guides/manage-uploads, "Handle errors"): 5xx and
+403 rate limits are retried; "For any 4xx errors (including 403) during a resumable upload, restart the upload.
+These errors indicate the upload session has expired and must be restarted by requesting a new session URI."
+So any 4xx on a started session that the retry policy does not retry starts a new session (SessionGone, within
+the put's one budget), except refusals whose cause a new session cannot change (a full Drive, missing
+permissions: sync.retry.has_known_fix), 401 (the credentials, refreshed once already by the transport) and 409
+(the pre-generated id is taken: upload.Put checks whose it is)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +19,7 @@ from googleapiclient.http import MediaUpload
 
 from sync.backends.drive.client import DriveClient
 from sync.errors import RemoteError
-from sync.retry import SessionGone
+from sync.retry import SessionGone, has_known_fix
 from common.files import write_text_atomic
 
 log = logging.getLogger("sync")
@@ -94,11 +102,17 @@ def forget_stale_uploads(uploads: Path) -> None:
             pass
 
 
+def session_refused(e: RemoteError) -> bool:
+    """Whether a refusal of a started session's request means: start a new session (see the module's doc)."""
+    return e.status is not None and 400 <= e.status < 500 and e.status not in (401, 409) and not has_known_fix(e)
+
+
 def send_resumable(client: DriveClient, name: str, local: Path, state: UploadState, request, chunk: int) -> dict:
     """Upload local in chunks through one session (the saved one if Drive still has it); return the resource.
 
-    The session URI and offset are saved before each chunk is sent. Raises SessionGone when Drive forgets the
-    session mid-way (404/410); a 404 on the start of a session is the folder's or file's, and propagates."""
+    The session URI and offset are saved before each chunk is sent. A saved session Drive refuses is replaced
+    by a new one; a refusal mid-way raises SessionGone (session_refused); a 4xx on the request that starts a
+    session is the folder's or file's, and propagates."""
     media = OffsetUpload(local, chunk, resumable=True)
     req = request(media)
     media.on_read = lambda begin: state.save(uri=req.resumable_uri, offset=begin)
@@ -117,13 +131,15 @@ def send_resumable(client: DriveClient, name: str, local: Path, state: UploadSta
             if done is not None:
                 return done
     except RemoteError as e:
-        if e.status not in (404, 410) or req.resumable_uri is None:
+        if req.resumable_uri is None or not session_refused(e):
             raise
-        raise SessionGone(f"Drive forgot the upload session of {name} (HTTP {e.status})") from None
+        why = ", ".join([f"HTTP {e.status}", *sorted(e.reasons)])
+        raise SessionGone(f"Drive refused the upload session of {name} ({why})") from None
 
 
 def session_offset(client: DriveClient, uri: str, total: int, name: str):
-    """Ask a saved session how far it got: the acked byte count, the finished resource, or None if expired."""
+    """Ask a saved session how far it got: the acked byte count, the finished resource, or None if Drive no
+    longer takes it (404/410, or any other refusal that session_refused says a new session mends)."""
     def query():
         resp, content = client.http.request(uri, "PUT", body=b"",
                                             headers={"Content-Range": f"bytes */{total}", "Content-Length": "0"})
@@ -132,7 +148,11 @@ def session_offset(client: DriveClient, uri: str, total: int, name: str):
         if resp.status == 308:
             rng = resp.get("range")
             return int(rng.rsplit("-", 1)[1]) + 1 if rng else 0
-        if resp.status in (404, 410):
-            return None
         raise HttpError(resp, content, uri=uri)
-    return client.call(query, f"checking the upload session of {name}")
+    try:
+        return client.call(query, f"checking the upload session of {name}")
+    except RemoteError as e:
+        if not session_refused(e):
+            raise
+        log.info("the saved upload session of %s is refused (%s); starting a new one", name, e.status)
+        return None

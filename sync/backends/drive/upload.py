@@ -20,7 +20,7 @@ MULTIPART_MAX = 5 * 2**20  # Drive's guidance: one multipart request for files u
 PUT_RECOVERIES = Recoveries({
     Md5Mismatch: 2,  # the content sent again after Drive's md5Checksum disagreed with ours
     StaleId: 1,      # a new pre-generated file id after Drive refused the saved one (400/409)
-    SessionGone: 2,  # a new resumable session after Drive forgot one (404/410)
+    SessionGone: 2,  # a new resumable session after Drive refused one (any 4xx it may mend: resumable.py)
     ParentGone: 1,   # the folder looked up (or created) again after a 404 on it
 }, total=4)
 FOLDER_LEVEL_REQUESTS = 4  # a folder looked up again: list, generateIds, create, list once more
@@ -87,7 +87,7 @@ class Put:
         self.state.save(file_id=None, uri=None, offset=0)
 
     def new_session(self, exc: Recover) -> None:
-        """After Drive forgot the upload session: the next attempt starts a new one."""
+        """After Drive refused the upload session: the next attempt starts a new one."""
         self.state.save(uri=None, offset=0)
 
     def look_up_again(self, exc: Recover) -> None:
