@@ -31,8 +31,14 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ProjectError(Exception):
-    """A problem the user can act on; the message names the file or setting and the fix."""
+    """A problem the user can act on; the message names the file or setting and the fix. `origin` (e.g. "sync")
+    is put before the message once, where it is shown, never into the message itself."""
     exit_status = EXIT_USER_ERROR
+    origin = ""
+
+    def shown(self) -> str:
+        """The message as a user reads it: with its origin in front."""
+        return f"{self.origin}: {self}" if self.origin else str(self)
 
 
 class NothingToDo(ProjectError):
@@ -66,10 +72,10 @@ def disk_full_message(exc: BaseException) -> str:
 def status_of(exc: BaseException) -> tuple[int, str]:
     """(exit status, one-paragraph message) for an exception that ended a command."""
     if isinstance(exc, TransientError):
-        return exc.exit_status, (f"{str(exc).removeprefix('sync: ')} Nothing was lost: run the same command "
+        return exc.exit_status, (f"{exc.shown()} Nothing was lost: run the same command "
                                  f"again when the network is back (with --supervise N it is retried by itself).")
     if isinstance(exc, ProjectError):
-        return exc.exit_status, str(exc).removeprefix("sync: ")
+        return exc.exit_status, exc.shown()
     if is_disk_full(exc):
         return EXIT_USER_ERROR, disk_full_message(exc)
     return EXIT_CRASH, (f"unexpected {type(exc).__name__}: {exc}. Checkpoints already saved are intact; run "

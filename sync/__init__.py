@@ -85,7 +85,7 @@ class Sync:
             return snapshot_on_remote(self.backend, step, True)
         except SyncError as e:
             log.warning("could not check the remote for the final snapshot of step %d: %s", step,
-                        str(e).removeprefix("sync: "))
+                        str(e))
             return False
 
     def on_checkpoint(self, hand_over: HandOver) -> None:
@@ -142,7 +142,7 @@ class Sync:
                       local=str(pending[-1].path if pending else self.run_dir))
         if pending:
             reason = "still uploading when the timeout ran out" if uploader.still_uploading else \
-                (error or "not sent").removeprefix("sync: ")
+                (error or "not sent")
             return SyncOutcome(message=f"sync: {len(pending)} snapshot(s) still pending (newest step "
                                        f"{pending[-1].step}; {reason}): they stay queued locally and will be sent "
                                        f"on the next run or by `python -m sync push`",
@@ -162,7 +162,7 @@ class Sync:
             except SyncError as e:
                 error = str(e)
         if record is None:
-            message = f"sync: nothing sent ({where}): {error.removeprefix('sync: ')}" if error else \
+            message = f"sync: nothing sent ({where}): {error}" if error else \
                 f"sync: nothing new to upload ({where}; no checkpoint handed over here yet)"
             return SyncOutcome(message=message, on_remote=False, last_error=error, **common)
         if self._last_error is None:
@@ -173,7 +173,7 @@ class Sync:
             except SyncError as e:
                 error = str(e)
         return SyncOutcome(message=f"sync: the last checkpoint handed over (step {record.step}) is not in {where}"
-                                   f" ({(error or 'not sent').removeprefix('sync: ')})",
+                                   f" ({(error or 'not sent')})",
                            on_remote=False, last_error=error or "not sent", **common)
 
 

@@ -25,7 +25,7 @@ def cmd_list(sync, args) -> int:
     snaps = list_snapshots(sync.backend)
     pointer = read_pointer(sync.backend)
     if not snaps:
-        raise NoSnapshots(f"sync: no snapshots in {sync.backend.description} yet (a run hands one over at its "
+        raise NoSnapshots(f"no snapshots in {sync.backend.description} yet (a run hands one over at its "
                           f"first checkpoint; check sync.folder: the same value the training run used).")
     scored = [s for s in snaps if s.val_accuracy is not None]
     best = max(scored, key=lambda s: (s.val_accuracy, s.step)).name if scored else None
@@ -45,7 +45,7 @@ def cmd_pull(sync, args) -> int:
         step = restore_latest(sync.backend, sync.run_dir, sync.cache_dir, sync.run_dir / STATE_DIR / "download",
                               on_bad_cache=sync._uploader.reupload)
         if step is None:
-            raise NoSnapshots(f"sync: no snapshots in {sync.backend.description}: nothing to pull (check "
+            raise NoSnapshots(f"no snapshots in {sync.backend.description}: nothing to pull (check "
                               f"sync.folder: the same value the training run used).")
     else:
         match = [s for s in restore_candidates(sync.backend) if s.step == args.step]
@@ -68,7 +68,7 @@ def _fetch_first_good(sync, copies):
         except SyncError as e:
             if not unusable(e) or i == len(copies) - 1:
                 raise
-            print(f"sync: a copy of {snap.name} is unusable ({str(e).removeprefix('sync: ')}); trying the next")
+            print(f"sync: a copy of {snap.name} is unusable ({str(e)}); trying the next")
 
 
 def cmd_push(sync, args) -> int:
@@ -85,7 +85,7 @@ def cmd_push(sync, args) -> int:
             print(f"sync: step {hand_over.step} is already in {sync.backend.description}")
             return 0
         if missing:
-            raise SyncError(f"sync: the last checkpoint handed over (step {hand_over.step}) is gone from "
+            raise SyncError(f"the last checkpoint handed over (step {hand_over.step}) is gone from "
                             f"{sync.run_dir} ({missing[0]} is missing); train again to hand over a new one.")
         sync.on_checkpoint(hand_over)
     outcome = sync.close()

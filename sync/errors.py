@@ -6,7 +6,9 @@ from common.errors import NothingToDo, ProjectError, TransientError
 
 
 class SyncError(ProjectError):
-    """A sync problem the user can act on; the message says what to do."""
+    """A sync problem the user can act on; the message says what to do. Shown as `sync: MESSAGE` (the logs'
+    `sync:` is the logger's name)."""
+    origin = "sync"
 
 
 class TransferError(SyncError, TransientError):

@@ -73,7 +73,7 @@ def load_record(path: Path) -> HandOver | None:
     except FileNotFoundError:
         return None
     except (ValueError, TypeError, KeyError) as e:
-        raise SyncError(f"sync: {path} is unreadable ({e}); delete it, a new checkpoint rewrites it.") from None
+        raise SyncError(f"{path} is unreadable ({e}); delete it, a new checkpoint rewrites it.") from None
 
 
 def _jsonable(metrics: dict) -> dict:

@@ -60,7 +60,7 @@ def not_on_remote_message(outcome: SyncOutcome, run_dir: Path, config_file: Path
     """What to tell a user whose run finished but whose final snapshot is not on the remote (exit status 75);
     `model_dir`: the run's exported model, where it has one (the runner names it: sync knows no run-dir names)."""
     what = f"the final snapshot (step {outcome.step})" if outcome.step is not None else "no snapshot"
-    reason = (outcome.last_error or "not sent").removeprefix("sync: ")
+    reason = (outcome.last_error or "not sent")
     model = f"the trained model is on this machine only, in {model_dir}" if model_dir is not None else \
         f"the trained run is on this machine only, in {run_dir}"
     return (f"{what} is not in {outcome.remote} ({reason}); {model}"

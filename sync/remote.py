@@ -128,7 +128,7 @@ def check_owner(backend: Backend, run_id: str, pointer: SnapshotInfo | None) -> 
     """Refuse a remote whose latest pointer belongs to another run (run ids are run dir names): two runs in one
     folder would move each other's pointer and prune each other's snapshots."""
     if pointer is not None and pointer.run_id and pointer.run_id != run_id:
-        raise SyncError(f"sync: {backend.description} already holds the snapshots of another run "
+        raise SyncError(f"{backend.description} already holds the snapshots of another run "
                         f"({pointer.run_id!r}, newest step {pointer.step}); this run is {run_id!r}. Two runs in "
                         f"one folder would overwrite each other's {POINTER} and prune each other's snapshots: "
                         f"give this run its own sync.folder, or, to continue that run here, name the run dir "

@@ -61,13 +61,13 @@ def fetch_cache(backend: Backend, manifest: dict, cache_dir: Path) -> tuple[int,
             except NotFound:
                 backend.get(legacy_cache_name(sha), tmp)
             if file_digest(tmp) != sha:
-                raise IntegrityError(f"sync: {cache_name(sha)} has the wrong sha256")
+                raise IntegrityError(f"{cache_name(sha)} has the wrong sha256")
         except SyncError as e:
             tmp.unlink(missing_ok=True)
             if not unusable(e):
                 raise
             log.warning("cache shard %s skipped (%s): it will be recomputed and uploaded again", rel,
-                        str(e).removeprefix("sync: "))
+                        str(e))
             bad.add(sha)
             continue
         replace_atomic(tmp, target)
@@ -87,7 +87,7 @@ def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work
         except SyncError as e:
             if not unusable(e):
                 raise
-            log.warning("snapshot %s skipped: %s", snap.name, str(e).removeprefix("sync: "))
+            log.warning("snapshot %s skipped: %s", snap.name, str(e))
             continue
         move_into_place(extracted, manifest, run_dir)
         if cache_dir is None:
@@ -100,9 +100,9 @@ def restore_latest(backend: Backend, run_dir: Path, cache_dir: Path | None, work
             if bad and on_bad_cache is not None:
                 on_bad_cache(bad)
         except SyncError as e:
-            log.warning("restored step %d but not all of its cache: %s", snap.step, str(e).removeprefix("sync: "))
+            log.warning("restored step %d but not all of its cache: %s", snap.step, str(e))
         return int(manifest["step"])
     if candidates:
-        raise IntegrityError(f"sync: none of the {len(candidates)} snapshots on the remote passed verification; "
+        raise IntegrityError(f"none of the {len(candidates)} snapshots on the remote passed verification; "
                              f"nothing was restored (see the warnings above).")
     return None

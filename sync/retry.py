@@ -192,7 +192,7 @@ def permanent_error(exc: BaseException, what: str) -> RemoteError | None:
         data = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], dict) else {}
         code = str(data.get("error", "")) if isinstance(data, dict) else ""
         why = OAUTH_ADVICE.get(code, f"the token endpoint answered {code}" if code else "the token was refused")
-        return RemoteError(f"sync: Google refused the credentials ({what}: {why}); in Colab run "
+        return RemoteError(f"Google refused the credentials ({what}: {why}); in Colab run "
                            f"auth.authenticate_user() again, or renew the file named by sync.credentials.", 401,
                            frozenset({code} - {""}))
     status = http_status(exc)
@@ -202,7 +202,7 @@ def permanent_error(exc: BaseException, what: str) -> RemoteError | None:
     advice = QUOTA_ADVICE if is_storage_full(exc) else next((a for r, a in PERMANENT_ADVICE if reasons & r), None)
     kind = QuotaExceeded if advice == QUOTA_ADVICE else RemoteError
     advice = advice or STATUS_ADVICE.get(status, "Drive refused the request.")
-    return kind(f"sync: {what} failed ({describe(exc)}): {advice}", status, reasons)
+    return kind(f"{what} failed ({describe(exc)}): {advice}", status, reasons)
 
 
 class Recover(Exception):
@@ -319,7 +319,7 @@ class RetryPolicy:
                     why = ("Drive kept refusing for its request limits, which refill within minutes (machines "
                            "on one account or project share them)" if error_reasons(exc) & RATE_REASONS
                            else "the network or the server is not answering")
-                    raise TransferError(f"sync: {what} failed after {self.tries} tries ({describe(exc)}); {why} "
+                    raise TransferError(f"{what} failed after {self.tries} tries ({describe(exc)}); {why} "
                                         f"(raise sync.retries for flaky networks).") from None
                 wait = self.delay(attempt, exc)
                 log.warning("%s: %s; retry %d/%d in %.1fs", what, describe(exc), attempt + 1,
@@ -346,11 +346,11 @@ class RetryPolicy:
                 used[kind] += 1
                 spent = sum(used.values())
                 if used[kind] > recoveries.limits[kind]:
-                    raise kind.gives_up_as(f"sync: {what} gave up after {kind.label} {used[kind]} times (at most "
+                    raise kind.gives_up_as(f"{what} gave up after {kind.label} {used[kind]} times (at most "
                                            f"{recoveries.limits[kind]} recoveries of that kind): {exc}.") from None
                 if spent > recoveries.total:
                     tally = ", ".join(f"{k.label} x{n}" for k, n in used.items())
-                    raise kind.gives_up_as(f"sync: {what} gave up after {spent} attempts ({tally}; at most "
+                    raise kind.gives_up_as(f"{what} gave up after {spent} attempts ({tally}; at most "
                                            f"{recoveries.total} recoveries in all): last, {exc}.") from None
                 log.warning("%s: %s; mending it (%s %d/%d, recovery %d/%d)", what, exc, kind.label, used[kind],
                             recoveries.limits[kind], spent, recoveries.total)

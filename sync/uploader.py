@@ -99,7 +99,7 @@ class Uploader:
                 self.last_error, failed = str(e), True
                 later = " Sync is closing: the snapshot stays queued on this machine." if final_try else \
                     " Training continues; the snapshot stays queued and is retried later."
-                log.error("%s%s", self.last_error.removeprefix("sync: "), later)
+                log.error("%s%s", self.last_error, later)
             except Exception as e:  # never let the worker die: training must not notice
                 self.last_error, failed = f"{type(e).__name__}: {e}", True
                 log.exception("unexpected error while sending step %d", newest.step)
@@ -136,7 +136,7 @@ class Uploader:
             prune(self.backend, self.keep, verified_step=snap.step)
         except SyncError as e:  # the snapshot is safe; retention is retried after the next one
             log.warning("snapshot step %d is safe, but old snapshots could not be deleted: %s", snap.step,
-                        str(e).removeprefix("sync: "))
+                        str(e))
         return snap
 
     def _publish(self, staged: Staged) -> None:
@@ -147,7 +147,7 @@ class Uploader:
                 self.backend.put(rel, staged.path / "files" / rel, {})
             except SyncError as e:
                 log.warning("snapshot step %d is safe, but its plain copy of %s failed: %s", staged.step, rel,
-                            str(e).removeprefix("sync: "))
+                            str(e))
                 return
 
     def _upload_cache(self, rels: tuple[str, ...]) -> dict[str, str]:

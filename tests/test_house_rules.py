@@ -110,3 +110,16 @@ def test_the_user_commands_are_thin_entry_points_that_still_answer_help(command)
     result = subprocess.run([sys.executable, "-m", command, "--help"], cwd=REPO, env=child_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "usage: python -m" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_sync_prefix_is_written_once_where_a_message_is_shown():
+    import re
+    from common.errors import status_of
+    from sync.errors import SyncError, TransferError
+    pattern = re.compile(r"""(raise|return) [\w.]+\(f?["']sync: |removeprefix\(["']sync: """)
+    offenders = [f"{path.relative_to(REPO)}:{number}" for path in SOURCES
+                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if pattern.search(line)]
+    assert not offenders, f"an error's message carries no 'sync: ' (SyncError.origin adds it when shown): {offenders}"
+    assert status_of(SyncError("the folder is gone"))[1] == "sync: the folder is gone"
+    assert status_of(TransferError("upload failed"))[1].startswith("sync: upload failed Nothing was lost")

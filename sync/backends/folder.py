@@ -81,7 +81,7 @@ class FolderBackend(Backend):
         try:
             shutil.copyfile(self.root / name, tmp)
         except FileNotFoundError:
-            raise NotFound(f"sync: {name} is not in {self.root}.") from None
+            raise NotFound(f"{name} is not in {self.root}.") from None
         replace_atomic(tmp, dest)
 
     def list(self, subfolder: str = "") -> list[RemoteFile]:
@@ -132,7 +132,7 @@ def _copy_verified(local: Path, dest: Path) -> None:
     try:
         shutil.copyfile(local, tmp)
         if file_digest(tmp) != file_digest(local):
-            raise IntegrityError(f"sync: the copy of {dest.name} in {dest.parent} does not match the local file; "
+            raise IntegrityError(f"the copy of {dest.name} in {dest.parent} does not match the local file; "
                                  f"the folder's storage is unreliable.")
         replace_atomic(tmp, dest)
     finally:
@@ -155,8 +155,8 @@ def _write(path: Path, data: bytes, in_place: bool) -> None:
 def _write_error(e: OSError, name: str, root: Path) -> SyncError:
     """One line naming the folder and the reason (a full disk says so, and what to do)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return SyncError(f"sync: cannot write {name} to {root}: no space left there ({e.strerror}); free space "
+        return SyncError(f"cannot write {name} to {root}: no space left there ({e.strerror}); free space "
                          f"(on a mounted Drive also empty its trash), lower sync.keep, or point sync.folder "
                          f"elsewhere. Training continues; the snapshot stays queued.")
-    return SyncError(f"sync: cannot write {name} to {root} ({e.strerror or type(e).__name__}); check that "
+    return SyncError(f"cannot write {name} to {root} ({e.strerror or type(e).__name__}); check that "
                      f"sync.folder is a writable directory. Training continues; the snapshot stays queued.")

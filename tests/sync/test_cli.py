@@ -96,4 +96,4 @@ def test_list_on_an_empty_remote_exits_66_with_the_folder_and_the_fix(tmp_path, 
     remote.mkdir()
     assert main(["--config", str(config_file(tmp_path, remote, tmp_path / "run")), "list"]) == EXIT_NO_INPUT
     err = capsys.readouterr().err
-    assert err.startswith(f"error: no snapshots in folder {remote}") and "sync.folder" in err
+    assert err.startswith(f"error: sync: no snapshots in folder {remote}") and "sync.folder" in err

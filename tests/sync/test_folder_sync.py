@@ -104,7 +104,7 @@ class _FullFolder(FolderBackend):
     """A folder whose disk is full: every write fails."""
 
     def put(self, name, local, properties):
-        raise SyncError(f"sync: cannot write {name} to {self.root}: no space left there")
+        raise SyncError(f"cannot write {name} to {self.root}: no space left there")
 
 
 def test_snapshots_queued_by_a_failed_run_are_sent_by_the_next_one_newest_only(tmp_path):

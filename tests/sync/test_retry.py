@@ -54,7 +54,7 @@ def test_permanent_http_failures_are_not_retried_and_become_one_remote_error(err
     with pytest.raises(RemoteError) as info:
         p.call(failing(error), "upload")
     assert waits == [] and not is_transient(error)
-    assert info.value.status == error.resp.status and str(info.value).startswith("sync: upload failed (HTTP ")
+    assert info.value.status == error.resp.status and info.value.shown().startswith("sync: upload failed (HTTP ")
 
 
 @pytest.mark.parametrize("error", [ValueError("bug"), FileNotFoundError("local file")])

@@ -56,7 +56,7 @@ class DriveBackend(Backend):
         """Download name in ranged chunks (resuming a partial file) and check its md5 before renaming it to dest."""
         found = self.folders.by_id(file_id, name) if file_id else self.folders.find(name)
         if found is None:
-            raise NotFound(f"sync: {name} is not in the Drive folder {self.config.folder}.")
+            raise NotFound(f"{name} is not in the Drive folder {self.config.folder}.")
         download(self.client, found, name, dest, self.chunk)
 
     def delete(self, name: str) -> None:
@@ -69,7 +69,7 @@ class DriveBackend(Backend):
                                 f"deleting {name}")
         except RemoteError as e:
             if e.status == 403 and self.folders.drive_id:
-                raise RemoteError(f"sync: cannot delete {name} from the shared drive of sync.folder ({e.status} "
+                raise RemoteError(f"cannot delete {name} from the shared drive of sync.folder ({e.status} "
                                   f"{', '.join(sorted(e.reasons))}): {SHARED_DRIVE_DELETE}; give these credentials "
                                   f"that role, or delete old snapshots by hand. Uploads are not affected.",
                                   e.status, e.reasons) from None

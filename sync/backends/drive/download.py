@@ -30,7 +30,7 @@ def download(client: DriveClient, found: dict, name: str, dest: Path, chunk: int
             have += len(data)
     if md5 and file_digest(part, "md5") != md5:
         part.unlink()
-        raise IntegrityError(f"sync: {name} downloaded with the wrong md5; it was not used.")
+        raise IntegrityError(f"{name} downloaded with the wrong md5; it was not used.")
     replace_atomic(part, dest)
 
 

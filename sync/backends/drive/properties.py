@@ -19,5 +19,5 @@ def check_properties(name: str, properties: Mapping[str, str]) -> None:
         size = len(key.encode("utf-8")) + len(str(value).encode("utf-8"))
         if size > PROPERTY_BYTES:
             fix = FIXES.get(key, "a sync bug: report it with this message")
-            raise SyncError(f"sync: the Drive property {key!r} of {name} holds {size} bytes (key plus value, "
+            raise SyncError(f"the Drive property {key!r} of {name} holds {size} bytes (key plus value, "
                             f"UTF-8); Drive keeps at most {PROPERTY_BYTES} bytes per property: {fix}.")

@@ -72,7 +72,7 @@ class Put:
         except RemoteError as e:
             if e.status != 404:
                 raise
-            raise ParentGone(str(e).removeprefix("sync: ")) from None
+            raise ParentGone(str(e)) from None
         self.state.clear()
         return remote_file(res, self.name)
 
