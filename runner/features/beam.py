@@ -1,5 +1,5 @@
 """Bottleneck extraction on Apache Beam (DirectRunner here, Dataflow / Flink / Spark at scale): the scan's
-images not cached yet → groups of cache.shard_size, each read, decoded with the same decode_and_resize, run
+images not cached yet → groups of cache.shard_size, each read, decoded with the backbone's own decode, run
 through the frozen backbone (loaded once per worker) and written as one content-named float16 shard into
 cache.dir (a local path or gs://). The trainer then finds every vector cached.
 
@@ -70,7 +70,7 @@ class ExtractShard(beam.DoFn):
 
     def setup(self):
         """Load the frozen backbone once per worker, and compile the decode and the forward pass."""
-        from runner.features.backbones import build_backbone, decode_and_resize
+        from runner.features.backbones import build_backbone
         from runner.features.extract import make_forward
         config = BackboneConfig(**self.backbone)
         if self.worker_weights:  # e.g. gs://bucket/weights.h5: Keras reads a local file
@@ -86,7 +86,7 @@ class ExtractShard(beam.DoFn):
         strategy = tf.distribute.get_strategy()
         spec = (tf.TensorSpec([None, size, size, 3], tf.float32), tf.TensorSpec([None], tf.int64))
         self._forward = make_forward(backbone, strategy, spec)
-        self._decode = tf.function(lambda data: decode_and_resize(data, size),
+        self._decode = tf.function(backbone.decode,
                                    input_signature=[tf.TensorSpec([], tf.string)])
 
     def read(self, path: str) -> bytes | None:

@@ -23,8 +23,9 @@ UNDECODABLE = "undecodable: TensorFlow could not decode the image (corrupt or un
 PREFETCH_BATCHES = 2  # decoded batches ready ahead of the forward pass
 
 
-def image_pipeline(paths: list[str], image_size: int, batch_size: int) -> tf.data.Dataset:
-    """(image, position) batches; images that fail to decode are dropped, their positions missing.
+def image_pipeline(paths: list[str], image_size: int, batch_size: int, decode=None) -> tf.data.Dataset:
+    """(image, position) batches; images that fail to decode are dropped, their positions missing. `decode`
+    (a Backbone's: bytes → [S, S, 3] float32) defaults to decode_and_resize at `image_size`.
 
     One decoder per core this process may use, tf.data's autotuning off. With autotuning on, the same
     extraction ran at 184 or at 360 img/s from one repeat to the next (2 cores), and the end of the input
@@ -35,7 +36,8 @@ def image_pipeline(paths: list[str], image_size: int, batch_size: int) -> tf.dat
     a private pool with single-threaded ops halved the rate, so that is not done."""
     positions = np.arange(len(paths), dtype=np.int64)
     ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), positions))
-    ds = ds.map(lambda p, i: (decode_and_resize(tf.io.read_file(p), image_size), i),
+    decode = decode or (lambda data: decode_and_resize(data, image_size))
+    ds = ds.map(lambda p, i: (decode(tf.io.read_file(p)), i),
                 num_parallel_calls=available_cores(), deterministic=True)
     ds = ds.ignore_errors()
     options = tf.data.Options()
@@ -75,7 +77,7 @@ def make_forward(backbone: Backbone, strategy: tf.distribute.Strategy, element_s
 
 def extraction_forward(backbone: Backbone, strategy: tf.distribute.Strategy, batch_size: int):
     """The compiled forward for extraction's batches (make one to reuse it over several extractions)."""
-    spec = to_devices(image_pipeline([], backbone.image_size, batch_size), strategy).element_spec
+    spec = to_devices(image_pipeline([], backbone.image_size, batch_size, backbone.decode), strategy).element_spec
     return make_forward(backbone, strategy, spec)
 
 
@@ -105,7 +107,8 @@ def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: Bottl
     if not todo:
         return 0
     log.info("extracting bottlenecks for %d images (%d already cached)", len(todo), len(cache))
-    dataset = to_devices(image_pipeline([r.path for r in todo], backbone.image_size, batch_size), strategy)
+    dataset = to_devices(image_pipeline([r.path for r in todo], backbone.image_size, batch_size,
+                                        backbone.decode), strategy)
     forward = forward or extraction_forward(backbone, strategy, batch_size)
     pending_keys, pending_vectors, next_expected = [], [], 0
     bar = progress(len(todo), "extracting bottlenecks", "img", progress_mode)
