@@ -258,3 +258,58 @@ def test_fine_tuning_a_vit_killed_at_random_steps_resumes_to_identical_weights(t
     assert result.returncode == 0, result.stdout
     assert "resumed from fine-tuning step" in result.stdout
     assert_same_checkpoint(finetune_prefix(unbroken), finetune_prefix(broken))
+
+
+def test_mixed_precision_extraction_gives_float32_vectors_near_the_float32_ones(tiny_presets):
+    """backbone.mixed_precision: the same preset weights computing in float16 / bfloat16, vectors cast back."""
+    import tensorflow as tf
+    from runner.features.backbones import build_backbone, extraction_model
+    backbone = build_backbone(BackboneConfig(name=str(tiny_presets["siglip"]), mixed_precision=True))
+    reduced = extraction_model(backbone)
+    assert reduced is not backbone.model
+    assert {layer.dtype_policy.name for layer in reduced._flatten_layers(include_self=False)
+            if layer.weights} == {"mixed_bfloat16"}
+    pixels = tf.stack([backbone.decode(tf.constant(p.read_bytes())) for p in photos(3)])
+    exact, approximate = backbone.model(pixels).numpy(), reduced(pixels).numpy()
+    assert approximate.dtype == np.float32
+    np.testing.assert_allclose(approximate, exact, atol=0.05 * np.abs(exact).max())  # bfloat16: 8 mantissa bits
+
+
+def test_a_gpu_run_with_a_cnn_is_advised_a_modern_preset_and_batches_grow_on_a_gpu(monkeypatch):
+    import tensorflow as tf
+    from runner.features.backbones import suggest_backbone
+    from runner.features.distribute import CPU_BATCH, GPU_BATCH, extraction_batch_size
+    gpu = tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")
+    assert "dinov2_small" in suggest_backbone(BackboneConfig(name="mobilenet_v2"), [gpu])
+    assert suggest_backbone(BackboneConfig(name="mobilenet_v2"), []) is None
+    assert suggest_backbone(BackboneConfig(name="dinov2_small"), [gpu]) is None
+    assert extraction_batch_size(7) == 7
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [gpu] if kind == "GPU" else [])
+    assert extraction_batch_size(0) == GPU_BATCH
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    assert extraction_batch_size(0) == CPU_BATCH
+
+
+@pytest.mark.slow  # DirectRunner worker processes
+def test_beam_extraction_with_a_preset_gives_the_local_extraction_vectors(tiny_presets, three_classes, tmp_path,
+                                                                         monkeypatch):
+    pytest.importorskip("apache_beam")  # a guard only: CI installs requirements-beam.txt
+    import tensorflow as tf
+    from runner.data.scan import HashIndex, scan_dataset
+    from runner.features.backbones import build_backbone
+    from runner.features.beam import extract_with_beam
+    from runner.features.cache import BottleneckCache
+    from runner.features.extract import extract_missing
+    from tests.helpers import REPO
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    config = load_config(None, run_config(three_classes, tmp_path / "run", tiny_presets["dinov3"],
+                                          "cache.shard_size=4"))
+    assert extract_with_beam(config, ["--direct_num_workers", "1"]) == 18
+    backbone = build_backbone(config.backbone)
+    beam_cache = BottleneckCache(config.cache_dir, backbone.cache_identity, backbone.feature_dim, "float32")
+    dataset = scan_dataset(config.data.dir, 20, 20, HashIndex(tmp_path / "hashes.json"), 2, "lines")
+    local = BottleneckCache(tmp_path / "local", backbone.cache_identity, backbone.feature_dim, "float32")
+    extract_missing(dataset.images, backbone, local, tf.distribute.get_strategy(), 8, 4, "lines")
+    keys = sorted(k.decode() for k in local.index)
+    assert sorted(k.decode() for k in beam_cache.index) == keys and len(keys) == 18
+    np.testing.assert_allclose(beam_cache.table(keys).all(), local.table(keys).all(), atol=1e-5)

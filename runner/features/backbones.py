@@ -104,6 +104,19 @@ def cache_identity(config: BackboneConfig) -> dict:
             "alpha": config.alpha if REGISTRY[config.name].takes_alpha else None}
 
 
+MODERN_BACKBONES = "dinov2_small or dinov2_base (or siglip2_base_patch16_224, clip_vit_base_patch16)"
+
+
+def suggest_backbone(config: BackboneConfig, gpus: list) -> str | None:
+    """Advice for a run on a GPU with a keras.applications CNN: a KerasHub preset's frozen features are much
+    better for a linear head, and the GPU makes them affordable."""
+    if not gpus or is_kerashub(config):
+        return None
+    return (f"a GPU is visible: backbone.name = {MODERN_BACKBONES} gives frozen features that a linear head "
+            f"classifies markedly better than {config.name}'s (docs/backbones.md; configs/colab_dinov2.toml); "
+            f"set backbone.mixed_precision = true with it.")
+
+
 RANDOM_WEIGHTS_SEED = 0
 
 

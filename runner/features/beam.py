@@ -27,6 +27,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from common.cli import configure_logging, run_command
 from runner.features import cache_gfile as cache_files
+from runner.features.distribute import CPU_BATCH
 from runner.run.config import BackboneConfig, Config, load_config
 from runner.data.scan import HashIndex, ImageRecord, scan_dataset
 
@@ -170,7 +171,7 @@ def extract_with_beam(config: Config, beam_args: list[str], images_from: str = "
              len(before))
     plan = write_plan(root, groups)
     extract = extract_class(dataclasses.asdict(config.backbone), backbone.cache_identity, folder,
-                            config.cache.batch_size, config.cache.dtype, worker_weights)
+                            config.cache.batch_size or CPU_BATCH, config.cache.dtype, worker_weights)
     try:
         with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
             build_pipeline(pipeline, plan, extract, root)

@@ -137,18 +137,30 @@ def _rescale(converter, x):
     return x
 
 
+def _with_dtype(config, dtype: str):
+    """A serialized Keras config with every layer's dtype set to the policy `dtype`."""
+    if isinstance(config, dict):
+        return {key: dtype if key == "dtype" else _with_dtype(value, dtype) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_with_dtype(value, dtype) for value in config]
+    return config
+
+
 def build_network(config: BackboneConfig, dtype: str | None = None, load_weights: bool = True) -> Network:
     """Load the preset (weights unless backbone.weights = 'none' or `load_weights` is False) and wrap its
-    vision part; `dtype` is a Keras dtype policy name (e.g. 'mixed_float16')."""
+    vision part; `dtype` is a Keras dtype policy name (e.g. 'mixed_float16'), given only with load_weights
+    False (the caller copies the float32 weights in)."""
     import keras_hub
     class_name = preset_class(config)
     converter = load_converter(config)
     size = int(converter.image_size[0])
-    kwargs = {"dtype": dtype} if dtype else {}
+    kwargs = {}
     if class_name in ("DINOV2Backbone", "DINOV3Backbone") and config.image_size:
         kwargs["image_shape"] = (size, size, 3)
     hub = keras_hub.models.Backbone.from_preset(config.name, load_weights=load_weights and config.weights != "none",
                                                 **kwargs)
+    if dtype:  # from_preset(dtype=) leaves the towers of CLIP and SigLIP at the dtype saved in their configs
+        hub = type(hub).from_config(_with_dtype(hub.get_config(), dtype))
     inputs = keras.Input((size, size, 3), dtype="float32", name="pixels")
     x = _rescale(converter, inputs)
     if class_name in ("DINOV2Backbone", "DINOV3Backbone"):

@@ -80,7 +80,8 @@ class CacheConfig:
                     path=True)
     dtype: str = _opt("float16", "storage type of cached vectors", choices=("float16", "float32"))
     shard_size: int = _opt(512, "vectors per cache shard (a kill loses at most one shard)", min=1)
-    batch_size: int = _opt(32, "images per forward pass during extraction", min=1)
+    batch_size: int = _opt(32, "images per forward pass during extraction; 0 = chosen for the device (32 on a "
+                               "CPU, 128 on a GPU)", min=0)
 
 
 @dataclass
