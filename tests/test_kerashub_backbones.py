@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from runner.run.config import BackboneConfig, load_config
-from tests.helpers import (CLOTHING, assert_same_checkpoint, cached_split, latest_checkpoint_prefix, random_steps,
-                           run_resume, sigkill_after_checkpoints)
+from tests.helpers import (CLOTHING, assert_same_checkpoint, cached_split, checkpoint_values, latest_checkpoint_prefix,
+                           random_steps, run_resume, sigkill_after_checkpoints)
 
 SIZE = 32        # the presets' image size: two 16-pixel patches a side
 FAMILIES = ("dinov2", "dinov3", "siglip", "clip")
@@ -257,7 +257,17 @@ def test_fine_tuning_a_vit_killed_at_random_steps_resumes_to_identical_weights(t
     result = run_resume(*args(broken))
     assert result.returncode == 0, result.stdout
     assert "resumed from fine-tuning step" in result.stdout
+    head_only = checkpoint_values(latest_checkpoint_prefix(unbroken))
+    assert len(checkpoint_values(finetune_prefix(unbroken))) > len(head_only) + 4, "the ViT blocks are trained"
     assert_same_checkpoint(finetune_prefix(unbroken), finetune_prefix(broken))
+
+
+def test_the_colab_gpu_config_names_a_dinov2_preset_in_reduced_precision():
+    from runner.features.backbones import is_kerashub
+    from tests.helpers import REPO
+    config = load_config(REPO / "configs" / "flowers_dinov2.toml")
+    assert is_kerashub(config.backbone) and config.backbone.name.startswith("dinov2_")
+    assert config.backbone.mixed_precision and config.cache.batch_size == 0
 
 
 def test_mixed_precision_extraction_gives_float32_vectors_near_the_float32_ones(tiny_presets):
