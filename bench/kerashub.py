@@ -64,9 +64,10 @@ def save_preset(family: str, folder: Path) -> Path:
         backbone = hub.CLIPBackbone(hub.CLIPVisionEncoder(patch_size=16, hidden_dim=768, num_layers=12, num_heads=12,
                                                           intermediate_dim=3072, image_shape=(224, 224, 3)),
                                     hub.CLIPTextEncoder(**text), projection_dim=512)
+        mean, std = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)  # CLIP's, as its converters fold them
         converter = keras_hub.layers.CLIPImageConverter(
-            image_size=(224, 224), scale=[1 / (255 * s) for s in (0.2686, 0.2613, 0.2758)],
-            offset=[-m / s for m, s in zip((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758))], interpolation="bicubic")
+            image_size=(224, 224), scale=[1 / (255 * s) for s in std], offset=[-m / s for m, s in zip(mean, std)],
+            interpolation="bicubic")
     backbone.save_to_preset(str(folder))
     converter.save_to_preset(str(folder))
     return folder

@@ -98,8 +98,8 @@ def kerashub_reference(preset: Path, family: str, image_bytes: list[bytes]) -> n
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_in_graph_features_equal_kerashub_converter_and_backbone(family, tiny_presets):
-    """decode → the preset's resizing → scale/offset → network → feature, as the runner's graph computes it, gives
-    what KerasHub's ImageConverter + backbone give on the same (non-square) photos."""
+    """decode → the preset's resizing → scale/offset → network → feature, as the runner's graph computes it,
+    gives what KerasHub's ImageConverter + backbone give on the same (non-square) photos."""
     import tensorflow as tf
     from runner.features.backbones import build_backbone
     backbone = build_backbone(BackboneConfig(name=str(tiny_presets[family])))

@@ -1,8 +1,9 @@
 """The optional fine-tuning stage: unfreeze the top of the backbone, train it with the head on images.
 
 BatchNormalization stays in inference mode (frozen statistics). A KerasHub ViT unfreezes whole transformer
-blocks from the top, with the final norm and pooling after them (layer norms have no statistics to freeze). Batches, augmentation and dropout are
-pure functions of (seed, step), so fine-tuning resumes exactly like the head stage.
+blocks from the top, with the final norm and pooling after them (layer norms have no statistics to freeze).
+Batches, augmentation and dropout are pure functions of (seed, step), so fine-tuning resumes exactly like the
+head stage.
 """
 from __future__ import annotations
 
