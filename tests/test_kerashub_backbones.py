@@ -323,3 +323,13 @@ def test_beam_extraction_with_a_preset_gives_the_local_extraction_vectors(tiny_p
     keys = sorted(k.decode() for k in local.index)
     assert sorted(k.decode() for k in beam_cache.index) == keys and len(keys) == 18
     np.testing.assert_allclose(beam_cache.table(keys).all(), local.table(keys).all(), atol=1e-5)
+
+
+def test_an_alpha_set_for_a_backbone_without_one_is_warned(tiny_presets, tmp_path):
+    from runner.run.config import ignored_settings
+    config = load_config(None, ["data.dir=x", f"run.dir={tmp_path}", f"backbone.name={tiny_presets['dinov2']}",
+                                "backbone.alpha=0.5"])
+    assert any("backbone.alpha = 0.5 has no effect" in w and "mobilenet" in w for w in ignored_settings(config))
+    mobilenet = load_config(None, ["data.dir=x", f"run.dir={tmp_path}", "backbone.name=mobilenet",
+                                   "backbone.alpha=0.5"])
+    assert not any("backbone.alpha" in w for w in ignored_settings(mobilenet))

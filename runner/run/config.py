@@ -277,6 +277,8 @@ def ignored_settings(config: Config) -> list[str]:
         (("train.strategy",), search and not fine_tune,
          "head.search = auto trains its stacked candidates on one device (they are small); the strategy applies "
          "to extraction (and to fine-tuning when enabled)"),
+        (("backbone.alpha",), config.backbone.name not in ("mobilenet", "mobilenet_v2"),
+         f"backbone.alpha is the width of mobilenet and mobilenet_v2 only, not of {config.backbone.name}"),
         (tuple(f"fine_tune.{f.name}" for f in dataclasses.fields(FineTuneConfig) if f.name != "enabled"),
          not fine_tune, "fine_tune.enabled = false"),
         (tuple(f"export.{f.name}" for f in dataclasses.fields(ExportConfig) if f.name != "enabled"),
