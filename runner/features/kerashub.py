@@ -137,6 +137,13 @@ def _rescale(converter, x):
     return x
 
 
+def _after(model: keras.Model, block) -> list:
+    """The top-level layers of `model` after the one holding `block` (final norm, pooling head)."""
+    layers = model.layers
+    holder = next(i for i, layer in enumerate(layers) if block in layer._flatten_layers(include_self=True))
+    return [layer for layer in layers[holder + 1:] if layer.weights]
+
+
 def _with_dtype(config, dtype: str):
     """A serialized Keras config with every layer's dtype set to the policy `dtype`."""
     if isinstance(config, dict):
@@ -169,15 +176,15 @@ def build_network(config: BackboneConfig, dtype: str | None = None, load_weights
         tokens = hub({key: x})
         patches = tokens[:, 1 + hub.num_register_tokens:]
         features = keras.ops.concatenate([tokens[:, 0], keras.ops.mean(patches, axis=1)], axis=-1)
-        blocks, tail = list(hub.encoder.layers), [hub.layernorm]
+        blocks = list(hub.encoder.layers)
+        tail = _after(hub, blocks[-1])
     else:
         base = hub.vision_encoder
         blocks = list(base.encoder_layers)
         features = hub.get_vision_embeddings(x)
-        if class_name == "CLIPBackbone":
-            tail = [base.layer_norm, hub.vision_pooler, hub.vision_projection]
-        else:
-            tail = [base.post_layer_norm, base.head]
+        tail = _after(base, blocks[-1])
+        if class_name == "CLIPBackbone":  # its pooling and projection belong to the CLIPBackbone, not the tower
+            tail += [hub.vision_pooler, hub.vision_projection]
     if features.dtype != "float32":  # a mixed-precision network computes in float16 / bfloat16
         features = keras.ops.cast(features, "float32")
     model = keras.Model(inputs, features, name=f"{FAMILIES[class_name][0].lower()}_extractor")
