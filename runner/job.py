@@ -11,7 +11,7 @@ import logging
 from runner import __version__
 from runner.features.backbones import build_backbone
 from runner.run.config import Config, ignored_settings
-from runner.features.distribute import make_strategy
+from runner.features.distribute import extraction_batch_size, make_strategy
 from runner.errors import IncompatibleRunError, RunnerError, StopRequested
 from runner.training.evaluate import loss_and_accuracy, predict_logits, test_report
 from runner.training.events import (CheckpointPolicy, Listeners, MetricsLogger, ProgressDisplay, SyncHandOver,
@@ -61,7 +61,7 @@ class Job:
                 return Stopped(head_result.stopped_by, "head training", head_steps.run_wide(head_result.step))
             features_of, last = None, head_result
             if self.config.fine_tune.enabled:
-                features_of = ImageFeatures(data.backbone, self.config.cache.batch_size)
+                features_of = ImageFeatures(data.backbone, extraction_batch_size(self.config.cache.batch_size))
                 last, history = self._build_fine_tune_stage(data, strategy, head, class_weights, features_of,
                                                             head_record, history)
                 if last.stopped_by:

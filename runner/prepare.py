@@ -10,10 +10,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import tensorflow as tf
+
 from common.errors import TransientError
 from common.files import write_text_atomic
 from runner import __version__
-from runner.features.backbones import REGISTRY, Backbone, build_backbone
+from runner.features.backbones import REGISTRY, Backbone, build_backbone, suggest_backbone
+from runner.features.distribute import extraction_batch_size
 from runner.features.cache import BottleneckCache
 from runner.run.config import Config, to_toml
 from runner.data.scan import Dataset, HashIndex, check_class_sizes, scan_dataset
@@ -143,7 +146,12 @@ def extract(config: Config, dataset: Dataset, backbone: Backbone, strategy, stop
     """Cache the vectors of every image not cached yet; (the dataset without the images that do not decode or
     could not be read now, the cache, how many vectors were computed)."""
     cache = BottleneckCache(config.cache_dir, backbone.cache_identity, backbone.feature_dim, config.cache.dtype)
-    computed = extract_missing(dataset.images, backbone, cache, strategy, config.cache.batch_size,
+    gpus = tf.config.list_physical_devices("GPU")
+    advice = suggest_backbone(config.backbone, gpus)
+    if advice:
+        log.info(advice)
+    computed = extract_missing(dataset.images, backbone, cache, strategy,
+                               extraction_batch_size(config.cache.batch_size),
                                config.cache.shard_size, config.train.progress, stop, read=dataset.reader)
     scanned = len(dataset.skipped)
     dataset = dataset.without(cache.left_out())

@@ -22,7 +22,7 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from runner import __version__
-from runner.features.backbones import DECODED_FORMATS, Backbone, build_backbone, cache_identity, decode_and_resize
+from runner.features.backbones import DECODED_FORMATS, Backbone, build_backbone, cache_identity
 from common.cli import configure_logging, run_command
 from common.files import replace_atomic
 from runner.run.config import EXPORT_FORMATS, Config, load_config
@@ -123,6 +123,7 @@ class Classifier(tf.Module):
         self._networks = _Networks(model.backbone.model, model.head)
         self.weights = [tf_variable(v) for v in model.backbone.model.variables + model.head.variables]
         self.size = model.backbone.image_size
+        self._decode = model.backbone.decode
         self.top_k = min(model.config.export.top_k, len(model.classes))
         self.class_names = tf.constant(model.classes)
         self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
@@ -137,7 +138,7 @@ class Classifier(tf.Module):
         return {"probabilities": tf.identity(self._probabilities(pixels), name="probabilities")}
 
     def _serve(self, images):
-        pixels = tf.map_fn(lambda b: decode_and_resize(b, self.size), images,
+        pixels = tf.map_fn(self._decode, images,
                            fn_output_signature=tf.TensorSpec([self.size, self.size, 3], tf.float32))
         probabilities = tf.identity(self._probabilities(pixels), name="probabilities")
         top = tf.math.top_k(probabilities, k=self.top_k)

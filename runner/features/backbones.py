@@ -1,4 +1,5 @@
-"""Registry of frozen ImageNet backbones: name → keras.applications constructor, size, preprocessing."""
+"""Frozen backbones: the keras.applications registry (name → constructor, size, preprocessing), and KerasHub
+presets (runner/features/kerashub.py) for every other backbone.name."""
 from __future__ import annotations
 
 import logging
@@ -58,12 +59,24 @@ class Backbone:
     model: keras.Model          # includes preprocessing; input (None, S, S, 3) float32 in [0, 255]
     feature_dim: int
     cache_identity: dict        # everything the cached vectors depend on
-    base: keras.Model           # the keras.applications model inside `model` (its layers, for fine-tuning)
+    base: keras.Model           # the keras.applications model or KerasHub network inside `model`
     config: BackboneConfig      # what it was built from (extraction_model reads mixed_precision)
+    decode: Callable = None     # encoded image bytes → float32 [S, S, 3] in [0, 255], as `model` takes them
+    blocks: list | None = None  # KerasHub: the transformer blocks fine-tuning unfreezes from the top
+    tail: list | None = None    # KerasHub: the layers after the blocks (final norm, pooling, projection)
+    family: str = "keras.applications"
+
+
+def is_kerashub(config: BackboneConfig) -> bool:
+    """Whether backbone.name is a KerasHub preset (name, handle or directory), not a keras.applications name."""
+    return config.name not in REGISTRY
 
 
 def image_size_for(config: BackboneConfig) -> int:
-    """The configured input size, or the backbone's default."""
+    """The configured input size, or the backbone's default (a KerasHub preset's: its image converter's)."""
+    if is_kerashub(config):
+        from runner.features import kerashub
+        return kerashub.image_size_for(config)
     return config.image_size or REGISTRY[config.name].default_size
 
 
@@ -79,9 +92,29 @@ def weights_identity(config: BackboneConfig) -> str:
 
 
 def cache_identity(config: BackboneConfig) -> dict:
-    """Everything the cached vectors of `config` depend on: backbone name, weights, input size, alpha."""
+    """Everything the cached vectors of `config` depend on: backbone name, weights, input size, alpha (a KerasHub
+    preset: its family, the sha256 of its files, input size and feature; not its name or folder, so a preset
+    copied elsewhere keeps its vectors)."""
+    if is_kerashub(config):
+        from runner.features import kerashub
+        return {"backbone": "kerashub:" + kerashub.family(config), "weights": kerashub.weights_identity(config),
+                "image_size": image_size_for(config), "alpha": None,
+                "feature": kerashub.FAMILIES[kerashub.preset_class(config)][1]}
     return {"backbone": config.name, "weights": weights_identity(config), "image_size": image_size_for(config),
             "alpha": config.alpha if REGISTRY[config.name].takes_alpha else None}
+
+
+MODERN_BACKBONES = "dinov2_small or dinov2_base (or siglip2_base_patch16_224, clip_vit_base_patch16)"
+
+
+def suggest_backbone(config: BackboneConfig, gpus: list) -> str | None:
+    """Advice for a run on a GPU with a keras.applications CNN: a KerasHub preset's frozen features are much
+    better for a linear head, and the GPU makes them affordable."""
+    if not gpus or is_kerashub(config):
+        return None
+    return (f"a GPU is visible: backbone.name = {MODERN_BACKBONES} gives frozen features that a linear head "
+            f"classifies markedly better than {config.name}'s (docs/backbones.md; configs/colab_dinov2.toml); "
+            f"set backbone.mixed_precision = true with it.")
 
 
 RANDOM_WEIGHTS_SEED = 0
@@ -140,17 +173,36 @@ def build_backbone(config: BackboneConfig) -> Backbone:
     if weights is None:
         log.warning("backbone.weights = 'none': the backbone is RANDOM. Its features carry no ImageNet "
                     "knowledge and the accuracy of this run means nothing.")
+    size = identity["image_size"]
+    if is_kerashub(config):
+        from runner.features import kerashub
+        with _reproducible_initialization():
+            network = kerashub.build_network(config)
+        network.model.trainable = False
+        converter = network.converter
+        return Backbone(config.name, size, network.model, int(network.model.outputs[0].shape[-1]), identity,
+                        network.base, config, lambda data: kerashub.resize(converter, decode_image(data)),
+                        network.blocks, network.tail, kerashub.family(config))
     base = _construct(config, weights)
     model = _with_preprocessing(config, base)
-    return Backbone(config.name, identity["image_size"], model, int(model.outputs[0].shape[-1]), identity, base,
-                    config)
+    return Backbone(config.name, size, model, int(model.outputs[0].shape[-1]), identity, base, config,
+                    lambda data: decode_and_resize(data, size))
 
 
 def extraction_model(backbone: Backbone) -> keras.Model:
     """The model bottleneck extraction runs: the backbone itself, or with backbone.mixed_precision a copy
-    with the same weights computing in float16 (its vectors are cast back to float32, stored as before)."""
+    with the same weights computing in float16 (a KerasHub network: bfloat16 on GPUs that have it; its
+    vectors are cast back to float32, stored as before)."""
     if not backbone.config.mixed_precision:
         return backbone.model
+    if backbone.blocks is not None:
+        from runner.features import kerashub
+        half = kerashub.build_network(backbone.config, dtype=kerashub.mixed_policy(), load_weights=False).model
+        half.set_weights(backbone.model.get_weights())
+        if not tf.config.list_logical_devices("GPU"):
+            log.warning("backbone.mixed_precision = true without a GPU: reduced precision on the CPU is slower "
+                        "than float32; set it to false on this machine.")
+        return half
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16")
     try:
@@ -188,15 +240,16 @@ def is_webp(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return webp, animated
 
 
-def decode_and_resize(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP/WebP bytes → float32 [size, size, 3] in [0, 255].
+def decode_image(image_bytes: tf.Tensor, size: int | None = None) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP/WebP bytes → uint8 [height, width, 3].
 
-    A JPEG is decoded at the largest DCT scale-down (1/2, 1/4, 1/8) whose sides stay >= size, read from its
-    header; a still WebP by TensorFlow's WebP decoder (its alpha dropped; an animated one is refused with
-    InvalidArgumentError before decoding, which would crash TensorFlow 2.21); other formats take the general
-    decoder. The one function used for extraction, fine-tuning and the exported graph, so all of them see the
-    same pixels."""
+    With `size`, a JPEG is decoded at the largest DCT scale-down (1/2, 1/4, 1/8) whose sides stay >= size,
+    read from its header; without, at full resolution. A still WebP goes to TensorFlow's WebP decoder (its
+    alpha dropped; an animated one is refused with InvalidArgumentError before decoding, which would crash
+    TensorFlow 2.21); other formats take the general decoder."""
     def jpeg():
+        if size is None:
+            return tf.io.decode_jpeg(image_bytes, channels=3)
         shape = tf.io.extract_jpeg_shape(image_bytes)
         index = jpeg_ratio_index(shape[0], shape[1], size)
         return tf.switch_case(index, [lambda r=r: tf.io.decode_jpeg(image_bytes, channels=3, ratio=r)
@@ -213,5 +266,12 @@ def decode_and_resize(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
         return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
 
     image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, lambda: tf.cond(is_webp(image_bytes)[0], webp, other))
-    image = tf.image.resize(image, (size, size), method="bilinear")
+    return tf.ensure_shape(image, (None, None, 3))
+
+
+def decode_and_resize(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
+    """Encoded image bytes → float32 [size, size, 3] in [0, 255]: decode_image at a JPEG DCT scale-down, then
+    a bilinear resize. The keras.applications backbones' Backbone.decode, used for extraction, fine-tuning
+    and the exported graph, so all of them see the same pixels."""
+    image = tf.image.resize(decode_image(image_bytes, size), (size, size), method="bilinear")
     return tf.ensure_shape(image, (size, size, 3))

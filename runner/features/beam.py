@@ -1,5 +1,5 @@
 """Bottleneck extraction on Apache Beam (DirectRunner here, Dataflow / Flink / Spark at scale): the scan's
-images not cached yet → groups of cache.shard_size, each read, decoded with the same decode_and_resize, run
+images not cached yet → groups of cache.shard_size, each read, decoded with the backbone's own decode, run
 through the frozen backbone (loaded once per worker) and written as one content-named float16 shard into
 cache.dir (a local path or gs://). The trainer then finds every vector cached.
 
@@ -27,6 +27,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from common.cli import configure_logging, run_command
 from runner.features import cache_gfile as cache_files
+from runner.features.distribute import CPU_BATCH
 from runner.run.config import BackboneConfig, Config, load_config
 from runner.data.libraries import is_library_source
 from runner.data.scan import HashIndex, ImageRecord, scan_dataset
@@ -72,7 +73,7 @@ class ExtractShard(beam.DoFn):
 
     def setup(self):
         """Load the frozen backbone once per worker, and compile the decode and the forward pass."""
-        from runner.features.backbones import build_backbone, decode_and_resize
+        from runner.features.backbones import build_backbone
         from runner.features.extract import make_forward
         config = BackboneConfig(**self.backbone)
         if self.worker_weights:  # e.g. gs://bucket/weights.h5: Keras reads a local file
@@ -88,7 +89,7 @@ class ExtractShard(beam.DoFn):
         strategy = tf.distribute.get_strategy()
         spec = (tf.TensorSpec([None, size, size, 3], tf.float32), tf.TensorSpec([None], tf.int64))
         self._forward = make_forward(backbone, strategy, spec)
-        self._decode = tf.function(lambda data: decode_and_resize(data, size),
+        self._decode = tf.function(backbone.decode,
                                    input_signature=[tf.TensorSpec([], tf.string)])
 
     def read(self, path: str) -> bytes | None:
@@ -178,7 +179,7 @@ def extract_with_beam(config: Config, beam_args: list[str], images_from: str = "
              len(before))
     plan = write_plan(root, groups)
     extract = extract_class(dataclasses.asdict(config.backbone), backbone.cache_identity, folder,
-                            config.cache.batch_size, config.cache.dtype, worker_weights)
+                            config.cache.batch_size or CPU_BATCH, config.cache.dtype, worker_weights)
     try:
         with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
             build_pipeline(pipeline, plan, extract, root)

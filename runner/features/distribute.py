@@ -83,6 +83,16 @@ def log_devices(strategy: str) -> None:
              len(gpus))
 
 
+CPU_BATCH, GPU_BATCH = 32, 128  # cache.batch_size = 0: a ViT-B at 224 px in reduced precision fits 128 on a T4
+
+
+def extraction_batch_size(configured: int) -> int:
+    """cache.batch_size, or with 0 the batch for the device: GPU_BATCH with a GPU, CPU_BATCH without."""
+    if configured:
+        return configured
+    return GPU_BATCH if tf.config.list_physical_devices("GPU") else CPU_BATCH
+
+
 def distribute_batch(strategy: tf.distribute.Strategy, *arrays):
     """Split host arrays (first axis) into one contiguous slice per replica."""
     replicas = strategy.num_replicas_in_sync

@@ -24,8 +24,9 @@ UNDECODABLE = "undecodable: its bytes do not decode as an image (corrupt or unsu
 PREFETCH_BATCHES = 2  # decoded batches ready ahead of the forward pass
 
 
-def image_pipeline(paths: list[str], image_size: int, batch_size: int) -> tf.data.Dataset:
-    """(image, position) batches; images that fail to decode are dropped, their positions missing.
+def image_pipeline(paths: list[str], image_size: int, batch_size: int, decode=None) -> tf.data.Dataset:
+    """(image, position) batches; images that fail to decode are dropped, their positions missing. `decode`
+    (a Backbone's: bytes → [S, S, 3] float32) defaults to decode_and_resize at `image_size`.
 
     One decoder per core this process may use, tf.data's autotuning off. With autotuning on, the same
     extraction ran at 184 or at 360 img/s from one repeat to the next (2 cores), and the end of the input
@@ -36,7 +37,8 @@ def image_pipeline(paths: list[str], image_size: int, batch_size: int) -> tf.dat
     a private pool with single-threaded ops halved the rate, so that is not done."""
     positions = np.arange(len(paths), dtype=np.int64)
     ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), positions))
-    ds = ds.map(lambda p, i: (decode_and_resize(tf.io.read_file(p), image_size), i),
+    decode = decode or (lambda data: decode_and_resize(data, image_size))
+    ds = ds.map(lambda p, i: (decode(tf.io.read_file(p)), i),
                 num_parallel_calls=available_cores(), deterministic=True)
     ds = ds.ignore_errors()
     options = tf.data.Options()
@@ -44,9 +46,10 @@ def image_pipeline(paths: list[str], image_size: int, batch_size: int) -> tf.dat
     return ds.batch(batch_size).prefetch(PREFETCH_BATCHES).with_options(options)
 
 
-def encoded_pipeline(encoded: tf.data.Dataset, image_size: int, batch_size: int) -> tf.data.Dataset:
+def encoded_pipeline(encoded: tf.data.Dataset, image_size: int, batch_size: int, decode=None) -> tf.data.Dataset:
     """image_pipeline for images given as (encoded bytes, position) (a dataset library's, see Dataset.reader)."""
-    ds = encoded.map(lambda data, i: (decode_and_resize(data, image_size), i),
+    decode = decode or (lambda data: decode_and_resize(data, image_size))
+    ds = encoded.map(lambda data, i: (decode(data), i),
                      num_parallel_calls=available_cores(), deterministic=True)
     ds = ds.ignore_errors()
     options = tf.data.Options()
@@ -86,7 +89,7 @@ def make_forward(backbone: Backbone, strategy: tf.distribute.Strategy, element_s
 
 def extraction_forward(backbone: Backbone, strategy: tf.distribute.Strategy, batch_size: int):
     """The compiled forward for extraction's batches (make one to reuse it over several extractions)."""
-    spec = to_devices(image_pipeline([], backbone.image_size, batch_size), strategy).element_spec
+    spec = to_devices(image_pipeline([], backbone.image_size, batch_size, backbone.decode), strategy).element_spec
     return make_forward(backbone, strategy, spec)
 
 
@@ -216,8 +219,10 @@ def _extract_pass(todo: list[ImageRecord], backbone: Backbone, cache: Bottleneck
                   strategy: tf.distribute.Strategy, batch_size: int, shard_size: int, progress_mode: str,
                   stop, forward, read=None) -> tuple[int, list[ImageRecord]]:
     """One pass of the pipeline over `todo`: (vectors computed and cached, the records it dropped)."""
-    images = (image_pipeline([r.path for r in todo], backbone.image_size, batch_size) if read is None
-              else encoded_pipeline(read(todo), backbone.image_size, batch_size))
+    if read is None:
+        images = image_pipeline([r.path for r in todo], backbone.image_size, batch_size, backbone.decode)
+    else:
+        images = encoded_pipeline(read(todo), backbone.image_size, batch_size, backbone.decode)
     dataset = to_devices(images, strategy)
     pending_keys, pending_vectors, next_expected = [], [], 0
     bar = progress(len(todo), "extracting bottlenecks", "img", progress_mode)

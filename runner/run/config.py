@@ -53,14 +53,28 @@ class SplitConfig:
 BACKBONE_NAMES = ("inception_v3", "mobilenet_v2", "mobilenet", "efficientnet_b0", "resnet50", "resnet50_v2",
                   "efficientnet_v2_b0", "efficientnet_v2_b1", "efficientnet_v2_b2", "efficientnet_v2_b3",
                   "efficientnet_v2_s", "convnext_tiny", "convnext_small")
+KERASHUB_EXAMPLES = ("dinov2_small", "dinov2_base", "dinov3_vit_small_lvd1689m", "dinov3_vit_base_lvd1689m",
+                     "siglip2_base_patch16_224", "clip_vit_base_patch16")  # KerasHub presets docs/backbones.md compares
+KERASHUB_HANDLES = ("kaggle://", "hf://", "gs://", "modelscope://")
+KERASHUB_FAMILY_PREFIXES = ("dinov2_", "dinov3_", "siglip", "clip_")  # KerasHub's preset names of those families
+
+
+def is_preset_dir(name: str) -> bool:
+    """Whether backbone.name is read as the path of a local KerasHub preset directory (it has a path separator
+    or starts with '.' or '~', and is no keras.applications name nor KerasHub handle)."""
+    return (name not in BACKBONE_NAMES and not name.startswith(KERASHUB_HANDLES)
+            and ("/" in name or name.startswith((".", "~"))))
 
 
 @dataclass
 class BackboneConfig:
-    name: str = _opt("mobilenet_v2", "frozen ImageNet CNN that makes the bottlenecks; docs/backbones.md "
-                                    "compares them", choices=BACKBONE_NAMES)
-    weights: str = _opt("imagenet", "'imagenet' (downloaded), a local Keras weights file path (.h5, .weights.h5, "
-                                    ".keras), or 'none' (random)",
+    name: str = _opt("mobilenet_v2", "frozen backbone that makes the bottlenecks: a keras.applications name ("
+                                    + ", ".join(BACKBONE_NAMES) + "), or a KerasHub DINOv2 / DINOv3 / SigLIP / "
+                                    "CLIP image preset: its name (e.g. " + ", ".join(KERASHUB_EXAMPLES) + "), a "
+                                    "kaggle:// or hf:// handle, or a local preset directory; docs/backbones.md "
+                                    "compares them", path=lambda section: is_preset_dir(section.name))
+    weights: str = _opt("imagenet", "'imagenet' (downloaded; for a KerasHub preset: the preset's own weights), a "
+                                    "local Keras weights file path (.h5, .weights.h5, .keras), or 'none' (random)",
                         path=lambda section: section.weights not in ("imagenet", "none"))
     image_size: int = _opt(0, "input size in pixels; 0 = the backbone's default", min=0, max=1024)
     alpha: float = _opt(1.0, "width multiplier of MobileNet / MobileNetV2", min=0.1, max=2.0)
@@ -76,7 +90,8 @@ class CacheConfig:
                     path=True)
     dtype: str = _opt("float16", "storage type of cached vectors", choices=("float16", "float32"))
     shard_size: int = _opt(512, "vectors per cache shard (a kill loses at most one shard)", min=1)
-    batch_size: int = _opt(32, "images per forward pass during extraction", min=1)
+    batch_size: int = _opt(32, "images per forward pass during extraction; 0 = chosen for the device (32 on a "
+                               "CPU, 128 on a GPU)", min=0)
 
 
 @dataclass
@@ -245,6 +260,13 @@ def validate(config: Config) -> None:
     if config.split.validation_percent + config.split.test_percent >= 100:
         raise RunnerError("split.validation_percent + split.test_percent must be below 100, leaving images "
                           "to train on.")
+    name = config.backbone.name
+    if not (name in BACKBONE_NAMES or name.startswith(KERASHUB_HANDLES + KERASHUB_FAMILY_PREFIXES)
+            or is_preset_dir(name)):
+        raise RunnerError(f"setting backbone.name = {name!r} is not allowed; use one of: {', '.join(BACKBONE_NAMES)}; "
+                          f"or a KerasHub DINOv2 / DINOv3 / SigLIP / CLIP preset name (e.g. "
+                          f"{', '.join(KERASHUB_EXAMPLES)}), a kaggle:// or hf:// handle, or the path of a "
+                          f"local preset directory (docs/backbones.md).")
     if config.backbone.weights == "none" and not config.backbone.allow_random_weights:
         raise RunnerError("backbone.weights = 'none' gives random features and meaningless accuracy; set "
                           "backbone.allow_random_weights = true if that is really what you want.")
@@ -276,6 +298,8 @@ def ignored_settings(config: Config) -> list[str]:
         (("train.strategy",), search and not fine_tune,
          "head.search = auto trains its stacked candidates on one device (they are small); the strategy applies "
          "to extraction (and to fine-tuning when enabled)"),
+        (("backbone.alpha",), config.backbone.name not in ("mobilenet", "mobilenet_v2"),
+         f"backbone.alpha is the width of mobilenet and mobilenet_v2 only, not of {config.backbone.name}"),
         (tuple(f"fine_tune.{f.name}" for f in dataclasses.fields(FineTuneConfig) if f.name != "enabled"),
          not fine_tune, "fine_tune.enabled = false"),
         (tuple(f"export.{f.name}" for f in dataclasses.fields(ExportConfig) if f.name != "enabled"),

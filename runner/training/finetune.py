@@ -1,7 +1,9 @@
 """The optional fine-tuning stage: unfreeze the top of the backbone, train it with the head on images.
 
-BatchNormalization stays in inference mode (frozen statistics). Batches, augmentation and dropout are
-pure functions of (seed, step), so fine-tuning resumes exactly like the head stage.
+BatchNormalization stays in inference mode (frozen statistics). A KerasHub ViT unfreezes whole transformer
+blocks from the top, with the final norm and pooling after them (layer norms have no statistics to freeze).
+Batches, augmentation and dropout are pure functions of (seed, step), so fine-tuning resumes exactly like the
+head stage.
 """
 from __future__ import annotations
 
@@ -18,8 +20,35 @@ from runner.features.extract import image_pipeline
 from runner.training.loop import BatchOrder
 
 
+def unfreeze_blocks(backbone: Backbone, config: FineTuneConfig) -> int:
+    """A KerasHub ViT: make the top transformer blocks (fine_tune.fraction of them, or from the block named
+    fine_tune.from_layer) and the layers after them trainable; return how many layers with weights were."""
+    blocks = backbone.blocks
+    if config.from_layer:
+        names = [block.name for block in blocks]
+        if config.from_layer not in names:
+            raise RunnerError(f"fine_tune.from_layer = {config.from_layer!r} is not a transformer block of the "
+                              f"{backbone.family} backbone {backbone.name}; its blocks are: {', '.join(names)}. "
+                              f"Use one of those names, or set fine_tune.fraction instead.")
+        cut = names.index(config.from_layer)
+    else:
+        cut = min(len(blocks) - 1, int(round(len(blocks) * (1 - config.fraction))))
+    unfrozen = blocks[cut:] + list(backbone.tail)
+    inside = {id(sub) for layer in unfrozen for sub in layer._flatten_layers(include_self=True)}
+    above = {id(layer) for layer in backbone.model._flatten_layers(include_self=True)
+             if any(id(sub) in inside for sub in layer._flatten_layers(include_self=False))}
+    backbone.model.trainable = True
+    for layer in backbone.model._flatten_layers(include_self=False):
+        if id(layer) not in inside and id(layer) not in above:
+            layer.trainable = False
+    return sum(1 for layer in unfrozen for sub in layer._flatten_layers(include_self=True)
+               if sub.trainable and sub._trainable_variables)
+
+
 def unfreeze_top(backbone: Backbone, config: FineTuneConfig) -> int:
     """Make the top layers trainable (BatchNormalization excepted); return how many layers were unfrozen."""
+    if backbone.blocks is not None:
+        return unfreeze_blocks(backbone, config)
     layers = backbone.base.layers
     if config.from_layer:
         names = [layer.name for layer in layers]
@@ -71,8 +100,9 @@ class ImageBatches:
     """Augmented training batches of images, step by step from `start`, prefetched by tf.data."""
 
     def __init__(self, paths: list[str], labels: np.ndarray, order: BatchOrder, size: int, seed: int,
-                 config: FineTuneConfig, start: int, stop: int):
+                 config: FineTuneConfig, start: int, stop: int, decode=None):
         self.labels, self.order = labels, order
+        decode = decode or (lambda data: decode_and_resize(data, size))
         path_table = tf.constant(paths)
         batch = order.batch_size
 
@@ -82,7 +112,7 @@ class ImageBatches:
 
             def one(args):
                 row, position = args
-                image = decode_and_resize(tf.io.read_file(tf.gather(path_table, row)), size)
+                image = decode(tf.io.read_file(tf.gather(path_table, row)))
                 return augment(image, tf.stack([tf.constant(seed, tf.int64), step * batch + position]),
                                config, size)
             images = tf.map_fn(one, (rows, tf.range(batch, dtype=tf.int64)),
@@ -110,5 +140,5 @@ class ImageFeatures:
     def __call__(self, paths: list[str]) -> np.ndarray:
         if not paths:
             return np.zeros((0, self.backbone.feature_dim), np.float32)
-        batches = image_pipeline(paths, self.backbone.image_size, self.batch_size)
+        batches = image_pipeline(paths, self.backbone.image_size, self.batch_size, self.backbone.decode)
         return np.concatenate([self.forward(images).numpy() for images, _ in batches])

@@ -305,7 +305,7 @@ class FineTuneStage(TrainingStage):
             ft, seed, start = self.config.fine_tune, int(self.state.seed.numpy()), self.step
             order = BatchOrder(len(self.train), ft.batch_size, seed)
             self._batches = ImageBatches(self.train.paths, self.train.labels, order, self.backbone.image_size,
-                                         seed, ft, start, max(ft.steps, start))
+                                         seed, ft, start, max(ft.steps, start), self.backbone.decode)
         return self._batches(step)
 
     def train_step(self, inputs, labels, weights, seed):
