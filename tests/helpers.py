@@ -249,3 +249,19 @@ def write_photo_archive(archive: Path, top_folder: str, per_class: int) -> Path:
         with tarfile.open(archive, "w:gz") as tar:
             tar.add(source, arcname=top_folder)
     return archive
+
+
+def sigkill_once_shards(args: list[str], cache_dir: Path, shards: int) -> int:
+    """Start `python resume.py ARGS`, SIGKILL it as soon as `shards` cache shards are on disk (a kill during
+    extraction); how many shards there are after the kill."""
+    import time
+    process = start_resume(*args)
+    watcher = OutputWatcher(process)
+    deadline = time.monotonic() + 300
+    while len(list(Path(cache_dir).glob("*/shard-*.npy"))) < shards and time.monotonic() < deadline:
+        assert process.poll() is None, watcher.output()
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    watcher.output()
+    return len(list(Path(cache_dir).glob("*/shard-*.npy")))

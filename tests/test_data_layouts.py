@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,8 @@ from runner.data.splits import split_of
 from runner.errors import DataError
 from runner.run.results import Finished, Unchanged
 from runner.run.rundir import RunDir
-from tests.helpers import (CLOTHING, OutputWatcher, local_mobilenet_args, logistic_regression_reference,
-                           run_resume, start_resume, summary)
+from tests.helpers import (CLOTHING, local_mobilenet_args, logistic_regression_reference, run_resume,
+                           sigkill_once_shards, summary)
 from tests.test_data_versions import _noise_images
 from tests.test_job import RecordingSync, tiny_config
 
@@ -223,16 +222,7 @@ def test_kill_during_extraction_of_a_pre_split_tree_then_the_same_command_extrac
     run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
     args = local_mobilenet_args(run_dir, cache_dir, "cache.shard_size=8", "cache.batch_size=8", "train.steps=10",
                                 data_dir=tmp_path / "data")
-    process = start_resume(*args)
-    watcher = OutputWatcher(process)
-    deadline = time.monotonic() + 300
-    while len(list(cache_dir.glob("*/shard-*.npy"))) < 2 and time.monotonic() < deadline:
-        assert process.poll() is None, watcher.output()
-        time.sleep(0.01)
-    process.kill()
-    process.wait()
-    watcher.output()
-    shards_before = len(list(cache_dir.glob("*/shard-*.npy")))
+    shards_before = sigkill_once_shards(args, cache_dir, 2)
 
     result = run_resume(*args)
     assert result.returncode == 0, result.stdout

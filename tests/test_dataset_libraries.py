@@ -8,15 +8,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from common.errors import status_of
 from runner.run.results import Finished, Unchanged
-from tests.helpers import (CLOTHING, REPO, OutputWatcher, child_env, local_mobilenet_args, run_resume,
-                           start_resume, summary)
+from tests.helpers import (CLOTHING, REPO, child_env, local_mobilenet_args, run_resume, sigkill_once_shards, summary)
 from tests.test_job import RecordingSync, tiny_config
 
 CLASSES = ["hat", "pants", "shoes"]
@@ -261,15 +259,7 @@ def test_fine_tuning_and_beam_refuse_a_library_dataset_naming_it(hf_saved, tmp_p
 
 def _kill_during_extraction(args: list[str], cache_dir: Path) -> int:
     """Start resume.py ARGS, SIGKILL it once two cache shards are written; how many vectors were cached."""
-    process = start_resume(*args)
-    watcher = OutputWatcher(process)
-    deadline = time.monotonic() + 300
-    while len(list(cache_dir.glob("*/shard-*.npy"))) < 2 and time.monotonic() < deadline:
-        assert process.poll() is None, watcher.output()
-        time.sleep(0.01)
-    process.kill()
-    process.wait()
-    watcher.output()
+    sigkill_once_shards(args, cache_dir, 2)
     shards = sorted(cache_dir.glob("*/shard-*.npy"))
     assert len(shards) >= 2
     import numpy as np

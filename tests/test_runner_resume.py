@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import pytest
 
-from tests.helpers import (OutputWatcher, assert_same_checkpoint, latest_checkpoint_prefix, local_mobilenet_args,
-                           random_steps, run_resume, sigkill_after_checkpoints, sigterm_after_start, start_resume,
-                           summary)
+from tests.helpers import (assert_same_checkpoint, latest_checkpoint_prefix, local_mobilenet_args, random_steps,
+                           run_resume, sigkill_after_checkpoints, sigkill_once_shards, sigterm_after_start, summary)
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +37,7 @@ def test_kill_during_extraction_resumes_without_recomputing(shared_assets, tmp_p
     run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
     args = local_mobilenet_args(run_dir, cache_dir, "cache.shard_size=64", "cache.batch_size=16",
                                 "train.steps=20", "eval.every_steps=10")
-    process = start_resume(*args)
-    watcher = OutputWatcher(process)
-    deadline = time.monotonic() + 300
-    while len(list(cache_dir.glob("*/shard-*.npy"))) < 3 and time.monotonic() < deadline:
-        assert process.poll() is None, watcher.output()
-        time.sleep(0.02)
-    process.kill()
-    process.wait()
-    watcher.output()
-    shards_before = len(list(cache_dir.glob("*/shard-*.npy")))
+    shards_before = sigkill_once_shards(args, cache_dir, 3)
     assert shards_before >= 3
 
     result = run_resume(*args)

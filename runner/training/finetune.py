@@ -20,19 +20,24 @@ from runner.features.extract import image_pipeline
 from runner.training.loop import BatchOrder
 
 
+def first_unfrozen(names: list[str], config: FineTuneConfig, what: str) -> int:
+    """The index of the first of `names` (layers or blocks) to unfreeze: fine_tune.from_layer's, else the top
+    fine_tune.fraction; RunnerError when from_layer is not one of them (`what` says what it must be)."""
+    if not config.from_layer:
+        return int(round(len(names) * (1 - config.fraction)))
+    if config.from_layer not in names:
+        raise RunnerError(f"fine_tune.from_layer = {config.from_layer!r} is not {what}. Use one of those names, "
+                          f"or set fine_tune.fraction instead.")
+    return names.index(config.from_layer)
+
+
 def unfreeze_blocks(backbone: Backbone, config: FineTuneConfig) -> int:
     """A KerasHub ViT: make the top transformer blocks (fine_tune.fraction of them, or from the block named
     fine_tune.from_layer) and the layers after them trainable; return how many layers with weights were."""
     blocks = backbone.blocks
-    if config.from_layer:
-        names = [block.name for block in blocks]
-        if config.from_layer not in names:
-            raise RunnerError(f"fine_tune.from_layer = {config.from_layer!r} is not a transformer block of the "
-                              f"{backbone.family} backbone {backbone.name}; its blocks are: {', '.join(names)}. "
-                              f"Use one of those names, or set fine_tune.fraction instead.")
-        cut = names.index(config.from_layer)
-    else:
-        cut = min(len(blocks) - 1, int(round(len(blocks) * (1 - config.fraction))))
+    names = [block.name for block in blocks]
+    cut = min(len(blocks) - 1, first_unfrozen(names, config, f"a transformer block of the {backbone.family} "
+                                              f"backbone {backbone.name}; its blocks are: {', '.join(names)}"))
     unfrozen = blocks[cut:] + list(backbone.tail)
     inside = {id(sub) for layer in unfrozen for sub in layer._flatten_layers(include_self=True)}
     above = {id(layer) for layer in backbone.model._flatten_layers(include_self=True)
@@ -50,15 +55,8 @@ def unfreeze_top(backbone: Backbone, config: FineTuneConfig) -> int:
     if backbone.blocks is not None:
         return unfreeze_blocks(backbone, config)
     layers = backbone.base.layers
-    if config.from_layer:
-        names = [layer.name for layer in layers]
-        if config.from_layer not in names:
-            raise RunnerError(f"fine_tune.from_layer = {config.from_layer!r} is not a layer of "
-                              f"{backbone.name}; the last layers are: {', '.join(names[-8:])}. Use one of "
-                              f"those names, or set fine_tune.fraction instead.")
-        cut = names.index(config.from_layer)
-    else:
-        cut = int(round(len(layers) * (1 - config.fraction)))
+    names = [layer.name for layer in layers]
+    cut = first_unfrozen(names, config, f"a layer of {backbone.name}; the last layers are: {', '.join(names[-8:])}")
     backbone.base.trainable = True
     unfrozen = 0
     for i, layer in enumerate(layers):

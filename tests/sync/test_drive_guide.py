@@ -16,22 +16,9 @@ from sync.backends.google_http import DRIVE_FILE_SCOPE, DRIVE_SCOPE, load_creden
 from sync.errors import QuotaExceeded, RemoteError, SyncError, TransferError
 from sync.retry import PERMANENT_ADVICE, SHARED_DRIVE_DELETE, SessionGone
 from tests.sync.helpers import TRIES
-from tests.sync.test_drive_backend import CHUNK, exactly_one_verified_copy
+from tests.sync.test_drive_backend import CHUNK, backend, big, exactly_one_verified_copy  # noqa: F401 (fixtures)
 
 STORAGE_MESSAGE = "The user has exceeded their Drive storage quota"
-
-
-@pytest.fixture
-def backend(drive_config, tmp_path):
-    return make_backend(drive_config, tmp_path / "state")
-
-
-@pytest.fixture
-def big(tmp_path):
-    """Four chunks, uploaded resumably."""
-    path = tmp_path / "big.bin"
-    path.write_bytes(os.urandom(3 * CHUNK + CHUNK // 2))
-    return path
 
 
 @pytest.mark.parametrize("status,reason", [(400, "badRequest"), (403, "forbidden"), (404, "notFound"),
