@@ -210,9 +210,12 @@ def test_a_checkpoint_from_before_layouts_existed_still_counts_as_the_same_data(
     from runner.run.dataversion import DataFingerprint
     pre_split_tree(tmp_path / "data", ("train", "test"), per_class=6)
     now = DataFingerprint.of(_scan(tmp_path / "data", tmp_path))
-    marker = {"classes": list(now.classes), "data": {"images": now.images, "digest": now.digest}}
+    from runner.run.records import CheckpointMarker
+    old = {"step": 10, "classes": list(now.classes), "data": {"images": now.images, "digest": now.digest}}
+    marker = CheckpointMarker.from_json(old)
     assert DataFingerprint.from_marker(marker).same_data(now), "no forced new version after the upgrade"
-    assert DataFingerprint.from_marker({"classes": list(now.classes), "data": now.to_json()}) == now
+    written = CheckpointMarker.from_json(dict(old, data=now.digest_record().to_json()))
+    assert DataFingerprint.from_marker(written) == now
 
 
 @pytest.mark.slow

@@ -130,7 +130,7 @@ def extract_missing(records: list[ImageRecord], backbone: Backbone, cache: Bottl
                                       stop, forward, read)
         computed += done
         retry, undecodable, unreadable = diagnose(dropped, backbone.image_size,
-                                                  read_image if read is None else _reader_of_one(read))
+                                                  None if read is None else _reader_of_one(read))
         if attempt == PIPELINE_PASSES:
             unreadable.update({r.sha256: f"{REREAD_FAILED} ({PIPELINE_PASSES} tries)" for r in retry})
             retry = []

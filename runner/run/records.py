@@ -106,7 +106,8 @@ class DataDigest:
     assignment: str | None = None   # a digest of each image's class and split; None in markers written before it
 
     def to_json(self) -> dict:
-        return {"images": self.images, "digest": self.digest, "assignment": self.assignment}
+        recorded = {"images": self.images, "digest": self.digest}
+        return recorded if self.assignment is None else dict(recorded, assignment=self.assignment)
 
 
 @dataclass(frozen=True)
